@@ -1,0 +1,1 @@
+"""Engine adapters: translation between an engine and lcx, nothing more."""

