@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 ENV_VAR = "LCX_CONFIG"
 METHODS = ("dense",)
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "engine", "torch", "triton")
 
 
 class LcxConfigError(ValueError):
@@ -28,7 +28,10 @@ class LcxConfig:
     """lcx settings.
 
     method: the long-context method; "dense" attends to every cached token.
-    kernel: "auto" (Triton on CUDA, the torch twin on CPU), or force one of them.
+    kernel: which implementation computes attention.
+        "auto": Triton on CUDA; on CPU the engine's own paged op, driven by lcx.
+        "triton": lcx's Triton kernel. "torch": lcx's torch twin (any device).
+        "engine": the engine's paged op (vLLM CPU build only).
     """
 
     method: str = "dense"

@@ -8,11 +8,11 @@ with vLLM's own "Unknown attention backend" after lcx's explanation.
 """
 from __future__ import annotations
 
-import logging
+from lcx_plugin.log import get_logger
 
 BACKEND_NAME = "LCX"
 BACKEND_PATH = "lcx_plugin.attention_backends.vllm.backend.LcxAttentionBackend"
-logger = logging.getLogger("lcx")
+logger = get_logger()
 _done = False
 
 

@@ -10,13 +10,13 @@ the plugin entry point applies this in every process.
 """
 from __future__ import annotations
 
-import logging
+from lcx_plugin.log import get_logger
 
 from ._guard import engine_version, require_version
 
 NAME = "vllm_cpu_backend_selection"
 SUPPORTED = ("0.32.0", "0.33.0")
-logger = logging.getLogger("lcx")
+logger = get_logger()
 
 
 def apply(backend_name: str = "LCX") -> None:

@@ -20,7 +20,14 @@ from .selection import Selection
 
 SEL_DENSE, SEL_PAGE, SEL_TOKEN = 0, 1, 2
 BLOCK_M = 16
-TILE_N = 32
+
+
+def launch_config(head_dim: int) -> dict:
+    """TILE_N, warps and pipeline stages per head size, chosen with the sm_90 compile gate so that
+    no variant spills registers (see kernels/compile_gate.py)."""
+    if head_dim <= 64:
+        return {"TILE_N": 32, "num_warps": 4, "num_stages": 3}
+    return {"TILE_N": 16, "num_warps": 8, "num_stages": 2}
 
 
 @triton.jit
@@ -197,8 +204,8 @@ def paged_attention_triton(
         BLOCK_D=max(16, triton.next_power_of_2(lay.head_dim)),
         BLOCK_SIZE=lay.block_size,
         BLOCK_M=BLOCK_M,
-        TILE_N=TILE_N,
         SEL_KIND=sel_kind,
         FP32_DOT=_interpreting() or query.dtype == torch.float32,
+        **launch_config(lay.head_dim),
     )
     return out

@@ -1,0 +1,94 @@
+"""Compile gate: build every Triton kernel for sm_90 without a GPU and report its resources.
+
+    python -m lcx_plugin.kernels.compile_gate        # prints one JSON line per kernel variant
+
+Runs with the interpreter off (``TRITON_INTERPRET`` unset): ``triton.compile`` lowers to PTX
+and a real sm_90 cubin; ``ptxas -v`` (bundled with Triton) then reports registers and spills.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+SHARED_LIMIT = 227 * 1024  # bytes of shared memory per block on sm_90
+
+
+@dataclass
+class Variant:
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    options: dict
+
+
+def paged_attention_variants() -> list[Variant]:
+    from .paged import triton_impl as t
+
+    base_sig = {
+        "q_ptr": "*bf16", "kv_ptr": "*bf16", "out_ptr": "*bf16",
+        "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32",
+        "sel_idx_ptr": "*i32", "sel_cnt_ptr": "*i32", "scale": "fp32",
+        "stride_qt": "i64", "stride_qh": "i64", "stride_ot": "i64", "stride_oh": "i64",
+        "stride_bt": "i64", "stride_sel_b": "i64", "stride_sel_h": "i64",
+    }
+    out = []
+    for head_dim in (64, 128):
+        for sel_kind, sel_name in ((t.SEL_DENSE, "dense"), (t.SEL_PAGE, "page"), (t.SEL_TOKEN, "token")):
+            for fp32_dot in (False, True):
+                launch = t.launch_config(head_dim)
+                const = dict(
+                    NUM_KV_HEADS=8, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16,
+                    BLOCK_M=t.BLOCK_M, TILE_N=launch.pop("TILE_N"), SEL_KIND=sel_kind, FP32_DOT=fp32_dot,
+                )
+                sig = dict(base_sig, **{k: "constexpr" for k in const})
+                out.append(Variant(f"paged_attention[d={head_dim},{sel_name},fp32_dot={fp32_dot}]",
+                                   t._paged_attention_kernel, sig, const, launch))
+    return out
+
+
+def _ptxas_report(ptx: str, arch: str) -> dict:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        open(src, "w").write(ptx)
+        res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = res.stderr + res.stdout
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills)}
+
+
+def compile_all() -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", 90, 32)
+    results = []
+    for v in paged_attention_variants():
+        src = triton.compiler.ASTSource(v.fn, v.signature, v.constexprs)
+        k = triton.compile(src, target=target, options=v.options)
+        rep = _ptxas_report(k.asm["ptx"], "sm_90a")
+        results.append({"kernel": v.name, **v.options, "shared_bytes": k.metadata.shared, "cubin_bytes": len(k.asm["cubin"]), **rep})
+    return results
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_gate: unset TRITON_INTERPRET; the gate compiles for a real GPU target", file=sys.stderr)
+        return 2
+    for r in compile_all():
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The ``lcx`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _model(args) -> int:
+    from lcx_plugin.model import ModelPrepareError, model_dir, prepare
+
+    if args.action == "path":
+        print(model_dir())
+        return 0
+    try:
+        print(prepare(force=args.force))
+    except ModelPrepareError as e:
+        print(f"lcx model: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _demo(args) -> int:
+    from lcx_plugin.demo import run_demo
+
+    return run_demo(max_tokens=args.max_tokens, lcx=json.loads(args.lcx_config), out=args.out)
+
+
+def _config(args) -> int:
+    from lcx_plugin.config import LcxConfigError, resolve_config
+
+    try:
+        cfg = resolve_config({"lcx": json.loads(args.json)} if args.json else None)
+    except (LcxConfigError, json.JSONDecodeError) as e:
+        print(f"lcx config: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lcx", description="lcx: long-context attention for vLLM and SGLang")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("model", help="the embedded SmolLM2-135M model")
+    p.add_argument("action", choices=["prepare", "path"])
+    p.add_argument("--force", action="store_true", help="convert again even if ready")
+    p.set_defaults(fn=_model)
+
+    p = sub.add_parser("demo", help="the same prompts through stock vLLM and lcx, side by side")
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--lcx-config", default="{}", help='lcx config JSON, e.g. \'{"method": "dense"}\'')
+    p.add_argument("--out", default="out/demo.json", help="where to write the full results")
+    p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("config", help="validate an lcx config (JSON argument or $LCX_CONFIG) and print it")
+    p.add_argument("json", nargs="?")
+    p.set_defaults(fn=_config)
+
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The lcx-patch component, applied to the sample existing fleet, changes exactly what it says.
+
+The fleet is rendered alone (examples/existing-fleet/fleet) and with the component
+(examples/existing-fleet). Each expected change is checked and then undone on a copy; what is
+left must equal the original Deployment, field for field.
+"""
+
+import copy
+import json
+import os
+import subprocess
+
+import yaml
+
+FLEET = "examples/existing-fleet/fleet"
+PATCHED = "examples/existing-fleet"
+LCX_IMAGE = "registry.example.com/lcx/vllm-openai-lcx:0.1.0-vllm0.32.0"
+HEAD_PATTERNS_MOUNT = "/etc/lcx/head-patterns"
+
+
+def container(deployment, name="vllm"):
+    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def generated(objects, kind, prefix):
+    """The one generated object whose name is prefix + '-' + hash."""
+    (obj,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"].startswith(prefix + "-")]
+    return obj
+
+
+def test_patch_changes_exactly_the_lcx_fields(render, select):
+    (original,) = select(render(FLEET), "Deployment", "chat-llm")
+    patched_objects = render(PATCHED)
+    (patched,) = select(patched_objects, "Deployment", "chat-llm")
+    undone = copy.deepcopy(patched)
+    pod = undone["spec"]["template"]
+    c = container(undone)
+
+    # 1. image
+    assert c["image"] == LCX_IMAGE
+    c["image"] = container(original)["image"]
+
+    # 2. --attention-backend lcx appended; the fleet's own args stay in order
+    assert c["args"][-2:] == ["--attention-backend", "lcx"]
+    del c["args"][-2:]
+
+    # 3. LCX_CONFIG from the generated ConfigMap, holding a JSON object
+    lcx_env = [e for e in c["env"] if e["name"] == "LCX_CONFIG"]
+    assert len(lcx_env) == 1
+    ref = lcx_env[0]["valueFrom"]["configMapKeyRef"]
+    config_map = generated(patched_objects, "ConfigMap", "lcx-config")
+    assert ref["name"] == config_map["metadata"]["name"]
+    assert isinstance(json.loads(config_map["data"][ref["key"]]), dict)
+    c["env"].remove(lcx_env[0])
+
+    # 4. head patterns ConfigMap mounted read-only
+    mounts = [m for m in c["volumeMounts"] if m["mountPath"] == HEAD_PATTERNS_MOUNT]
+    assert len(mounts) == 1 and mounts[0]["readOnly"] is True
+    volumes = [v for v in pod["spec"]["volumes"] if v["name"] == mounts[0]["name"]]
+    assert len(volumes) == 1
+    head_patterns = generated(patched_objects, "ConfigMap", "lcx-head-patterns")
+    assert volumes[0]["configMap"]["name"] == head_patterns["metadata"]["name"]
+    c["volumeMounts"].remove(mounts[0])
+    pod["spec"]["volumes"].remove(volumes[0])
+
+    # 5. the arm label on the pods (not on the selector, which is immutable)
+    assert pod["metadata"]["labels"].pop("lcx.ai/arm") == "lcx"
+    assert undone["spec"]["selector"] == original["spec"]["selector"]
+
+    assert undone == original
+
+
+def test_patch_leaves_other_objects_alone(render, select):
+    original, patched = render(FLEET), render(PATCHED)
+    assert select(patched, "Service") == select(original, "Service")
+    extra = {o["metadata"]["name"].rsplit("-", 1)[0] for o in patched if o not in original
+             and o["kind"] != "Deployment"}
+    assert extra == {"lcx-config", "lcx-head-patterns"}
+
+
+def test_patch_skips_deployments_that_are_ab_arms(render, select, paths, tmp_path, kubectl):
+    # Applied over the A/B overlay, the component must not touch either arm: both carry
+    # lcx.ai/arm, and the stock arm has to stay stock.
+    rel = lambda p: os.path.relpath(p, tmp_path)  # noqa: E731 (kustomize refuses absolute paths)
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources:\n"
+        f"  - {rel(paths.kustomize / 'overlays/ab')}\n"
+        "components:\n"
+        f"  - {rel(paths.kustomize / 'components/lcx-patch')}\n"
+    )
+    out = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    with_component = [o for o in yaml.safe_load_all(out.stdout) if o]
+    assert select(with_component, "Deployment") == select(render("overlays/ab"), "Deployment")
