@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ class ArmSpec:
     max_tokens: int = 32
     engine: dict = field(default_factory=dict)
     timing: bool = False  # also measure TTFT (1-token run) and decode tokens/s per prompt
+    repeats: int = 3  # timing: median of this many runs per prompt
 
 
 def _child(spec: dict, out_path: str) -> None:
@@ -67,13 +69,18 @@ def _child(spec: dict, out_path: str) -> None:
         one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         ttft, tps = [], []
         for p in prompts:  # one request at a time: latency, not throughput
-            t0 = time.perf_counter()
-            llm.generate([p], one, use_tqdm=False)
-            t1 = time.perf_counter()
-            llm.generate([p], greedy, use_tqdm=False)
-            t2 = time.perf_counter()
-            ttft.append(t1 - t0)
-            tps.append((spec["max_tokens"] - 1) / max((t2 - t1) - (t1 - t0), 1e-9))
+            first, full = [], []
+            for _ in range(spec.get("repeats", 3)):
+                t0 = time.perf_counter()
+                llm.generate([p], one, use_tqdm=False)
+                t1 = time.perf_counter()
+                llm.generate([p], greedy, use_tqdm=False)
+                t2 = time.perf_counter()
+                first.append(t1 - t0)
+                full.append(t2 - t1)
+            t_first, t_full = statistics.median(first), statistics.median(full)
+            ttft.append(t_first)
+            tps.append((spec["max_tokens"] - 1) / max(t_full - t_first, 1e-9))
         result["ttft_s"] = ttft
         result["decode_tps"] = tps
     Path(out_path).write_text(json.dumps(result))

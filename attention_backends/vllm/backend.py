@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -31,7 +31,7 @@ _announced = False  # one log line per process proves lcx's own forward ran
 
 def current_lcx_config() -> LcxConfig:
     """The lcx config of the engine being built; raises LcxConfigError on bad input."""
-    vllm_config = get_current_vllm_config()
+    vllm_config = get_current_vllm_config_or_none()
     return resolve_config(getattr(vllm_config, "additional_config", None) or {})
 
 

@@ -1,0 +1,104 @@
+"""The vLLM patches: applied, idempotent, refused outside their versions, and still needed.
+
+If vLLM changes the code a patch replaces, a test here fails loudly rather than the patch
+silently doing nothing.
+"""
+import inspect
+import pickle
+import subprocess
+import sys
+
+import pytest
+from packaging.version import Version
+
+from lcx_plugin.patches import _guard, vllm_backend_enum_pickle, vllm_cpu_backend_selection
+
+
+def test_plugin_registers_backend_and_patches_idempotently():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from lcx_plugin.vllm_plugin import BACKEND_PATH, register
+
+    register()
+    register()
+    member = AttentionBackendEnum["LCX"]
+    assert member.get_path() == BACKEND_PATH
+    assert member.get_class().get_name() == "LCX"
+    assert vllm_cpu_backend_selection.is_applied()
+
+
+def test_cpu_platform_still_ignores_foreign_backends_without_the_patch():
+    """The patch exists because the original returns CPU_ATTN for any selected backend."""
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    from lcx_plugin.vllm_plugin import register
+
+    register()
+    original = CpuPlatform.__dict__["get_attn_backend_cls"].__func__.__wrapped__
+    assert list(inspect.signature(original).parameters) == ["cls", "selected_backend", "attn_selector_config", "num_heads"]
+    cfg = AttentionSelectorConfig(head_size=64, dtype=__import__("torch").bfloat16, kv_cache_dtype="auto", block_size=None)
+    lcx = AttentionBackendEnum["LCX"]
+    assert original(CpuPlatform, lcx, cfg) == AttentionBackendEnum.CPU_ATTN.get_path()
+    assert CpuPlatform.get_attn_backend_cls(lcx, cfg) == lcx.get_path()
+    # Everything else still goes to the original.
+    assert CpuPlatform.get_attn_backend_cls(None, cfg) == AttentionBackendEnum.CPU_ATTN.get_path()
+
+
+def test_cpu_selection_rejects_an_invalid_configuration():
+    import torch
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    from lcx_plugin.vllm_plugin import register
+
+    register()
+    cfg = AttentionSelectorConfig(head_size=72, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None)
+    with pytest.raises(ValueError, match="head_size not supported"):
+        CpuPlatform.get_attn_backend_cls(AttentionBackendEnum["LCX"], cfg)
+
+
+def test_enum_member_pickles_into_a_process_that_never_loaded_the_plugin():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from lcx_plugin.vllm_plugin import register
+
+    register()
+    blob = pickle.dumps(AttentionBackendEnum["LCX"])
+    code = (
+        "import pickle, sys\n"
+        "from vllm.v1.attention.backends.registry import AttentionBackendEnum\n"
+        "assert 'LCX' not in AttentionBackendEnum.__members__\n"
+        "m = pickle.loads(sys.stdin.buffer.read())\n"
+        "print(m.name, m.get_path())\n"
+    )
+    env = {"VLLM_PLUGINS": ""}  # no plugin loading: only the pickle can bring LCX in
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout.decode().split() == ["LCX", "lcx_plugin.attention_backends.vllm.backend.LcxAttentionBackend"]
+
+
+@pytest.mark.parametrize("module", [vllm_backend_enum_pickle, vllm_cpu_backend_selection])
+def test_patches_refuse_other_vllm_versions(module, monkeypatch):
+    monkeypatch.setattr(module, "engine_version", lambda *d: Version("0.33.1"))
+    with pytest.raises(_guard.UnsupportedEngineVersion, match=r">=0.32.0,<0.33.0; found 0.33.1"):
+        module.apply() if module is vllm_cpu_backend_selection else module.apply(object())
+
+
+def test_installed_vllm_is_in_the_supported_range():
+    v = _guard.engine_version("vllm", "vllm-cpu")
+    lo, hi = vllm_cpu_backend_selection.SUPPORTED
+    assert Version(lo) <= v < Version(hi), v
+
+
+def test_cpu_selection_patch_wraps_once():
+    from vllm.platforms.cpu import CpuPlatform
+
+    vllm_cpu_backend_selection.apply()
+    vllm_cpu_backend_selection.apply()
+    inner = CpuPlatform.__dict__["get_attn_backend_cls"].__func__.__wrapped__
+    assert not getattr(inner, "_lcx_wrapped", False), "the patch wrapped its own wrapper"
