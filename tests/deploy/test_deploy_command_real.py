@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from lcx_plugin.model import prepare
+
 pytestmark = pytest.mark.slow
 
 TARGETS = {  # render target -> Deployment name
@@ -138,23 +140,25 @@ def get(url: str, timeout: float):
 
 
 def stop(proc: subprocess.Popen):
+    """SIGTERM to the server (it shuts its engine processes down), then clear its process group."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_manifest_command_serves_a_completion(target, render, paths, tmp_path):
     vllm = Path(sys.executable).parent / "vllm"
-    if not vllm.exists():
-        pytest.skip(f"no vllm executable next to {sys.executable}: run inside the project's vLLM env")
-    model_dir = os.environ.get("LCX_MODEL_DIR")
-    if not model_dir:
-        pytest.skip("LCX_MODEL_DIR is not set: it names the local model directory to serve")
+    assert vllm.exists(), f"no vllm executable next to {sys.executable}: run the tests with ./lcx test"
+    model_dir = str(prepare())  # the embedded model, converted once
 
     objects = render(target)
     (deployment,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == TARGETS[target]]
@@ -203,3 +207,5 @@ def test_manifest_command_serves_a_completion(target, render, paths, tmp_path):
         assert 1 <= answer["usage"]["completion_tokens"] <= 8
     finally:
         stop(proc)
+    served_log = log_path.read_text(errors="replace")
+    assert "Using LCX backend on CPU" in served_log and "lcx attention active" in served_log, log_tail()

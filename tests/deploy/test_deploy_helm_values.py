@@ -9,12 +9,6 @@ import json
 import pytest
 import yaml
 
-kubernetes_validate = pytest.importorskip(
-    "kubernetes_validate",
-    reason="kubernetes-validate is not installed: pip install -r tests/deploy/requirements.txt",
-)
-
-
 @pytest.fixture(scope="module")
 def values(paths):
     return yaml.safe_load((paths.deploy / "helm/values-lcx.yaml").read_text())
@@ -63,5 +57,9 @@ def test_stock_arm_is_the_lcx_arm_without_lcx(arms):
 
 
 def test_extra_objects_are_valid_kubernetes(values):
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate",
+        reason="kubernetes-validate is not installed: pip install -r tests/deploy/requirements.txt",
+    )
     for obj in values["extraObjects"]:
         kubernetes_validate.validate(obj, "1.32.0", strict=True)

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 
+import pytest
 import yaml
 
 FLEET = "examples/existing-fleet/fleet"
@@ -92,3 +93,27 @@ def test_patch_skips_deployments_that_are_ab_arms(render, select, paths, tmp_pat
     assert out.returncode == 0, out.stderr
     with_component = [o for o in yaml.safe_load_all(out.stdout) if o]
     assert select(with_component, "Deployment") == select(render("overlays/ab"), "Deployment")
+
+
+def _break_container_name(deployment):
+    deployment["spec"]["template"]["spec"]["containers"][0]["name"] = "engine"
+
+
+def _drop_args(deployment):
+    del deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+@pytest.mark.parametrize("breakage", [_break_container_name, _drop_args], ids=["not-named-vllm", "no-args"])
+def test_unmet_requirement_fails_the_render(breakage, render, select, paths, tmp_path, kubectl):
+    # The component's documented requirements: a container "vllm" first, engine flags in args.
+    # Unmet, the render must fail rather than produce a half-patched Deployment.
+    (deployment,) = select(render(FLEET), "Deployment", "chat-llm")
+    deployment = copy.deepcopy(deployment)
+    breakage(deployment)
+    (tmp_path / "fleet").mkdir()
+    (tmp_path / "fleet/deployment.yaml").write_text(yaml.safe_dump(deployment))
+    (tmp_path / "fleet/kustomization.yaml").write_text("resources: [deployment.yaml]\n")
+    component = os.path.relpath(paths.kustomize / "components/lcx-patch", tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(f"resources: [fleet]\ncomponents: [{component}]\n")
+    out = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0, "the component rendered a Deployment that breaks its requirements"
