@@ -23,18 +23,21 @@ key=$(cat "$lock" "$here/setup.sh" $(find "$here/$engine" -type f ! -name '*.pyc
 root=${LCX_ENV_ROOT:-$HOME/.cache/lcx/envs}
 venv="$root/$engine-$key"
 
+# pip's notes about this machine's extra local indexes are noise here; real errors still show.
+quiet() { "$@" 2> >(grep -v -e "is ignored: it is neither a file nor a directory" >&2); }
+
 if [ ! -f "$venv/.lcx-complete" ]; then
   echo "envs/setup.sh: building $engine environment at $venv (a few minutes, once)" >&2
   rm -rf "$venv"
   mkdir -p "$root"
   "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade "pip==25.3" >&2
-  "$venv/bin/python" -m pip install -q --no-deps -r "$lock" >&2
+  quiet "$venv/bin/python" -m pip install -q --upgrade "pip==25.3" >&2
+  quiet "$venv/bin/python" -m pip install -q --no-deps -r "$lock" >&2
   if [ -d "$here/$engine/dist-shim" ]; then
-    "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation "$here/$engine/dist-shim" >&2
+    quiet "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation "$here/$engine/dist-shim" >&2
   fi
   touch "$venv/.lcx-complete"
 fi
 
-"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$repo" >&2
+quiet "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$repo" >&2
 echo "$venv"

@@ -20,10 +20,10 @@ def _model(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    from lcx_plugin.demo import run_demo
+def _ab(args) -> int:
+    from lcx_plugin.ab.run import run
 
-    return run_demo(max_tokens=args.max_tokens, lcx=json.loads(args.lcx_config), out=args.out)
+    return run(args)
 
 
 def _config(args) -> int:
@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="convert again even if ready")
     p.set_defaults(fn=_model)
 
-    p = sub.add_parser("demo", help="the same prompts through stock vLLM and lcx, side by side")
-    p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--lcx-config", default="{}", help='lcx config JSON, e.g. \'{"method": "dense"}\'')
-    p.add_argument("--out", default="out/demo.json", help="where to write the full results")
-    p.set_defaults(fn=_demo)
+    p = sub.add_parser("ab", help="A/B test two arms (engines or endpoints) on long-context tasks and load")
+    from lcx_plugin.ab.run import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(fn=_ab)
 
     p = sub.add_parser("config", help="validate an lcx config (JSON argument or $LCX_CONFIG) and print it")
     p.add_argument("json", nargs="?")

@@ -59,20 +59,23 @@ def paged_attention_torch(
             continue
         n_pages = -(-seq_len // bs)
         k, v = _sequence_kv(planes, block_table[b, :n_pages].long(), seq_len)
-        q = query[start:end].transpose(0, 1).float()  # [Hq, qlen, D]
+        # 4-D [1, heads, tokens, D]: with a batch dimension SDPA takes its fused CPU kernels for GQA
+        # (3-D inputs fall back to a path several times slower).
+        q = query[start:end].transpose(0, 1).float()[None]  # [1, Hq, qlen, D]
+        k, v = k[None], v[None]
         mask, causal = None, False
         if qlen > 1 and qlen == seq_len and selection is None:
             causal = True  # plain prefill: lets SDPA take its fused causal path, no mask in memory
         elif qlen > 1:
             q_pos = torch.arange(seq_len - qlen, seq_len)
-            mask = (torch.arange(seq_len)[None, :] <= q_pos[:, None])[None]  # [1, qlen, L]
+            mask = (torch.arange(seq_len)[None, :] <= q_pos[:, None])[None, None]  # [1, 1, qlen, L]
         if selection is not None:
-            sel = _selection_mask(selection, b, hkv, seq_len, bs).repeat_interleave(group, 0)[:, None, :]
+            sel = _selection_mask(selection, b, hkv, seq_len, bs).repeat_interleave(group, 0)[None, :, None, :]
             mask = sel if mask is None else (mask & sel)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=group > 1)
         if mask is not None:
             # Rows with no visible key come out NaN from softmax; the kernel contract is zero.
-            empty = ~mask.expand(hq, qlen, seq_len).any(-1)
+            empty = ~mask.expand(1, hq, qlen, seq_len).any(-1)
             o = o.masked_fill(empty[..., None], 0.0)
-        out[start:end] = o.transpose(0, 1).to(out.dtype)
+        out[start:end] = o[0].transpose(0, 1).to(out.dtype)
     return out

@@ -1,0 +1,1 @@
+"""A/B evaluation helpers: deterministic long-context tasks and paired statistics."""

@@ -1,0 +1,145 @@
+"""Arms of an A/B run: an in-process vLLM engine (stock or lcx) or any OpenAI-compatible URL.
+
+Spec strings, as typed after ``--arm-a`` / ``--arm-b``:
+- ``stock``: vLLM with its default attention backend;
+- ``lcx`` or ``lcx:{"method": "dense"}`` or ``lcx:path/to/config.json``: vLLM with ``--attention-backend lcx``;
+- ``http://host:port`` (optionally ``/v1``): an endpoint, e.g. a stock fleet's and an lcx fleet's Service.
+
+Engine arms run one after the other, each in a fresh child process that builds its engine,
+runs both phases and exits, so the two arms never share memory or state.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lcx_plugin.config import LcxConfig
+
+from .tasks import Sample
+
+
+class ArmSpecError(ValueError):
+    pass
+
+
+@dataclass
+class Arm:
+    label: str
+    kind: str  # "engine" | "endpoint"
+    backend: str | None = None
+    lcx: dict | None = None
+    url: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "Arm":
+        spec = spec.strip()
+        if spec.startswith(("http://", "https://")):
+            return cls(label=spec.split("//", 1)[1].rstrip("/"), kind="endpoint", url=spec)
+        if spec == "stock":
+            return cls(label="stock", kind="engine")
+        if spec == "lcx" or spec.startswith("lcx:"):
+            raw = spec[4:].strip() if spec.startswith("lcx:") else "{}"
+            if raw and not raw.startswith("{"):
+                path = Path(raw)
+                if not path.is_file():
+                    raise ArmSpecError(f"arm {spec!r}: {raw!r} is neither inline JSON nor an existing file")
+                raw = path.read_text()
+            try:
+                cfg = json.loads(raw or "{}")
+            except json.JSONDecodeError as e:
+                raise ArmSpecError(f"arm {spec!r}: bad JSON config: {e}") from None
+            LcxConfig.from_dict(cfg, f"arm {spec!r}")  # one clear error now, not after an engine start
+            return cls(label="lcx" if not cfg else f"lcx{json.dumps(cfg, separators=(',', ':'))}", kind="engine",
+                       backend="lcx", lcx=cfg)
+        raise ArmSpecError(f"arm {spec!r}: expected 'stock', 'lcx[:CONFIG]' or an http(s):// URL")
+
+
+@dataclass
+class Job:
+    samples: list[Sample]
+    load_prompts: list[str]
+    load_max_tokens: int
+    load_concurrency: int
+    accuracy_concurrency: int = 2
+    model: str | None = None
+    engine: dict = field(default_factory=dict)
+
+
+async def _evaluate(streamer, job: Job, label: str) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .evaluate import accuracy_phase, load_phase
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=False) as progress:
+        t_acc = progress.add_task(f"[{label}] accuracy", total=len(job.samples))
+        rows = await accuracy_phase(streamer, job.samples, job.accuracy_concurrency,
+                                    on_done=lambda: progress.advance(t_acc))
+        t_load = progress.add_task(f"[{label}] load x{job.load_concurrency}", total=len(job.load_prompts))
+        load = await load_phase(streamer, job.load_prompts, job.load_max_tokens, job.load_concurrency,
+                                on_done=lambda: progress.advance(t_load))
+    return {"samples": rows, "load": load}
+
+
+def _engine_child(job_path: str, out_path: str) -> None:
+    from .streaming import EngineStreamer
+
+    spec = json.loads(Path(job_path).read_text())
+    arm, job = Arm(**spec["arm"]), spec["job"]
+    job = Job(samples=[Sample(**{**s, "answers": tuple(s["answers"]), "context_span": tuple(s["context_span"])})
+                       for s in job.pop("samples")], **job)
+    streamer = EngineStreamer(job.model, arm.backend, arm.lcx, job.engine)
+    try:
+        result = asyncio.run(_evaluate(streamer, job, arm.label))
+        result["kv_capacity_tokens"] = streamer.kv_capacity_tokens()
+    finally:
+        streamer.close()
+    Path(out_path).write_text(json.dumps(result))
+
+
+def run_engine_arm(arm: Arm, job: Job, log_path: Path) -> dict:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    with tempfile.TemporaryDirectory(prefix="lcx-ab-") as tmp:
+        job_path, out_path = Path(tmp, "job.json"), Path(tmp, "out.json")
+        job_path.write_text(json.dumps({"arm": asdict(arm), "job": asdict(job)}))
+        with open(log_path, "w") as log:
+            # Progress bars go to the terminal (stderr); the engine's own chatter to the log.
+            proc = subprocess.run([sys.executable, "-m", "lcx_plugin.ab.arms", str(job_path), str(out_path)],
+                                  stdout=log, env=env)
+        if proc.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"arm {arm.label} failed (exit {proc.returncode}); engine log: {log_path}\n"
+                               + log_path.read_text()[-3000:])
+        return json.loads(out_path.read_text())
+
+
+def run_endpoint_arm(arm: Arm, job: Job) -> dict:
+    from .streaming import EndpointStreamer, kv_capacity_from_metrics
+
+    async def go():
+        streamer = EndpointStreamer(arm.url)
+        try:
+            result = await _evaluate(streamer, job, arm.label)
+            metrics = await streamer.metrics_text()
+            result["kv_capacity_tokens"] = kv_capacity_from_metrics(metrics) if metrics else None
+            result["served_model"] = streamer.model
+            return result
+        finally:
+            await streamer.close_async()
+
+    return asyncio.run(go())
+
+
+def run_arm(arm: Arm, job: Job, log_path: Path) -> dict:
+    """Run one arm; an engine arm's own log goes to ``log_path``."""
+    result = run_engine_arm(arm, job, log_path) if arm.kind == "engine" else run_endpoint_arm(arm, job)
+    return {"arm": asdict(arm), **result}
+
+
+if __name__ == "__main__":
+    _engine_child(sys.argv[1], sys.argv[2])

@@ -1,0 +1,73 @@
+"""The two phases every arm goes through, written once against ``Streamer``.
+
+- accuracy: each generated long-context sample, greedy, scored against its answers;
+- load: N concurrent streaming requests, timing TTFT, TPOT and output tokens/s.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+
+from .streaming import Streamer
+from .tasks import Sample, score
+
+
+@dataclass
+class RequestTiming:
+    ttft_s: float
+    tpot_s: float | None  # mean time per output token after the first; None with < 2 tokens
+    latency_s: float
+    tokens: int
+
+
+async def timed_request(streamer: Streamer, prompt: str, max_tokens: int) -> tuple[str, RequestTiming]:
+    t0 = time.perf_counter()
+    first = last = None
+    tokens, parts = 0, []
+    async for text, n in streamer.stream(prompt, max_tokens):
+        now = time.perf_counter()
+        first = now if first is None else first
+        last = now
+        tokens += n
+        parts.append(text)
+    if first is None:
+        raise RuntimeError("the arm returned no tokens")
+    tpot = (last - first) / (tokens - 1) if tokens > 1 else None
+    return "".join(parts), RequestTiming(first - t0, tpot, last - t0, tokens)
+
+
+async def _bounded(coros, concurrency: int, on_done=None):
+    sem = asyncio.Semaphore(concurrency)
+
+    async def run(i, coro):
+        async with sem:
+            result = await coro
+        if on_done:
+            on_done()
+        return i, result
+
+    results = await asyncio.gather(*(run(i, c) for i, c in enumerate(coros)))
+    return [r for _, r in sorted(results, key=lambda x: x[0])]
+
+
+async def accuracy_phase(streamer: Streamer, samples: list[Sample], concurrency: int = 2, on_done=None) -> list[dict]:
+    outs = await _bounded([timed_request(streamer, s.prompt, s.max_tokens) for s in samples], concurrency, on_done)
+    rows = []
+    for s, (text, timing) in zip(samples, outs):
+        rows.append({
+            "task": s.task, "target_tokens": s.target_tokens, "depth": s.depth, "seed": s.seed,
+            "prompt_tokens": s.prompt_tokens, "answers": list(s.answers), "output": text,
+            "score": score(s, text), "ttft_s": timing.ttft_s,
+        })
+    return rows
+
+
+async def load_phase(streamer: Streamer, prompts: list[str], max_tokens: int, concurrency: int, on_done=None) -> dict:
+    t0 = time.perf_counter()
+    outs = await _bounded([timed_request(streamer, p, max_tokens) for p in prompts], concurrency, on_done)
+    wall = time.perf_counter() - t0
+    timings = [asdict(t) for _, t in outs]
+    total = sum(t["tokens"] for t in timings)
+    return {"concurrency": concurrency, "requests": timings, "wall_s": wall, "output_tokens": total,
+            "tokens_per_s": total / wall}

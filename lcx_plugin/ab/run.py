@@ -1,0 +1,90 @@
+"""``lcx ab``: A/B test two arms on generated long-context tasks and a streaming load phase."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .arms import Arm, ArmSpecError, Job, run_arm
+from .tasks import TASKS, build_grid, generate
+
+DEFAULTS = {
+    "tasks": ",".join(TASKS), "lengths": "1024,4096", "depths": "0.1,0.5,0.9", "samples": 1,
+    "load_requests": 8, "load_concurrency": 4, "load_prompt_tokens": 1024, "load_max_tokens": 32,
+    "max_model_len": 8192,
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arm-a", default="stock", help="'stock', 'lcx[:CONFIG-JSON-or-file]' or an http(s):// URL")
+    p.add_argument("--arm-b", default="lcx", help="same forms as --arm-a")
+    p.add_argument("--model", default=None, help="model dir for engine arms (default: the embedded SmolLM2)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer used to fit prompts (default: --model)")
+    p.add_argument("--tasks", default=DEFAULTS["tasks"], help=f"comma list of {list(TASKS)}")
+    p.add_argument("--lengths", default=DEFAULTS["lengths"], help="context lengths in tokens, comma list")
+    p.add_argument("--depths", default=DEFAULTS["depths"], help="needle depths in [0,1], comma list")
+    p.add_argument("--samples", type=int, default=DEFAULTS["samples"], help="samples per (task, length, depth) cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--load-requests", type=int, default=DEFAULTS["load_requests"])
+    p.add_argument("--load-concurrency", type=int, default=DEFAULTS["load_concurrency"])
+    p.add_argument("--load-prompt-tokens", type=int, default=DEFAULTS["load_prompt_tokens"])
+    p.add_argument("--load-max-tokens", type=int, default=DEFAULTS["load_max_tokens"])
+    p.add_argument("--max-model-len", type=int, default=DEFAULTS["max_model_len"])
+    p.add_argument("--out", default="out/ab/ab.json", help="report JSON; the PNGs go beside it")
+
+
+def _csv(text: str, cast=str) -> list:
+    try:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ArmSpecError(f"bad list {text!r}: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from transformers import AutoTokenizer
+
+    from lcx_plugin.model import prepare
+
+    from .report import print_table, summarize, write_json, write_plots
+
+    console = Console(stderr=True)
+    try:
+        arms = [Arm.parse(args.arm_a), Arm.parse(args.arm_b)]
+        tasks, lengths, depths = _csv(args.tasks), _csv(args.lengths, int), _csv(args.depths, float)
+    except ValueError as e:
+        console.print(f"[red]lcx ab: error:[/] {e}")
+        return 2
+    model = args.model or (str(prepare()) if any(a.kind == "engine" for a in arms) or not args.tokenizer else None)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
+    t0 = time.perf_counter()
+    with console.status("generating tasks"):
+        try:
+            samples = build_grid(tasks, lengths, depths, args.samples, args.seed, tokenizer, max_context=args.max_model_len)
+        except ValueError as e:
+            console.print(f"[red]lcx ab: error:[/] {e}")
+            return 2
+        load_prompts = [generate("passkey", args.load_prompt_tokens, 0.5, args.seed + 1000 + i, tokenizer).prompt
+                        for i in range(args.load_requests)]
+    console.print(f"{len(samples)} accuracy prompts ({len(tasks)} tasks x {len(lengths)} lengths x {len(depths)} depths"
+                  f" x {args.samples}), {len(load_prompts)} load requests at concurrency {args.load_concurrency}")
+    job = Job(samples=samples, load_prompts=load_prompts, load_max_tokens=args.load_max_tokens,
+              load_concurrency=args.load_concurrency, model=model,
+              engine={"enforce_eager": True, "max_model_len": args.max_model_len, "dtype": "bfloat16", "seed": 0})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for side, arm in zip("AB", arms):
+        console.rule(f"arm {side}: {arm.label} ({arm.kind})")
+        results.append(run_arm(arm, job, out.parent / f"{out.stem}_arm{side}.log"))
+    setup = {"tasks": tasks, "lengths": lengths, "depths": depths, "samples_per_cell": args.samples, "seed": args.seed,
+             "model": model, "load": {"requests": args.load_requests, "concurrency": args.load_concurrency,
+                                      "prompt_tokens": args.load_prompt_tokens, "max_tokens": args.load_max_tokens},
+             "engine": job.engine, "wall_s": None}
+    summary = summarize(results[0], results[1], setup)
+    summary["setup"]["wall_s"] = time.perf_counter() - t0
+    print_table(summary)
+    write_json(summary, out)
+    pngs = write_plots(summary, out.parent)
+    console.print(f"report: {out}; plots: {', '.join(str(p) for p in pngs)}; took {summary['setup']['wall_s']:.0f} s")
+    return 0
