@@ -55,8 +55,8 @@ class Arm:
             except json.JSONDecodeError as e:
                 raise ArmSpecError(f"arm {spec!r}: bad JSON config: {e}") from None
             LcxConfig.from_dict(cfg, f"arm {spec!r}")  # one clear error now, not after an engine start
-            return cls(label="lcx" if not cfg else f"lcx{json.dumps(cfg, separators=(',', ':'))}", kind="engine",
-                       backend="lcx", lcx=cfg)
+            label = "lcx" + ("" if not cfg else " " + " ".join(f"{k}={v}" for k, v in sorted(cfg.items())))
+            return cls(label=label, kind="engine", backend="lcx", lcx=cfg)
         raise ArmSpecError(f"arm {spec!r}: expected 'stock', 'lcx[:CONFIG]' or an http(s):// URL")
 
 
@@ -71,13 +71,25 @@ class Job:
     engine: dict = field(default_factory=dict)
 
 
+def _progress_console():
+    """The terminal for progress bars: in an engine child, the parent's stderr handed over as a file
+    descriptor (the child's own stdout/stderr carry the engine's log into a file)."""
+    from rich.console import Console
+
+    fd = os.environ.get(PROGRESS_FD_ENV)
+    return Console(file=os.fdopen(int(fd), "w"), stderr=False) if fd else Console(stderr=True)
+
+
+PROGRESS_FD_ENV = "LCX_AB_PROGRESS_FD"
+
+
 async def _evaluate(streamer, job: Job, label: str) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .evaluate import accuracy_phase, load_phase
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=False) as progress:
+                  console=_progress_console(), transient=False) as progress:
         t_acc = progress.add_task(f"[{label}] accuracy", total=len(job.samples))
         rows = await accuracy_phase(streamer, job.samples, job.accuracy_concurrency,
                                     on_done=lambda: progress.advance(t_acc))
@@ -104,14 +116,19 @@ def _engine_child(job_path: str, out_path: str) -> None:
 
 
 def run_engine_arm(arm: Arm, job: Job, log_path: Path) -> dict:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    progress_fd = os.dup(2)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+           PROGRESS_FD_ENV: str(progress_fd)}
     with tempfile.TemporaryDirectory(prefix="lcx-ab-") as tmp:
         job_path, out_path = Path(tmp, "job.json"), Path(tmp, "out.json")
         job_path.write_text(json.dumps({"arm": asdict(arm), "job": asdict(job)}))
         with open(log_path, "w") as log:
-            # Progress bars go to the terminal (stderr); the engine's own chatter to the log.
-            proc = subprocess.run([sys.executable, "-m", "lcx_plugin.ab.arms", str(job_path), str(out_path)],
-                                  stdout=log, env=env)
+            # The engine's own chatter goes to the log; progress bars to our stderr (progress_fd).
+            try:
+                proc = subprocess.run([sys.executable, "-m", "lcx_plugin.ab.arms", str(job_path), str(out_path)],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(progress_fd,))
+            finally:
+                os.close(progress_fd)
         if proc.returncode != 0 or not out_path.exists():
             raise RuntimeError(f"arm {arm.label} failed (exit {proc.returncode}); engine log: {log_path}\n"
                                + log_path.read_text()[-3000:])

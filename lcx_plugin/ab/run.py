@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from .tasks import TASKS, build_grid, generate
 
 DEFAULTS = {
     "tasks": ",".join(TASKS), "lengths": "1024,4096", "depths": "0.1,0.5,0.9", "samples": 1,
-    "load_requests": 8, "load_concurrency": 4, "load_prompt_tokens": 1024, "load_max_tokens": 32,
+    "load_requests": 16, "load_concurrency": 4, "load_prompt_tokens": 1024, "load_max_tokens": 32,
     "max_model_len": 8192,
 }
 
@@ -73,10 +74,12 @@ def run(args: argparse.Namespace) -> int:
               engine={"enforce_eager": True, "max_model_len": args.max_model_len, "dtype": "bfloat16", "seed": 0})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(os.environ.get("LCX_LOG_DIR", "out/logs"))
+    log_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for side, arm in zip("AB", arms):
         console.rule(f"arm {side}: {arm.label} ({arm.kind})")
-        results.append(run_arm(arm, job, out.parent / f"{out.stem}_arm{side}.log"))
+        results.append(run_arm(arm, job, log_dir / f"{out.stem}_arm{side}.log"))
     setup = {"tasks": tasks, "lengths": lengths, "depths": depths, "samples_per_cell": args.samples, "seed": args.seed,
              "model": model, "load": {"requests": args.load_requests, "concurrency": args.load_concurrency,
                                       "prompt_tokens": args.load_prompt_tokens, "max_tokens": args.load_max_tokens},

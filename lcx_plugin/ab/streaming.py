@@ -50,7 +50,13 @@ class EngineStreamer:
         return cc.num_gpu_blocks * cc.block_size if cc.num_gpu_blocks else None
 
     def close(self) -> None:
+        import gc
+
         self.engine.shutdown()
+        # Collect the engine now, while the interpreter is whole: its finalizer calls shutdown()
+        # again, which fails noisily if it only runs at interpreter exit.
+        self.engine = None
+        gc.collect()
 
 
 _CACHE_INFO = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.M)
