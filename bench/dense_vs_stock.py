@@ -28,13 +28,45 @@ ARMS = {
 }
 
 
+def plot(result: dict, path: Path) -> None:
+    """Bars of lcx/stock per context length: decode tokens/s (higher is better) and TTFT (lower)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["per_context"]
+    labels = [f"{r['prompt_tokens']} tok" for r in rows]
+    arms = (("lcx", "lcx (default CPU path)"), ("lcx_torch_twin", "lcx torch twin"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    for ax, metric, title in ((axes[0], "decode_tps_ratio", "decode tokens/s, lcx / stock (higher is better)"),
+                              (axes[1], "ttft_ratio", "TTFT, lcx / stock (lower is better)")):
+        width = 0.38
+        for k, (arm, name) in enumerate(arms):
+            xs = [i + (k - 0.5) * width for i in range(len(rows))]
+            vals = [r[f"{arm}_{metric}"] for r in rows]
+            bars = ax.bar(xs, vals, width, label=name)
+            ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(rows)), labels)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle("dense lcx vs stock vLLM CPU backend, SmolLM2-135M, one run")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", default="1000,6000", help="approximate prompt lengths in tokens")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results/dense_vs_stock.json")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        return 0
 
     model = str(prepare())
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -78,6 +110,7 @@ def main() -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
+    plot(result, Path(args.out).with_suffix(".png"))
     print(json.dumps({k: v for k, v in result.items() if k.endswith("ratio")}, indent=2))
     print(f"written: {args.out}")
     return 0

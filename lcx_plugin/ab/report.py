@@ -98,7 +98,7 @@ def print_table(summary: dict) -> None:
     console.print(lt)
 
 
-def write_plots(summary: dict, out_dir: Path) -> list[Path]:
+def write_plots(summary: dict, out_dir: Path, prefix: str = "ab") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,7 +128,7 @@ def write_plots(summary: dict, out_dir: Path) -> list[Path]:
                 if not np.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=9)
     fig.colorbar(im, ax=axes, label="mean score (needle tasks)")
-    path = out_dir / "ab_needle_heatmap.png"
+    path = out_dir / f"{prefix}_needle_heatmap.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
@@ -145,7 +145,7 @@ def write_plots(summary: dict, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("latency CDF under concurrent streaming load")
-    path = out_dir / "ab_latency_cdf.png"
+    path = out_dir / f"{prefix}_latency_cdf.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)

@@ -25,12 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default=DEFAULTS["lengths"], help="context lengths in tokens, comma list")
     p.add_argument("--depths", default=DEFAULTS["depths"], help="needle depths in [0,1], comma list")
     p.add_argument("--samples", type=int, default=DEFAULTS["samples"], help="samples per (task, length, depth) cell")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--load-requests", type=int, default=DEFAULTS["load_requests"])
-    p.add_argument("--load-concurrency", type=int, default=DEFAULTS["load_concurrency"])
+    p.add_argument("--seed", type=int, default=0, help="one seed makes every prompt of the run")
+    p.add_argument("--load-requests", type=int, default=DEFAULTS["load_requests"], help="requests in the load phase")
+    p.add_argument("--load-concurrency", type=int, default=DEFAULTS["load_concurrency"],
+                   help="streaming requests in flight at once during the load phase")
     p.add_argument("--load-prompt-tokens", type=int, default=DEFAULTS["load_prompt_tokens"])
     p.add_argument("--load-max-tokens", type=int, default=DEFAULTS["load_max_tokens"])
-    p.add_argument("--max-model-len", type=int, default=DEFAULTS["max_model_len"])
+    p.add_argument("--max-model-len", type=int, default=DEFAULTS["max_model_len"],
+                   help="the arms' context limit: lengths that cannot fit are refused up front")
     p.add_argument("--out", default="out/ab/ab.json", help="report JSON; the PNGs go beside it")
 
 
@@ -88,6 +90,6 @@ def run(args: argparse.Namespace) -> int:
     summary["setup"]["wall_s"] = time.perf_counter() - t0
     print_table(summary)
     write_json(summary, out)
-    pngs = write_plots(summary, out.parent)
+    pngs = write_plots(summary, out.parent, prefix=out.stem)
     console.print(f"report: {out}; plots: {', '.join(str(p) for p in pngs)}; took {summary['setup']['wall_s']:.0f} s")
     return 0

@@ -69,3 +69,20 @@ def test_torch_twin_serves_the_real_engine(tmp_path_factory):
     assert len(diffs) <= 2, f"the torch twin parts from stock on {len(diffs)} of {len(PROMPTS)}: " + _explain(stock, twin, diffs)
     for key, text in zip(PASS_KEYS, twin["texts"][-2:]):
         assert key in text, (key, text)
+
+
+def test_triton_kernel_serves_the_real_engine_interpreted(tmp_path, monkeypatch):
+    """The GPU path's kernel, run by Triton's interpreter inside the real CPU engine: the adapter's
+    metadata, cache writes and launch are the ones a GPU fleet runs. Short prompts, because the
+    interpreter is slow."""
+    prompts, engine = ["The capital of France is", "def fibonacci(n):"], {"max_model_len": 512}
+
+    def arm(name, **kw):
+        spec = ArmSpec(model=str(prepare()), prompts=prompts, max_tokens=6, engine=engine, **kw)
+        return run_arm(spec, log_path=str(tmp_path / f"{name}.log")), (tmp_path / f"{name}.log").read_text()
+
+    stock, _ = arm("stock")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton, log = arm("triton", backend="lcx", lcx={"method": "dense", "kernel": "triton"})
+    assert "lcx attention active: method=dense kernel=triton" in log, log[-3000:]
+    assert triton["token_ids"] == stock["token_ids"], (triton["texts"], stock["texts"])

@@ -42,7 +42,7 @@ def test_ab_against_two_servers_writes_report_and_plots(tmp_path):
         assert report["latency"][side]["ttft_s"]["p50"]["value"] > 0
     for side in "AB":
         assert all(r["output"] for r in report["raw"][side]["samples"]), report["raw"][side]["samples"]
-    for png in ("ab_needle_heatmap.png", "ab_latency_cdf.png"):
+    for png in ("ab_needle_heatmap.png", "ab_latency_cdf.png"):  # <out stem>_...
         data = (out.parent / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert "lcx attention active" in (tmp_path / "lcx.log").read_text()
