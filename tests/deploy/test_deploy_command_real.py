@@ -13,18 +13,13 @@ local model directory in LCX_MODEL_DIR.
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from lcx_plugin.model import prepare
+from tests.server.vllm_server import free_port, http_json, served
 
 pytestmark = pytest.mark.slow
 
@@ -58,11 +53,6 @@ def entrypoint(paths) -> list[str]:
     (line,) = [l for l in text.splitlines() if l.startswith("ENTRYPOINT ")]
     return json.loads(line.split(" ", 1)[1])
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def expand(value: str, env: dict[str, str]) -> str:
@@ -134,26 +124,6 @@ def local_command(argv: list[str], vllm: Path, model_dir: str, port: int) -> lis
     return out + ["--enforce-eager"]
 
 
-def get(url: str, timeout: float):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, r.read()
-
-
-def stop(proc: subprocess.Popen):
-    """SIGTERM to the server (it shuts its engine processes down), then clear its process group."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_manifest_command_serves_a_completion(target, render, paths, tmp_path):
     vllm = Path(sys.executable).parent / "vllm"
@@ -175,37 +145,14 @@ def test_manifest_command_serves_a_completion(target, render, paths, tmp_path):
     env = {**os.environ, **{k: remap(v, mounts) for k, v in pod_env.items()}, "VLLM_CPU_KVCACHE_SPACE": "1"}
 
     log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    log_tail = lambda: log_path.read_text(errors="replace")[-4000:]  # noqa: E731
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}\ncommand: {command}\n{log_tail()}")
-            try:
-                if get(base_url + "/health", timeout=5)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no /health within {STARTUP_TIMEOUT_S} s\ncommand: {command}\n{log_tail()}")
-            time.sleep(2)
-
-        served = argv[argv.index("--served-model-name") + 1] if "--served-model-name" in argv else model_dir
-        body = json.dumps({"model": served, "prompt": "The capital of France is",
-                           "max_tokens": 8, "temperature": 0}).encode()
-        request = urllib.request.Request(base_url + "/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as r:
-            assert r.status == 200
-            answer = json.loads(r.read())
-        assert answer["model"] == served
+    with served(command, log_path, startup_timeout=STARTUP_TIMEOUT_S, env=env) as base_url:
+        name = argv[argv.index("--served-model-name") + 1] if "--served-model-name" in argv else model_dir
+        status, answer = http_json(base_url + "/v1/completions", {
+            "model": name, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
+        }, timeout=REQUEST_TIMEOUT_S)
+        assert status == 200, answer
+        assert answer["model"] == name
         assert len(answer["choices"]) == 1 and isinstance(answer["choices"][0]["text"], str)
         assert 1 <= answer["usage"]["completion_tokens"] <= 8
-    finally:
-        stop(proc)
     served_log = log_path.read_text(errors="replace")
-    assert "Using LCX backend on CPU" in served_log and "lcx attention active" in served_log, log_tail()
+    assert "Using LCX backend on CPU" in served_log and "lcx attention active" in served_log, served_log[-4000:]

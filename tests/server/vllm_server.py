@@ -39,25 +39,28 @@ def http_json(url: str, payload: dict | None = None, timeout: float = 120) -> tu
 
 
 @contextmanager
-def served(args: list[str], log_path: Path, startup_timeout: float = 300):
-    """Run ``args`` (a full command line ending in a port flag chosen by the caller) until /health answers."""
+def served(args: list[str], log_path: Path, startup_timeout: float = 300, env: dict | None = None):
+    """Run the server command ``args`` (which carries ``--port``) and yield its base URL once /health
+    answers; stop it, and its whole process group, on exit."""
     port = int(args[args.index("--port") + 1])
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env = dict(os.environ if env is None else env)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     log = open(log_path, "w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                raise RuntimeError(f"server exited with {proc.returncode}\ncommand: {args}\n{log_path.read_text()[-4000:]}")
             try:
                 if http_json(base + "/health", timeout=5)[0] == 200:
                     break
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"server not healthy after {startup_timeout} s:\n{log_path.read_text()[-4000:]}")
+                raise TimeoutError(f"server not healthy after {startup_timeout} s\ncommand: {args}\n{log_path.read_text()[-4000:]}")
             time.sleep(2)
         yield base
     finally:
