@@ -66,22 +66,50 @@ def summarize(a: dict, b: dict, setup: dict) -> dict:
     }
 
 
+def markdown(summary: dict) -> str:
+    """The report's two tables in Markdown (for READMEs and PR descriptions)."""
+    acc = summary["accuracy"]
+    la, lb = summary["arms"]["A"]["label"], summary["arms"]["B"]["label"]
+    lines = [f"| task | length | n | A = {la}: exact [95% CI] | B = {lb}: exact [95% CI] | McNemar p | B−A mean score [95% CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for row in acc["by_task_length"] + [{"task": "**all**", "length": "", **acc["overall"]}]:
+        cells = []
+        for side in ("A", "B"):
+            lo, hi = row[side]["exact_ci"]
+            cells.append(f"{row[side]['exact'] / row['n']:.2f} [{lo:.2f}, {hi:.2f}]")
+        bs = row["bootstrap"]
+        lines.append(f"| {row['task']} | {row['length']} | {row['n']} | {cells[0]} | {cells[1]} | "
+                     f"{row['mcnemar']['p_value']:.3g} | {bs['diff']:+.2f} [{bs['low']:+.2f}, {bs['high']:+.2f}] |")
+    lines += ["", "| arm | TTFT p50 s | TTFT p90 s | TTFT p99 s | TPOT p50 ms | output tok/s | KV capacity (tokens) |",
+              "|---|---|---|---|---|---|---|"]
+    for side, label in (("A", la), ("B", lb)):
+        lat = summary["latency"][side]
+        t = lat["ttft_s"]
+        cells = [f"{t[f'p{q}']['value']:.2f} [{t[f'p{q}']['low']:.2f}, {t[f'p{q}']['high']:.2f}]" for q in PERCENTILES]
+        tp = lat["tpot_s"]["p50"]
+        lines.append(f"| {side}: {label} | {' | '.join(cells)} | {tp['value'] * 1e3:.1f} [{tp['low'] * 1e3:.1f}, "
+                     f"{tp['high'] * 1e3:.1f}] | {lat['tokens_per_s']:.1f} | {summary['kv_capacity_tokens'][side] or 'n/a'} |")
+    return "\n".join(lines)
+
+
 def print_table(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=130)  # logs and CI: keep the columns whole
     la, lb = summary["arms"]["A"]["label"], summary["arms"]["B"]["label"]
     t = Table(title=f"accuracy: A = {la}  vs  B = {lb}  (exact-match rate, 95% Wilson CI; McNemar p)")
     for col in ("task", "length", "n", "A", "B", "p"):
         t.add_column(col, justify="right" if col not in ("task",) else "left")
 
-    def fmt(side):
+    def fmt(side, n):
         lo, hi = side["exact_ci"]
-        return f"{side['mean_score']:.2f} [{lo:.2f},{hi:.2f}]"
+        return f"{side['exact'] / n:.2f} [{lo:.2f},{hi:.2f}]"
 
     for row in summary["accuracy"]["by_task_length"] + [{"task": "ALL", "length": "", **summary["accuracy"]["overall"]}]:
-        t.add_row(row["task"], str(row["length"]), str(row["n"]), fmt(row["A"]), fmt(row["B"]),
+        t.add_row(row["task"], str(row["length"]), str(row["n"]), fmt(row["A"], row["n"]), fmt(row["B"], row["n"]),
                   f"{row['mcnemar']['p_value']:.3g}")
     console.print(t)
     lt = Table(title="latency under load (median [95% CI] of p50/p90/p99)")

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lcx_plugin.model import prepare
 
-    from .report import print_table, summarize, write_json, write_plots
+    from .report import markdown, print_table, summarize, write_json, write_plots
 
     console = Console(stderr=True)
     try:
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     summary["setup"]["wall_s"] = time.perf_counter() - t0
     print_table(summary)
     write_json(summary, out)
+    out.with_suffix(".md").write_text(markdown(summary) + "\n")
     pngs = write_plots(summary, out.parent, prefix=out.stem)
-    console.print(f"report: {out}; plots: {', '.join(str(p) for p in pngs)}; took {summary['setup']['wall_s']:.0f} s")
+    console.print(f"report: {out} (+ .md); plots: {', '.join(str(p) for p in pngs)}; took {summary['setup']['wall_s']:.0f} s")
     return 0
