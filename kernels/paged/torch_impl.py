@@ -73,8 +73,9 @@ def paged_attention_torch(
             sel = _selection_mask(selection, b, hkv, seq_len, bs).repeat_interleave(group, 0)[None, :, None, :]
             mask = sel if mask is None else (mask & sel)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=group > 1)
-        if mask is not None:
-            # Rows with no visible key come out NaN from softmax; the kernel contract is zero.
+        if selection is not None:
+            # Only a selection can leave a query row with no visible key (under the causal mask
+            # alone every row sees position 0). Such rows come out NaN; the kernel contract is zero.
             empty = ~mask.expand(1, hq, qlen, seq_len).any(-1)
             o = o.masked_fill(empty[..., None], 0.0)
         out[start:end] = o[0].transpose(0, 1).to(out.dtype)
