@@ -11,11 +11,8 @@ SPEC: {"model": dir, "backend": "CPU_ATTN"|"lcx"|..., "lcx": {...} | null, "prom
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,21 +85,10 @@ def _child(spec: dict, out_path: str) -> None:
 
 def run_arm(spec: ArmSpec, log_path: str | None = None, timeout: float = 1800) -> dict:
     """Run one arm in a child process; returns its result dict. Raises with the log tail on failure."""
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    with tempfile.TemporaryDirectory(prefix="lcx-arm-") as tmp:
-        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
-        spec_path.write_text(json.dumps(spec.__dict__))
-        log_file = Path(log_path) if log_path else Path(tmp, "engine.log")
-        with open(log_file, "w") as log:
-            proc = subprocess.run(
-                [sys.executable, "-m", "lcx_plugin.vllm_runner", str(spec_path), str(out_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout,
-            )
-        if proc.returncode != 0 or not out_path.exists():
-            tail = log_file.read_text()[-4000:]
-            raise RuntimeError(f"vLLM arm {spec.backend or 'stock'} failed (exit {proc.returncode}):\n{tail}")
-        return json.loads(out_path.read_text())
+    from lcx_plugin.child import run_child
+
+    return run_child("lcx_plugin.vllm_runner", spec.__dict__, f"vLLM arm {spec.backend or 'stock'}",
+                     log_path=log_path, timeout=timeout)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -116,23 +114,15 @@ def _engine_child(job_path: str, out_path: str) -> None:
 
 
 def run_engine_arm(arm: Arm, job: Job, log_path: Path) -> dict:
+    from lcx_plugin.child import run_child
+
+    # The engine's own chatter goes to the log; progress bars to our stderr, handed over as an fd.
     progress_fd = os.dup(2)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-           PROGRESS_FD_ENV: str(progress_fd)}
-    with tempfile.TemporaryDirectory(prefix="lcx-ab-") as tmp:
-        job_path, out_path = Path(tmp, "job.json"), Path(tmp, "out.json")
-        job_path.write_text(json.dumps({"arm": asdict(arm), "job": asdict(job)}))
-        with open(log_path, "w") as log:
-            # The engine's own chatter goes to the log; progress bars to our stderr (progress_fd).
-            try:
-                proc = subprocess.run([sys.executable, "-m", "lcx_plugin.ab.arms", str(job_path), str(out_path)],
-                                      stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(progress_fd,))
-            finally:
-                os.close(progress_fd)
-        if proc.returncode != 0 or not out_path.exists():
-            raise RuntimeError(f"arm {arm.label} failed (exit {proc.returncode}); engine log: {log_path}\n"
-                               + log_path.read_text()[-3000:])
-        return json.loads(out_path.read_text())
+    try:
+        return run_child("lcx_plugin.ab.arms", {"arm": asdict(arm), "job": asdict(job)}, f"arm {arm.label}",
+                         log_path=log_path, extra_env={PROGRESS_FD_ENV: str(progress_fd)}, pass_fds=(progress_fd,))
+    finally:
+        os.close(progress_fd)
 
 
 def run_endpoint_arm(arm: Arm, job: Job) -> dict:
