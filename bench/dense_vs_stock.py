@@ -17,9 +17,9 @@ import platform
 import time
 from pathlib import Path
 
-from lcx_plugin.model import prepare
-from lcx_plugin.prompts import long_prompt
-from lcx_plugin.vllm_runner import ArmSpec, run_arm
+from lcx_plugin.harness.model import prepare
+from lcx_plugin.harness.prompts import long_prompt
+from lcx_plugin.harness.batch import ArmSpec, run_arm
 
 ARMS = {
     "stock": dict(backend=None, lcx=None),

@@ -19,7 +19,16 @@ lock="$here/$engine/requirements.lock"
 python=${LCX_PYTHON:-python3.11}
 command -v "$python" >/dev/null || { echo "envs/setup.sh: $python not found (set LCX_PYTHON)" >&2; exit 2; }
 
-key=$(cat "$lock" "$here/setup.sh" $(find "$here/$engine" -type f ! -name '*.pyc' | sort) | sha256sum | cut -c1-12)
+# The key covers only the files that define the environment: the ones git tracks there (or, outside a
+# git checkout, every file but build leftovers), so building never changes its own key.
+env_files() {
+  if git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git -C "$repo" ls-files --cached --others --exclude-standard -- "envs/setup.sh" "envs/$engine" | sed "s|^|$repo/|"
+  else
+    find "$here/setup.sh" "$here/$engine" -type f ! -name '*.pyc' ! -path '*.egg-info/*' ! -path '*/build/*'
+  fi | sort
+}
+key=$(cat $(env_files) | sha256sum | cut -c1-12)
 root=${LCX_ENV_ROOT:-$HOME/.cache/lcx/envs}
 venv="$root/$engine-$key"
 
@@ -34,7 +43,11 @@ if [ ! -f "$venv/.lcx-complete" ]; then
   quiet "$venv/bin/python" -m pip install -q --upgrade "pip==25.3" >&2
   quiet "$venv/bin/python" -m pip install -q --no-deps -r "$lock" >&2
   if [ -d "$here/$engine/dist-shim" ]; then
-    quiet "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation "$here/$engine/dist-shim" >&2
+    # Built from a copy: setuptools writes egg-info and build/ beside the sources it builds.
+    shim=$(mktemp -d)
+    cp -r "$here/$engine/dist-shim/." "$shim/"
+    quiet "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation "$shim" >&2
+    rm -rf "$shim"
   fi
   touch "$venv/.lcx-complete"
 fi

@@ -30,21 +30,25 @@ class Variant:
 def paged_attention_variants() -> list[Variant]:
     from .paged import triton_impl as t
 
-    base_sig = {
-        "q_ptr": "*bf16", "kv_ptr": "*bf16", "out_ptr": "*bf16",
-        "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32",
-        "sel_idx_ptr": "*i32", "sel_cnt_ptr": "*i32", "scale": "fp32",
-        "stride_qt": "i64", "stride_qh": "i64", "stride_ot": "i64", "stride_oh": "i64",
-        "stride_bt": "i64", "stride_sel_b": "i64", "stride_sel_h": "i64",
-    }
+    ptrs = ("q_ptr", "k_ptr", "v_ptr", "out_ptr")
+    int_ptrs = ("block_table_ptr", "seq_lens_ptr", "query_start_loc_ptr", "sel_idx_ptr", "sel_cnt_ptr",
+                "sink_ptr", "window_ptr")
+    strides = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_kh", "stride_kt",
+               "stride_kd", "stride_vb", "stride_vh", "stride_vt", "stride_vd", "stride_bt",
+               "stride_sel_b", "stride_sel_h", "stride_sel_q")
+    base_sig = {**{p: "*bf16" for p in ptrs}, **{p: "*i32" for p in int_ptrs}, "dense_ptr": "*i8",
+                "scale": "fp32", **{s: "i64" for s in strides}, "num_query_blocks": "i32"}
+    kinds = ((t.SEL_DENSE, 0, "dense"), (t.SEL_PAGE, 0, "page"), (t.SEL_TOKEN, 0, "token"),
+             (t.SEL_PAGE, 64, "page,query_block=64"))
     out = []
     for head_dim in (64, 128):
-        for sel_kind, sel_name in ((t.SEL_DENSE, "dense"), (t.SEL_PAGE, "page"), (t.SEL_TOKEN, "token")):
+        for sel_kind, query_block, sel_name in kinds:
             for fp32_dot in (False, True):
-                launch = t.launch_config(head_dim)
+                launch = t.launch_config(head_dim, fp32_dot)
                 const = dict(
                     NUM_KV_HEADS=8, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16,
-                    BLOCK_M=t.BLOCK_M, TILE_N=launch.pop("TILE_N"), SEL_KIND=sel_kind, FP32_DOT=fp32_dot,
+                    BLOCK_M=t.BLOCK_M, TILE_N=launch.pop("TILE_N"), SEL_KIND=sel_kind, QUERY_BLOCK=query_block,
+                    FP32_DOT=fp32_dot,
                 )
                 sig = dict(base_sig, **{k: "constexpr" for k in const})
                 out.append(Variant(f"paged_attention[d={head_dim},{sel_name},fp32_dot={fp32_dot}]",

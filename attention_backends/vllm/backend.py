@@ -1,11 +1,13 @@
-"""The ``LCX`` attention backend for vLLM v1: translation between vLLM and lcx kernels.
+"""The ``LCX`` attention backend for vLLM v1: translation between vLLM and lcx's layer core.
 
-Roles follow vLLM's split: a stateless Backend of class methods, a Metadata dataclass, a
-Builder that runs once per step for all layers, and an Impl per layer whose ``forward``
-writes into the caller's ``output`` and calls one lcx kernel.
+Roles follow vLLM's split: a stateless Backend of class methods, a Metadata dataclass, a Builder
+that runs once per step for all layers (it turns vLLM's metadata into lcx's ``StepPlan``), and an
+Impl per layer whose ``forward`` hands that plan to the layer's ``LayerCore``. No method logic
+lives here.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,18 +23,43 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
+from lcx_plugin import machine
 from lcx_plugin.config import LcxConfig, resolve_config
-from lcx_plugin.kernels.paged import paged_attention, write_kv
+from lcx_plugin.kernels.paged import BatchPlan, KVFormat, formats
+from lcx_plugin.layer import LayerCore, StepPlan, plan_step
 from lcx_plugin.log import get_logger
+from lcx_plugin.state import RequestStates
+
+from . import compat
 
 logger = get_logger()
 _announced = False  # one log line per process proves lcx's own forward ran
+REQUESTS = RequestStates()  # per-request state of this worker process, shared by all layers
+
+
+def _drop_ended(gone: set[str], fresh: set[str]) -> None:
+    """Finished and preempted requests lose their state; new and resumed ones start clean."""
+    REQUESTS.drop(gone | fresh)
+
+
+if _drop_ended not in compat.step_listeners:
+    compat.step_listeners.append(_drop_ended)
 
 
 def current_lcx_config() -> LcxConfig:
     """The lcx config of the engine being built; raises LcxConfigError on bad input."""
     vllm_config = get_current_vllm_config_or_none()
     return resolve_config(getattr(vllm_config, "additional_config", None) or {})
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """What computes attention: "engine" (vLLM's CPU op for dense work, lcx's torch twin for
+    selections, both over the op's cache), "torch" or "triton" (lcx's own kernel and page layout)."""
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" else "engine"
+    if kernel == "engine" and device.type != "cpu":
+        raise ValueError("lcx config: kernel='engine' is the vLLM CPU build's op; use 'auto' or 'triton' on GPUs")
+    return kernel
 
 
 class LcxAttentionBackend(AttentionBackend):
@@ -62,91 +89,73 @@ class LcxAttentionBackend(AttentionBackend):
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
-        # [num_blocks, kv_heads, block_size, 2*head_dim]: see lcx_plugin/kernels/paged/layout.py
+        # [num_blocks, kv_heads, block_size, 2*head_dim]: see kernels/paged/formats.py
         return (KVCacheLayout.LBHNC,)
 
     @classmethod
     def validate_configuration(cls, **kwargs) -> list[str]:
         reasons = super().validate_configuration(**kwargs)
         try:
-            current_lcx_config()
+            config = current_lcx_config()
         except ValueError as e:  # LcxConfigError: surfaced once, at backend selection
-            reasons.append(str(e))
+            return reasons + [str(e)]
+        if config.kernel == "triton" and not torch.cuda.is_available() and not machine.triton_interpreted():
+            reasons.append("lcx config: kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1, for tests); "
+                           "on CPU use kernel 'auto'")
         return reasons
-
-
-def resolve_kernel(kernel: str, device: torch.device) -> str:
-    if kernel == "auto":
-        return "triton" if device.type == "cuda" else "engine"
-    if kernel == "engine" and device.type != "cpu":
-        raise ValueError("lcx config: kernel='engine' is the vLLM CPU build's op; use 'triton' on GPUs")
-    return kernel
 
 
 @dataclass
 class LcxMetadata:
     num_actual_tokens: int
-    max_query_len: int
-    max_seq_len: int
-    query_start_loc: torch.Tensor  # [B+1] int32
-    seq_lens: torch.Tensor  # [B] int32
-    block_table: torch.Tensor  # [B, max_pages] int32
-    slot_mapping: torch.Tensor  # [T] int64
-    cpu_schedule: torch.Tensor | None = None  # the engine CPU op's work plan (kernel="engine")
+    step: StepPlan
 
 
 class LcxMetadataBuilder(AttentionMetadataBuilder[LcxMetadata]):
-    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
+                 device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.kernel = resolve_kernel(resolve_config(vllm_config.additional_config or {}).kernel, device)
+        self.config = resolve_config(vllm_config.additional_config or {})
+        self.kernel = resolve_kernel(self.config.kernel, device)
         self.num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
         self.dtype = vllm_config.model_config.dtype
         self.kv_cache_dtype = vllm_config.cache_config.cache_dtype
+        if device.type == "cpu":
+            machine.warn_if_bf16_emulated(self.dtype)
+        self.dense_engine_data = None
         if self.kernel == "engine":
             from . import cpu_native
 
-            self.isa = cpu_native.isa_for(self.dtype, kv_cache_spec.block_size, kv_cache_spec.head_size, self.kv_cache_dtype)
+            isa = cpu_native.isa_for(self.dtype, kv_cache_spec.block_size, kv_cache_spec.head_size, self.kv_cache_dtype)
+            self.dense_engine_data = functools.partial(
+                cpu_native.scheduler_metadata, num_heads=self.num_heads, num_kv_heads=kv_cache_spec.num_kv_heads,
+                head_dim=kv_cache_spec.head_size, dtype=self.dtype, isa=isa, kv_cache_dtype=self.kv_cache_dtype)
 
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> LcxMetadata:
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> LcxMetadata:
         m = common_attn_metadata
         if isinstance(m.causal, torch.Tensor) or not m.causal:
             raise NotImplementedError("lcx supports causal decoder attention only")
-        schedule = None
-        if self.kernel == "engine":
-            from . import cpu_native
+        seq_lens_host = m.seq_lens if m.seq_lens.device.type == "cpu" else m.seq_lens.cpu()
+        batch = BatchPlan(m.query_start_loc, m.seq_lens, m.block_table_tensor,
+                          tuple(m.query_start_loc_cpu.tolist()), tuple(seq_lens_host.tolist()))
+        return LcxMetadata(m.num_actual_tokens,
+                           plan_step(self.config.selector, batch, self._request_ids(m.num_reqs), self.dense_engine_data))
 
-            schedule = cpu_native.scheduler_metadata(
-                num_reqs=m.num_reqs, num_heads=self.num_heads, num_kv_heads=self.kv_cache_spec.num_kv_heads,
-                head_dim=self.kv_cache_spec.head_size, seq_lens=m.seq_lens, dtype=self.dtype,
-                query_start_loc=m.query_start_loc, isa=self.isa, kv_cache_dtype=self.kv_cache_dtype,
-            )
-        return LcxMetadata(
-            cpu_schedule=schedule,
-            num_actual_tokens=m.num_actual_tokens,
-            max_query_len=m.max_query_len,
-            max_seq_len=m.max_seq_len,
-            query_start_loc=m.query_start_loc,
-            seq_lens=m.seq_lens,
-            block_table=m.block_table_tensor,
-            slot_mapping=m.slot_mapping,
-        )
+    @staticmethod
+    def _request_ids(num_reqs: int) -> tuple[str, ...]:
+        rows = compat.batch_identity(num_reqs)
+        if rows is None:  # a warm-up or profiling run: no requests, no state
+            return tuple(f"row-{i}" for i in range(num_reqs))
+        return tuple(rows)
 
 
 class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
-    def __init__(
-        self,
-        num_heads: int,
-        head_size: int,
-        scale: float,
-        num_kv_heads: int | None = None,
-        alibi_slopes: list[float] | None = None,
-        sliding_window: int | None = None,
-        kv_cache_dtype: str = "auto",
-        logits_soft_cap: float | None = None,
-        attn_type: str = AttentionType.DECODER,
-        kv_sharing_target_layer_name: str | None = None,
-        sinks: torch.Tensor | None = None,
-    ) -> None:
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
+                 kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name: str | None = None,
+                 sinks: torch.Tensor | None = None) -> None:
         unsupported = {
             "alibi_slopes": alibi_slopes is not None,
             "sliding_window": sliding_window is not None,
@@ -166,53 +175,67 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
         self.config = current_lcx_config()
         self.kernel: str | None = None  # resolved on first use, when the device is known
         self.isa: str | None = None
+        self.core: LayerCore | None = None
+        self._format: tuple[int, KVFormat] | None = None
 
-    def _resolve(self, kv_cache: torch.Tensor) -> str:
-        if self.kernel is None:
+    def _setup(self, layer, kv_cache: torch.Tensor) -> LayerCore:
+        if self.core is None:
             self.kernel = resolve_kernel(self.config.kernel, kv_cache.device)
             if self.kernel == "engine":
                 from . import cpu_native
 
                 self.isa = cpu_native.isa_for(kv_cache.dtype, kv_cache.shape[2], self.head_size, self.kv_cache_dtype)
-        return self.kernel
+            impl = "torch" if self.kernel == "engine" else self.kernel
+            self.core = LayerCore(compat.layer_index(layer.layer_name), self.num_heads, self.num_kv_heads,
+                                  self.head_size, self.scale, self.config, impl, REQUESTS)
+        return self.core
+
+    def _kv(self, kv_cache: torch.Tensor) -> KVFormat:
+        """The storage-format view of this layer's cache (rebuilt if the engine rebinds it)."""
+        key = kv_cache.data_ptr()
+        if self._format is None or self._format[0] != key:
+            if self.kernel == "engine":
+                from . import cpu_native
+
+                kv = cpu_native.kv_format(kv_cache, self.isa)
+            else:
+                kv = formats.plain(kv_cache)
+            self._format = (key, kv)
+        return self._format[1]
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if self.kv_sharing_target_layer_name is not None:
             return
-        if self._resolve(kv_cache) == "engine":
+        core = self._setup(layer, kv_cache)
+        engine_write = None
+        if self.kernel == "engine":
             from . import cpu_native
 
-            cpu_native.write_kv(layer, key, value, kv_cache, slot_mapping, self.isa, self.kv_cache_dtype)
-        else:
-            write_kv(key, value, kv_cache, slot_mapping)
+            def engine_write(k, v, slots):
+                cpu_native.write_kv(layer, k, v, kv_cache, slots, self.isa, self.kv_cache_dtype)
+        core.write(self._kv(kv_cache), key, value, slot_mapping, engine_write)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("lcx does not fuse output quantization")
         if attn_metadata is None:  # profiling / warm-up run
             return output
-        kernel = self._resolve(kv_cache)
+        core = self._setup(layer, kv_cache)
         global _announced
         if not _announced:
-            logger.info(
-                "lcx attention active: method=%s kernel=%s device=%s heads=%d/%d head_dim=%d",
-                self.config.method, kernel, query.device.type,
-                self.num_heads, self.num_kv_heads, self.head_size,
-            )
+            logger.info("lcx attention active: method=%s kernel=%s device=%s heads=%d/%d head_dim=%d config: %s",
+                        self.config.method, self.kernel, query.device.type, self.num_heads, self.num_kv_heads,
+                        self.head_size, self.config.describe())
             _announced = True
         n = attn_metadata.num_actual_tokens
-        if kernel == "engine":
+        dense_kernel = None
+        if self.kernel == "engine":
             from . import cpu_native
 
-            cpu_native.attention(
-                layer, query[:n], kv_cache, output[:n], query_start_loc=attn_metadata.query_start_loc,
-                seq_lens=attn_metadata.seq_lens, block_table=attn_metadata.block_table, scale=self.scale,
-                sched=attn_metadata.cpu_schedule, kv_cache_dtype=self.kv_cache_dtype,
-            )
-        else:
-            paged_attention(
-                query[:n], kv_cache, attn_metadata.block_table, attn_metadata.seq_lens,
-                attn_metadata.query_start_loc, self.scale, output[:n],
-                impl=kernel, max_query_len=attn_metadata.max_query_len,
-            )
+            dense_kernel = functools.partial(self._engine_dense, cpu_native, layer, kv_cache)
+        core.run(query[:n], self._kv(kv_cache), attn_metadata.step, output[:n], dense_kernel)
         return output
+
+    def _engine_dense(self, cpu_native, layer, kv_cache, q, out, plan) -> None:
+        cpu_native.attention(layer, q, kv_cache, out, plan, scale=self.scale, kv_cache_dtype=self.kv_cache_dtype)

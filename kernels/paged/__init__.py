@@ -1,6 +1,8 @@
 """Paged attention for prefill, chunked prefill and decode, dense or over a selection."""
-from .layout import KVLayout, kv_planes, write_kv
-from .selection import Selection
+from . import formats
 from .api import paged_attention
+from .formats import KVFormat
+from .plan import BatchPlan
+from .selection import Selection
 
-__all__ = ["KVLayout", "Selection", "kv_planes", "paged_attention", "write_kv"]
+__all__ = ["BatchPlan", "KVFormat", "Selection", "formats", "paged_attention"]

@@ -1,85 +1,141 @@
 """Torch twin of the paged attention kernel: the CPU path.
 
-Works sequence by sequence on whole pages: the pages of a sequence are gathered with one
-``index_select`` over the block table (page-granular, never per token) and attention runs
-through ``scaled_dot_product_attention`` in float32. A selection becomes a boolean mask over
-the gathered pages, so the twin computes exactly what the Triton kernel computes.
+Works sequence by sequence. For each sequence it decides, per KV head, which **pages** hold a
+candidate key, gathers only those cells from the cache (one gather for all heads, in the
+storage format's own layout, so any engine's packing is read where it lies), builds the exact
+token mask the selection defines, and computes attention in float32. So the cost follows what is
+selected: a decode step over sinks + a window reads sinks + window, never the whole context. A
+long prefill under a selection is cut into row tiles, each gathering only its own band of pages.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .layout import kv_planes
+from .formats import KVFormat
+from .plan import BatchPlan
 from .selection import Selection
 
-
-def _sequence_kv(planes: torch.Tensor, pages: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of one sequence, each ``[Hkv, seq_len, D]`` float32."""
-    n = pages.shape[0]
-    first = int(pages[0])
-    if n == 1 or bool((pages[1:] - pages[:-1] == 1).all()):
-        cells = planes[first : first + n]  # contiguous run of blocks: a view, no gather
-    else:
-        cells = planes.index_select(0, pages)
-    _, hkv, _, bs, d = cells.shape
-    # One pass that both upcasts and lays the planes out contiguously; `.float()` would keep the
-    # permuted strides and force a second copy in the reshape (10x slower at 6k tokens).
-    kv = cells.permute(2, 1, 0, 3, 4).to(torch.float32, memory_format=torch.contiguous_format)
-    kv = kv.reshape(2, hkv, n * bs, d)[:, :, :seq_len]  # a view unless the cache was float32 already
-    return kv[0], kv[1]
+#: Query rows per tile when a selection limits what each row sees (dense prefill is one tile).
+ROW_TILE = 256
 
 
-def _selection_mask(selection: Selection, b: int, hkv: int, seq_len: int, bs: int) -> torch.Tensor:
-    """``[Hkv, seq_len]`` bool: which positions each KV head may attend to."""
-    mask = torch.zeros(hkv, seq_len, dtype=torch.bool)
-    for g in range(hkv):
-        pos = selection.token_positions(b, g, bs).cpu()
-        mask[g, pos[pos < seq_len]] = True
-    return mask
+def _all_heads(hkv: int, n: int) -> torch.Tensor:
+    return torch.arange(hkv)[:, None].expand(hkv, n)
 
 
-def paged_attention_torch(
-    query: torch.Tensor,  # [T, Hq, D]
-    kv_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, 2*D]
-    block_table: torch.Tensor,  # [B, max_pages] int32
-    seq_lens: torch.Tensor,  # [B] int32
-    query_start_loc: torch.Tensor,  # [B+1] int32
-    scale: float,
-    out: torch.Tensor,  # [T, Hq, D]
-    selection: Selection | None = None,
-) -> torch.Tensor:
-    planes = kv_planes(kv_cache)
-    hkv, bs = planes.shape[1], planes.shape[3]
+def _dense_sequence(q: torch.Tensor, kv: KVFormat, blocks: torch.Tensor, seq_len: int, scale: float, group: int):
+    """Causal attention over the whole context: ``q`` ``[Hq, qlen, D]`` float32 -> ``[qlen, Hq, D]``."""
+    hkv, n = kv.num_kv_heads, blocks.shape[0]
+    k, v = kv.gather(blocks[None, :].expand(hkv, n), _all_heads(hkv, n))  # [Hkv, n, bs, D]
+    k = k.to(torch.float32, memory_format=torch.contiguous_format).reshape(hkv, -1, kv.head_dim)[:, :seq_len]
+    v = v.to(torch.float32, memory_format=torch.contiguous_format).reshape(hkv, -1, kv.head_dim)[:, :seq_len]
+    qlen = q.shape[1]
+    mask = None
+    if 1 < qlen < seq_len:  # a chunk after earlier context: causal relative to its own positions
+        q_pos = torch.arange(seq_len - qlen, seq_len)
+        mask = (torch.arange(seq_len)[None, :] <= q_pos[:, None])[None, None]
+    # 4-D [1, heads, tokens, D]: with a batch axis SDPA takes its fused CPU kernels for GQA.
+    o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=qlen == seq_len > 1,
+                                       scale=scale, enable_gqa=group > 1)[0]
+    return o.transpose(0, 1)
+
+
+def _listed_pages(sel: Selection, b: int, qbs: range, n_pages: int, bs: int) -> torch.Tensor:
+    """``[Hkv, n_pages]`` bool: pages holding a listed candidate of any of the query blocks ``qbs``."""
+    hkv = sel.counts.shape[1]
+    mask = torch.zeros(hkv, n_pages + 1, dtype=torch.bool)  # last column: a sink for padding
+    for qb in qbs:
+        idx = sel.indices[b, :, qb].long().cpu()
+        live = torch.arange(idx.shape[1])[None, :] < sel.counts[b, :, qb].cpu()[:, None]
+        pages = idx if sel.granularity == "page" else idx // bs
+        mask.scatter_(1, torch.where(live & (pages >= 0) & (pages < n_pages), pages, n_pages), True)
+    return mask[:, :n_pages]
+
+
+def _listed_tokens(sel: Selection, b: int, qb: int, pos: torch.Tensor, bs: int) -> torch.Tensor:
+    """``[Hkv, L]`` bool: which gathered positions ``pos`` (``[Hkv, L]``) query block ``qb`` lists."""
+    idx = sel.indices[b, :, qb].long().cpu()
+    if idx.shape[1] == 0:
+        return torch.zeros_like(pos, dtype=torch.bool)
+    live = torch.arange(idx.shape[1])[None, :] < sel.counts[b, :, qb].cpu()[:, None]
+    units = pos // bs if sel.granularity == "page" else pos
+    # Lists are ascending in their live prefix; a sentinel past any unit keeps the whole row sorted.
+    idx = torch.where(live, idx, torch.iinfo(torch.int64).max)
+    at = torch.searchsorted(idx, units.contiguous()).clamp(max=idx.shape[1] - 1)
+    return idx.gather(1, at) == units
+
+
+def _selected_tile(q: torch.Tensor, kv: KVFormat, blocks: torch.Tensor, seq_len: int, first_pos: int, rows: range,
+                   sel: Selection, b: int, scale: float, group: int) -> torch.Tensor:
+    """Rows ``rows`` of sequence ``b`` under ``sel``: ``q`` ``[Hq, len(rows), D]`` float32 -> ``[len(rows), Hq, D]``."""
+    bs, hkv, d = kv.block_size, kv.num_kv_heads, kv.head_dim
+    nrows = len(rows)
+    lo_pos, hi_pos = first_pos + rows.start, first_pos + rows.stop - 1  # positions of the tile's rows
+    n_pages = hi_pos // bs + 1
+    sink, window, dense = sel.sink[b].cpu().long(), sel.window[b].cpu().long(), sel.dense[b].cpu()
+    # Pages with a candidate for some row of the tile, per head.
+    page_start = torch.arange(n_pages) * bs
+    band_lo = (lo_pos - window + 1).clamp(min=0)
+    wanted = (page_start[None, :] < sink[:, None]) | ((page_start[None, :] + bs > band_lo[:, None]) & (window[:, None] > 0))
+    wanted |= dense[:, None]
+    qbs = range(sel.query_block_of(rows.start), sel.query_block_of(rows.stop - 1) + 1)
+    has_lists = sel.indices.shape[3] > 0 and bool((sel.counts[b] > 0).any())
+    if has_lists:
+        wanted |= _listed_pages(sel, b, qbs, n_pages, bs)
+    counts = wanted.sum(1)
+    n_sel = int(counts.max())
+    if n_sel == 0:
+        return torch.zeros(nrows, q.shape[0], d, dtype=torch.float32)
+    # Selected pages first, ascending (stable sort of the "not wanted" flag); the rest is padding.
+    order = torch.argsort((~wanted).to(torch.int8), dim=1, stable=True)[:, :n_sel]  # [Hkv, n_sel]
+    k, v = kv.gather(blocks[:n_pages][order], _all_heads(hkv, n_sel))  # [Hkv, n_sel, bs, D]
+
+    # Exact per-row mask over the gathered positions.
+    pos = (order[:, :, None] * bs + torch.arange(bs)).reshape(hkv, -1)  # [Hkv, L]
+    q_pos = torch.arange(lo_pos, hi_pos + 1)
+    keep = (pos[:, None, :] < sink[:, None, None]) | (pos[:, None, :] > q_pos[None, :, None] - window[:, None, None])
+    keep |= dense[:, None, None]
+    if has_lists:
+        if sel.query_block == 0:
+            keep |= _listed_tokens(sel, b, 0, pos, bs)[:, None, :]
+        else:
+            per_qb = torch.stack([_listed_tokens(sel, b, qb, pos, bs) for qb in qbs], 1)  # [Hkv, nqb, L]
+            keep |= per_qb[:, torch.tensor([sel.query_block_of(i) - qbs.start for i in rows])]
+    live = (torch.arange(n_sel)[None, :] < counts[:, None]).repeat_interleave(bs, 1) & (pos < seq_len)
+    mask = keep & live[:, None, :] & (pos[:, None, :] <= q_pos[None, :, None])  # [Hkv, rows, L]
+
+    # Scores per KV head for its group of query heads: [Hkv, G*rows, L], in float32.
+    qg = q.reshape(hkv, group * nrows, d)
+    kt = k.to(torch.float32).transpose(-1, -2)  # [Hkv, n_sel, D, bs]
+    scores = torch.matmul(qg[:, None], kt).permute(0, 2, 1, 3).reshape(hkv, group, nrows, -1)
+    scores = scores.mul_(scale).masked_fill_(~mask[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with no candidate: all zero
+    # The unwritten tail of a last page may hold anything, NaN included: it must not reach P @ V.
+    vf = v.to(torch.float32).reshape(hkv, -1, d)
+    if seq_len < n_pages * bs:
+        vf = vf.masked_fill(~(pos < seq_len)[..., None], 0.0)
+    o = torch.matmul(probs.reshape(hkv, group * nrows, -1), vf)  # [Hkv, G*rows, D]
+    return o.reshape(hkv * group, nrows, d).transpose(0, 1)
+
+
+def paged_attention_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
+                          selection: Selection | None = None) -> torch.Tensor:
     hq = query.shape[1]
-    group = hq // hkv
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    for b, seq_len in enumerate(lens):
-        start, end = starts[b], starts[b + 1]
-        qlen = end - start
+    group = hq // kv.num_kv_heads
+    bs = kv.block_size
+    for b in range(plan.num_seqs):
+        start, qlen, seq_len = plan.starts[b], plan.q_len(b), plan.lens[b]
         if qlen == 0:
             continue
-        n_pages = -(-seq_len // bs)
-        k, v = _sequence_kv(planes, block_table[b, :n_pages].long(), seq_len)
-        # 4-D [1, heads, tokens, D]: with a batch dimension SDPA takes its fused CPU kernels for GQA
-        # (3-D inputs fall back to a path several times slower).
-        q = query[start:end].transpose(0, 1).float()[None]  # [1, Hq, qlen, D]
-        k, v = k[None], v[None]
-        mask, causal = None, False
-        if qlen > 1 and qlen == seq_len and selection is None:
-            causal = True  # plain prefill: lets SDPA take its fused causal path, no mask in memory
-        elif qlen > 1:
-            q_pos = torch.arange(seq_len - qlen, seq_len)
-            mask = (torch.arange(seq_len)[None, :] <= q_pos[:, None])[None, None]  # [1, 1, qlen, L]
-        if selection is not None:
-            sel = _selection_mask(selection, b, hkv, seq_len, bs).repeat_interleave(group, 0)[None, :, None, :]
-            mask = sel if mask is None else (mask & sel)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=group > 1)
-        if selection is not None:
-            # Only a selection can leave a query row with no visible key (under the causal mask
-            # alone every row sees position 0). Such rows come out NaN; the kernel contract is zero.
-            empty = ~mask.expand(1, hq, qlen, seq_len).any(-1)
-            o = o.masked_fill(empty[..., None], 0.0)
-        out[start:end] = o[0].transpose(0, 1).to(out.dtype)
+        first_pos = seq_len - qlen
+        blocks = plan.block_table[b, : -(-seq_len // bs)].long()
+        q = query[start: start + qlen].transpose(0, 1).float()  # [Hq, qlen, D]
+        if selection is None or bool(selection.dense[b].all()):
+            o = _dense_sequence(q, kv, blocks, seq_len, scale, group)
+        else:
+            tiles = [range(i, min(i + ROW_TILE, qlen)) for i in range(0, qlen, ROW_TILE)]
+            o = torch.cat([_selected_tile(q[:, r.start: r.stop], kv, blocks, seq_len, first_pos, r, selection, b,
+                                          scale, group) for r in tiles])
+        out[start: start + qlen] = o.to(out.dtype)
     return out

@@ -1,11 +1,17 @@
 """Triton paged attention: the GPU path.
 
-One program handles ``BLOCK_M`` query tokens of one sequence for one query head and
-streams that sequence's candidate keys in tiles of ``TILE_N``, with an online softmax in
-float32. The candidate list is the whole context (dense), the tokens of selected pages, or
-selected token positions; the causal mask is applied on top in every case. Key tiles are
-independent of the page size: each candidate position is mapped to (block, offset) through
-the block table, so a permuted block table is just another lookup.
+One program handles ``BLOCK_M`` query rows of one sequence for one query head and streams that
+sequence's candidate keys in tiles of ``TILE_N``, with an online softmax in float32. The
+candidates are read in up to three passes, each with the row's exact visibility mask:
+
+1. dense (no selection, or a dense-marked head): every position up to the tile's last row;
+2. window mode: the sinks, then the band of recent positions the tile's rows can see;
+3. the selected list of the tile's query block (pages or tokens), minus what pass 2 covered.
+
+Keys and values are read through four strides each (block, head, token, dim), so any 4-D
+storage format works: lcx's plain pages, vLLM's CUDA ``[blocks, block_size, Hkv, D]`` and
+SGLang's token pool. Key tiles are independent of the page size: each candidate position is
+mapped to (block, offset) through the block table.
 """
 from __future__ import annotations
 
@@ -15,39 +21,77 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import KVLayout
-from .selection import Selection
+from .formats import KVFormat
+from .plan import BatchPlan
+from .selection import QUERY_TILE, Selection
 
 SEL_DENSE, SEL_PAGE, SEL_TOKEN = 0, 1, 2
-BLOCK_M = 16
+BLOCK_M = QUERY_TILE
 
 
-def launch_config(head_dim: int) -> dict:
-    """TILE_N, warps and pipeline stages per head size, chosen with the sm_90 compile gate so that
-    no variant spills registers (see kernels/compile_gate.py)."""
+def launch_config(head_dim: int, fp32_dot: bool) -> dict:
+    """TILE_N, warps and pipeline stages per head size and dot precision, chosen with the sm_90
+    compile gate so that no variant spills registers (see kernels/compile_gate.py)."""
     if head_dim <= 64:
-        return {"TILE_N": 32, "num_warps": 4, "num_stages": 3}
-    return {"TILE_N": 16, "num_warps": 8, "num_stages": 2}
+        return {"TILE_N": 16, "num_warps": 4, "num_stages": 3}
+    return {"TILE_N": 16 if fp32_dot else 32, "num_warps": 8, "num_stages": 2}
+
+
+@triton.jit
+def _accumulate(q, pos, key_ok, visible, m_i, l_i, acc, seq, kv_head, scale,
+                k_ptr, v_ptr, block_table_ptr, stride_bt,
+                stride_kb, stride_kh, stride_kt, k_dim_off, stride_vb, stride_vh, stride_vt, v_dim_off,
+                d_ok, BLOCK_SIZE: tl.constexpr, FP32_DOT: tl.constexpr):
+    """One key tile: load K/V at ``pos`` (``[TILE_N]``), mask by ``visible`` (``[BLOCK_M, TILE_N]``),
+    and fold it into the running softmax state."""
+    block = tl.load(block_table_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    off = pos % BLOCK_SIZE
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    k_off = block * stride_kb + kv_head * stride_kh + off * stride_kt
+    v_off = block * stride_vb + kv_head * stride_vh + off * stride_vt
+    k = tl.load(k_ptr + k_off[:, None] + k_dim_off[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + v_off[:, None] + v_dim_off[None, :], mask=kv_mask, other=0.0)
+    if FP32_DOT:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))  # q arrives in the cache's dtype
+    s = tl.where(visible, s * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows that have seen nothing yet keep m = -inf; shift by 0 to avoid inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if FP32_DOT:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
 
 
 @triton.jit
 def _paged_attention_kernel(
     q_ptr,  # [T, Hq, D]
-    kv_ptr,  # [num_blocks, Hkv, 2, block_size, D] (contiguous)
+    k_ptr,  # keys, 4-D strided: [num_blocks, Hkv, block_size, D]
+    v_ptr,  # values, 4-D strided: [num_blocks, Hkv, block_size, D]
     out_ptr,  # [T, Hq, D]
     block_table_ptr,  # [B, max_pages] int32
     seq_lens_ptr,  # [B] int32
     query_start_loc_ptr,  # [B+1] int32
-    sel_idx_ptr,  # [B, Hkv, max_sel] int32 (unused when SEL_KIND == 0)
-    sel_cnt_ptr,  # [B, Hkv] int32 (unused when SEL_KIND == 0)
+    sel_idx_ptr,  # [B, Hkv, NQB, max_sel] int32
+    sel_cnt_ptr,  # [B, Hkv, NQB] int32
+    sink_ptr,  # [B, Hkv] int32
+    window_ptr,  # [B, Hkv] int32
+    dense_ptr,  # [B, Hkv] int8
     scale,
-    stride_qt: tl.int64,
-    stride_qh: tl.int64,
-    stride_ot: tl.int64,
-    stride_oh: tl.int64,
+    stride_qt: tl.int64, stride_qh: tl.int64,
+    stride_ot: tl.int64, stride_oh: tl.int64,
+    stride_kb: tl.int64, stride_kh: tl.int64, stride_kt: tl.int64, stride_kd: tl.int64,
+    stride_vb: tl.int64, stride_vh: tl.int64, stride_vt: tl.int64, stride_vd: tl.int64,
     stride_bt: tl.int64,
-    stride_sel_b: tl.int64,
-    stride_sel_h: tl.int64,
+    stride_sel_b: tl.int64, stride_sel_h: tl.int64, stride_sel_q: tl.int64,
+    num_query_blocks,
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
@@ -55,10 +99,12 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per page
     BLOCK_M: tl.constexpr,
     TILE_N: tl.constexpr,
-    SEL_KIND: tl.constexpr,  # 0 dense, 1 page list, 2 token list
+    SEL_KIND: tl.constexpr,  # 0 dense, 1 page lists, 2 token lists
+    QUERY_BLOCK: tl.constexpr,  # rows per query block of the lists (0: one list); a multiple of BLOCK_M
     FP32_DOT: tl.constexpr,  # exact fp32 products (interpreter, tests) vs tensor-core inputs
 ):
     tl.static_assert(BLOCK_M >= 16 and TILE_N >= 16 and BLOCK_D >= 16)
+    tl.static_assert(QUERY_BLOCK % BLOCK_M == 0)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     m_tile = tl.program_id(2)
@@ -76,136 +122,151 @@ def _paged_attention_kernel(
     row_ok = offs_m < q_len
     d_ok = offs_d < HEAD_DIM
     q_pos = first_pos + offs_m  # absolute position of each query row
+    lo_pos = first_pos + m_tile * BLOCK_M  # the tile's first and last row positions
+    hi_pos = first_pos + tl.minimum((m_tile + 1) * BLOCK_M, q_len) - 1
 
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(
-        q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
-
-    if SEL_KIND == 0:
-        # Causal: no row of this tile sees past its last query position.
-        last_pos = first_pos + tl.minimum((m_tile + 1) * BLOCK_M, q_len) - 1
-        n_cand = last_pos + 1
-    elif SEL_KIND == 1:
-        n_cand = tl.load(sel_cnt_ptr + seq * NUM_KV_HEADS + kv_head) * BLOCK_SIZE
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if FP32_DOT:
+        q = q.to(tl.float32)
     else:
-        n_cand = tl.load(sel_cnt_ptr + seq * NUM_KV_HEADS + kv_head)
-    sel_row = sel_idx_ptr + seq * stride_sel_b + kv_head * stride_sel_h
+        q = q.to(k_ptr.dtype.element_ty)  # tensor-core inputs, converted once
 
+    # Offsets along the head dimension fit in 32 bits (D times a page at most): keep them narrow.
+    k_dim_off = (offs_d * stride_kd).to(tl.int32)
+    v_dim_off = (offs_d * stride_vd).to(tl.int32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_n = tl.arange(0, TILE_N)
-    for j0 in range(0, n_cand, TILE_N):
-        j = j0 + offs_n
-        in_range = j < n_cand
-        if SEL_KIND == 0:
-            pos = j
-        elif SEL_KIND == 1:
-            page = tl.load(sel_row + j // BLOCK_SIZE, mask=in_range, other=0)
-            pos = page * BLOCK_SIZE + j % BLOCK_SIZE
-        else:
-            pos = tl.load(sel_row + j, mask=in_range, other=0)
-        key_ok = in_range & (pos < seq_len)
-        block = tl.load(block_table_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=key_ok, other=0)
-        cell = (block.to(tl.int64) * NUM_KV_HEADS + kv_head) * 2 * BLOCK_SIZE * HEAD_DIM
-        k_off = cell + (pos % BLOCK_SIZE) * HEAD_DIM
-        kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(kv_ptr + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(kv_ptr + (k_off + BLOCK_SIZE * HEAD_DIM)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
 
-        if FP32_DOT:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q.to(k.dtype), tl.trans(k))
-        s = s * scale
-        visible = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
+    dense = SEL_KIND == 0
+    sink = 0
+    window = 0
+    if SEL_KIND != 0:
+        hv = seq * NUM_KV_HEADS + kv_head
+        dense = tl.load(dense_ptr + hv) != 0
+        sink = tl.load(sink_ptr + hv)
+        window = tl.load(window_ptr + hv)
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows that have seen nothing yet keep m = -inf; shift by 0 to avoid inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if FP32_DOT:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    if dense:
+        # Pass 1: causal over every position up to the tile's last row.
+        for j0 in range(0, hi_pos + 1, TILE_N):
+            pos = j0 + offs_n
+            key_ok = pos <= hi_pos
+            visible = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+            m_i, l_i, acc = _accumulate(q, pos, key_ok, visible, m_i, l_i, acc, seq, kv_head, scale,
+                                        k_ptr, v_ptr, block_table_ptr, stride_bt,
+                                        stride_kb, stride_kh, stride_kt, k_dim_off,
+                                        stride_vb, stride_vh, stride_vt, v_dim_off,
+                                        d_ok, BLOCK_SIZE, FP32_DOT)
+    else:
+        # Pass 2a: sinks, positions [0, sink).
+        sink_end = tl.minimum(sink, hi_pos + 1)
+        for j0 in range(0, sink_end, TILE_N):
+            pos = j0 + offs_n
+            key_ok = pos < sink_end
+            visible = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+            m_i, l_i, acc = _accumulate(q, pos, key_ok, visible, m_i, l_i, acc, seq, kv_head, scale,
+                                        k_ptr, v_ptr, block_table_ptr, stride_bt,
+                                        stride_kb, stride_kh, stride_kt, k_dim_off,
+                                        stride_vb, stride_vh, stride_vt, v_dim_off,
+                                        d_ok, BLOCK_SIZE, FP32_DOT)
+        # Pass 2b: the recent band, (q_pos - window, q_pos] per row, outside the sinks.
+        band_lo = tl.maximum(lo_pos - window + 1, sink_end)
+        if window == 0:
+            band_lo = hi_pos + 1
+        for j0 in range(band_lo, hi_pos + 1, TILE_N):
+            pos = j0 + offs_n
+            key_ok = pos <= hi_pos
+            visible = key_ok[None, :] & (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
+            m_i, l_i, acc = _accumulate(q, pos, key_ok, visible, m_i, l_i, acc, seq, kv_head, scale,
+                                        k_ptr, v_ptr, block_table_ptr, stride_bt,
+                                        stride_kb, stride_kh, stride_kt, k_dim_off,
+                                        stride_vb, stride_vh, stride_vt, v_dim_off,
+                                        d_ok, BLOCK_SIZE, FP32_DOT)
+        # Pass 3: the listed pages or tokens of this tile's query block, minus what the window saw.
+        qb = 0
+        if QUERY_BLOCK > 0:
+            qb = tl.minimum((m_tile * BLOCK_M) // QUERY_BLOCK, num_query_blocks - 1)
+        sel_row = sel_idx_ptr + seq * stride_sel_b + kv_head * stride_sel_h + qb * stride_sel_q
+        n_listed = tl.load(sel_cnt_ptr + (seq * NUM_KV_HEADS + kv_head) * num_query_blocks + qb)
+        if SEL_KIND == 1:
+            n_listed = n_listed * BLOCK_SIZE
+        for j0 in range(0, n_listed, TILE_N):
+            j = j0 + offs_n
+            in_list = j < n_listed
+            if SEL_KIND == 1:
+                page = tl.load(sel_row + j // BLOCK_SIZE, mask=in_list, other=0)
+                pos = page * BLOCK_SIZE + j % BLOCK_SIZE
+            else:
+                pos = tl.load(sel_row + j, mask=in_list, other=0)
+            key_ok = in_list & (pos < seq_len) & (pos <= hi_pos)
+            in_window = (pos[None, :] < sink) | (pos[None, :] > q_pos[:, None] - window)
+            visible = key_ok[None, :] & (pos[None, :] <= q_pos[:, None]) & ~in_window
+            m_i, l_i, acc = _accumulate(q, pos, key_ok, visible, m_i, l_i, acc, seq, kv_head, scale,
+                                        k_ptr, v_ptr, block_table_ptr, stride_bt,
+                                        stride_kb, stride_kh, stride_kt, k_dim_off,
+                                        stride_vb, stride_vh, stride_vt, v_dim_off,
+                                        d_ok, BLOCK_SIZE, FP32_DOT)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
-    tl.store(
-        out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-        o.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
-    )
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def paged_attention_triton(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    out: torch.Tensor,
-    selection: Selection | None = None,
-    *,
-    max_query_len: int | None = None,
-) -> torch.Tensor:
-    lay = KVLayout.of(kv_cache)
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous for the Triton kernel")
+def paged_attention_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
+                           selection: Selection | None = None) -> torch.Tensor:
+    k4, v4 = kv.k4, kv.v4
+    if k4 is None or v4 is None:
+        raise ValueError(f"the Triton kernel reads 4-D strided pages; format {kv.name!r} is tiled")
     if query.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("query and out must have a unit stride on the head dimension")
-    num_seqs = seq_lens.shape[0]
-    hq = query.shape[1]
-    if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if num_seqs else 0
+    num_seqs, hq = plan.num_seqs, query.shape[1]
+    max_query_len = plan.max_query_len
     if num_seqs == 0 or max_query_len == 0:
         return out
     if selection is None:
-        sel_kind, sel_idx, sel_cnt = SEL_DENSE, seq_lens, seq_lens
-        stride_sel_b = stride_sel_h = 0
+        sel_kind, query_block, nqb = SEL_DENSE, 0, 1
+        sel_idx = sel_cnt = sink = window = plan.seq_lens
+        dense = plan.seq_lens
+        sel_strides = (0, 0, 0)
     else:
         sel_kind = SEL_PAGE if selection.granularity == "page" else SEL_TOKEN
-        sel_idx, sel_cnt = selection.indices, selection.counts
-        stride_sel_b, stride_sel_h = sel_idx.stride(0), sel_idx.stride(1)
+        sel_idx, sel_cnt = selection.indices, selection.counts.contiguous()
+        sink, window = selection.sink.contiguous(), selection.window.contiguous()
+        dense = selection.dense.to(torch.int8).contiguous()
+        query_block, nqb = selection.query_block, selection.num_query_blocks
+        sel_strides = (sel_idx.stride(0), sel_idx.stride(1), sel_idx.stride(2))
+    fp32_dot = _interpreting() or query.dtype == torch.float32
     grid = (num_seqs, hq, triton.cdiv(max_query_len, BLOCK_M))
     _paged_attention_kernel[grid](
-        q_ptr=query,
-        kv_ptr=kv_cache,
-        out_ptr=out,
-        block_table_ptr=block_table,
-        seq_lens_ptr=seq_lens,
-        query_start_loc_ptr=query_start_loc,
-        sel_idx_ptr=sel_idx,
-        sel_cnt_ptr=sel_cnt,
+        q_ptr=query, k_ptr=k4, v_ptr=v4, out_ptr=out,
+        block_table_ptr=plan.block_table, seq_lens_ptr=plan.seq_lens, query_start_loc_ptr=plan.query_start_loc,
+        sel_idx_ptr=sel_idx, sel_cnt_ptr=sel_cnt, sink_ptr=sink, window_ptr=window, dense_ptr=dense,
         scale=scale,
-        stride_qt=query.stride(0),
-        stride_qh=query.stride(1),
-        stride_ot=out.stride(0),
-        stride_oh=out.stride(1),
-        stride_bt=block_table.stride(0),
-        stride_sel_b=stride_sel_b,
-        stride_sel_h=stride_sel_h,
-        NUM_KV_HEADS=lay.num_kv_heads,
-        GROUP=hq // lay.num_kv_heads,
-        HEAD_DIM=lay.head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(lay.head_dim)),
-        BLOCK_SIZE=lay.block_size,
+        stride_qt=query.stride(0), stride_qh=query.stride(1),
+        stride_ot=out.stride(0), stride_oh=out.stride(1),
+        stride_kb=k4.stride(0), stride_kh=k4.stride(1), stride_kt=k4.stride(2), stride_kd=k4.stride(3),
+        stride_vb=v4.stride(0), stride_vh=v4.stride(1), stride_vt=v4.stride(2), stride_vd=v4.stride(3),
+        stride_bt=plan.block_table.stride(0),
+        stride_sel_b=sel_strides[0], stride_sel_h=sel_strides[1], stride_sel_q=sel_strides[2],
+        num_query_blocks=nqb,
+        NUM_KV_HEADS=kv.num_kv_heads,
+        GROUP=hq // kv.num_kv_heads,
+        HEAD_DIM=kv.head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(kv.head_dim)),
+        BLOCK_SIZE=kv.block_size,
         BLOCK_M=BLOCK_M,
         SEL_KIND=sel_kind,
-        FP32_DOT=_interpreting() or query.dtype == torch.float32,
-        **launch_config(lay.head_dim),
+        QUERY_BLOCK=query_block,
+        FP32_DOT=fp32_dot,
+        **launch_config(kv.head_dim, fp32_dot),
     )
     return out

@@ -11,7 +11,7 @@ def tokenizer():
     """The embedded model's Hugging Face tokenizer (prepared once, locally)."""
     from transformers import AutoTokenizer
 
-    from lcx_plugin.model import prepare
+    from lcx_plugin.harness.model import prepare
 
     return AutoTokenizer.from_pretrained(str(prepare()))
 
@@ -19,7 +19,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def make_sample(tokenizer):
     """``make_sample(task, target_tokens, depth, seed)``, cached so tests share prompts."""
-    from lcx_plugin.ab.tasks import generate
+    from lcx_plugin.harness.ab.tasks import generate
 
     @functools.lru_cache(maxsize=None)
     def make(task: str, target_tokens: int, depth: float, seed: int):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from lcx_plugin.ab.stats import (
+from lcx_plugin.harness.ab.stats import (
     mcnemar,
     mcnemar_from_counts,
     paired_bootstrap_diff,

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from lcx_plugin.ab.tasks import (
+from lcx_plugin.harness.ab.tasks import (
     MAX_TOKENS,
     TASKS,
     Sample,
@@ -49,7 +49,12 @@ def test_answers_are_in_the_context(task, make_sample):
     assert sample.answers
     for answer in sample.answers:
         assert re.search(rf"(?<![A-Za-z0-9]){re.escape(answer)}(?![A-Za-z0-9])", context), answer
-    assert score(sample, context) == 1.0
+    sc = score(sample, context)
+    assert sc.partial == 1.0
+    assert not sc.exact, "the context also names the distractors: reciting it is not an exact answer"
+    assert sample.distractors and not set(sample.distractors) & set(sample.answers)
+    for d in sample.distractors:
+        assert re.search(rf"(?<![A-Za-z0-9]){re.escape(d)}(?![A-Za-z0-9])", context), d
     assert sample.max_tokens == MAX_TOKENS[task]
     assert sample.prompt.rstrip().endswith(("is", "are", "are:"))
 
@@ -58,7 +63,7 @@ def test_answers_are_in_the_context(task, make_sample):
 def test_question_does_not_leak_the_answer(task, make_sample):
     sample = make_sample(task, 512, 0.5, 7)
     question = sample.prompt[sample.context_span[1]:]
-    assert score(sample, question) == 0.0
+    assert score(sample, question).partial == 0.0
 
 
 def test_passkey_is_five_digits_and_multikey_seven(make_sample):
@@ -196,43 +201,52 @@ def test_build_grid_rejects_bad_input(kwargs, match, tokenizer):
 
 # --------------------------------------------------------------------------- scoring
 
-def _sample(task: str, answers: tuple[str, ...]) -> Sample:
+def _sample(task: str, answers: tuple[str, ...], distractors: tuple[str, ...] = ()) -> Sample:
     return Sample(task=task, target_tokens=0, depth=0.5, seed=0, prompt="", answers=answers,
-                  max_tokens=MAX_TOKENS[task], needle_char_offset=0, prompt_tokens=0, context_span=(0, 0))
+                  max_tokens=MAX_TOKENS[task], needle_char_offset=0, prompt_tokens=0, context_span=(0, 0),
+                  distractors=distractors)
 
 
-def test_score_single_answer_is_all_or_nothing():
-    passkey = _sample("passkey", ("48213",))
-    assert score(passkey, " 48213.") == 1.0
-    assert score(passkey, "The pass key is 48213") == 1.0
-    assert score(passkey, " 4821") == 0.0
-    assert score(passkey, "") == 0.0
-    assert score(_sample("multikey", ("1234567",)), "it is 1234567 or 7654321") == 1.0
+def _exact(sample, text):
+    return score(sample, text).exact
+
+
+def test_exact_means_the_answers_and_nothing_else():
+    passkey = _sample("passkey", ("48213",), ("55120", "90871"))
+    assert _exact(passkey, " 48213.") and _exact(passkey, "The pass key is 48213, yes 48213")
+    assert not _exact(passkey, " 4821") and not _exact(passkey, "")
+    assert not _exact(passkey, "48213 or 55120"), "a listed distractor makes the answer wrong"
+    assert not _exact(passkey, "48213 or 77777"), "so does any other number shaped like the answer"
+    assert _exact(passkey, "48213 (pass key number 1)"), "numbers of another shape are not candidates"
+    multikey = _sample("multikey", ("1234567",), ("7654321", "2222222", "3333333"))
+    assert _exact(multikey, "it is 1234567")
+    assert not _exact(multikey, "1234567, 7654321, 2222222 and 3333333"), "listing every magic number is wrong"
+    vartrack = _sample("vartrack", ("QWERT", "ASDFG"), ("ZXCVB", "POIUY"))
+    assert _exact(vartrack, "qwert, VAR ASDFG")
+    assert not _exact(vartrack, "QWERT, ASDFG, ZXCVB, POIUY"), "listing every variable name is wrong"
+    assert not _exact(vartrack, "QWERT, ASDFG, MNBVC"), "an unplanted name is an extra candidate too"
+    cwe = _sample("cwe", ("bako", "mire"), ("tusa", "zelo"))
+    assert _exact(cwe, "BAKO and Mire") and not _exact(cwe, "bako, mire, tusa")
 
 
 def test_score_whole_token_rule():
-    sample = _sample("passkey", ("123",))
-    assert score(sample, "91234") == 0.0
-    assert score(sample, "x123") == 0.0
-    assert score(sample, "123x") == 0.0
-    assert score(sample, "(123)") == 1.0
-    assert score(sample, "123, 456") == 1.0
+    sample = _sample("multivalue", ("1234567",))
+    assert score(sample, "91234567").partial == 0.0
+    assert score(sample, "x1234567").partial == 0.0
+    assert score(sample, "1234567x").partial == 0.0
+    assert score(sample, "(1234567)").exact
+    vartrack = _sample("vartrack", ("QWERT",))
+    assert score(vartrack, "QWERTY").partial == 0.0 and not score(vartrack, "QWERTY").exact
 
 
-def test_score_partial_credit():
-    multivalue = _sample("multivalue", ("1111111", "2222222", "3333333"))
-    assert score(multivalue, "1111111 and 3333333") == pytest.approx(2 / 3)
-    assert score(multivalue, "3333333, 2222222, 1111111") == 1.0
+def test_score_partial_credit_ignores_extras():
+    multivalue = _sample("multivalue", ("1111111", "2222222", "3333333"), ("4444444",))
+    assert score(multivalue, "1111111 and 3333333").partial == pytest.approx(2 / 3)
+    assert score(multivalue, "3333333, 2222222, 1111111").exact
+    extra = score(multivalue, "3333333, 2222222, 1111111, 4444444")
+    assert extra.partial == 1.0 and not extra.exact and extra.found == ("1111111", "2222222", "3333333", "4444444")
     cwe = _sample("cwe", ("bako", "mire", "tusa", "zelo", "nipa"))
-    assert score(cwe, "bako, mire, tusa, bakomi") == pytest.approx(3 / 5)
-
-
-def test_score_case_rules():
-    cwe = _sample("cwe", ("bako", "mire"))
-    assert score(cwe, "BAKO and Mire") == 1.0
-    vartrack = _sample("vartrack", ("QWERT", "ASDFG"))
-    assert score(vartrack, "qwert, VAR ASDFG") == 1.0
-    assert score(vartrack, "QWERTY") == 0.0
+    assert score(cwe, "bako, mire, tusa, bakomi").partial == pytest.approx(3 / 5)
 
 
 def test_score_rejects_non_string():

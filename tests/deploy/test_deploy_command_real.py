@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lcx_plugin.model import prepare
+from lcx_plugin.harness.model import prepare
 from tests.server.vllm_server import free_port, http_json, served
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ import functools
 
 import pytest
 
-from lcx_plugin.model import prepare
-from lcx_plugin.prompts import SHORT_PROMPTS, long_prompt
-from lcx_plugin.vllm_runner import ArmSpec, run_arm
+from lcx_plugin.harness.model import prepare
+from lcx_plugin.harness.prompts import SHORT_PROMPTS, long_prompt
+from lcx_plugin.harness.batch import ArmSpec, run_arm
 
 pytestmark = pytest.mark.slow
 

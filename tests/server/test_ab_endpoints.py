@@ -6,7 +6,7 @@ from contextlib import ExitStack
 
 import pytest
 
-from lcx_plugin.model import prepare
+from lcx_plugin.harness.model import prepare
 
 from .vllm_server import free_port, served, vllm_executable
 

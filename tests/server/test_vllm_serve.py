@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from lcx_plugin.model import prepare
+from lcx_plugin.harness.model import prepare
 
 from .vllm_server import free_port, http_json, served, vllm_executable
 

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from lcx_plugin.ab.arms import Arm, ArmSpecError
-from lcx_plugin.ab.report import summarize, write_plots
-from lcx_plugin.ab.streaming import kv_capacity_from_metrics
+from lcx_plugin.harness.ab.arms import Arm, ArmSpecError
+from lcx_plugin.harness.ab.report import summarize, write_plots
+from lcx_plugin.harness.ab.streaming import kv_capacity_from_metrics
 from lcx_plugin.config import LcxConfigError
 
 
@@ -44,7 +44,7 @@ def test_kv_capacity_from_metrics():
 
 def _arm(label, scores, ttfts):
     samples = [{"task": t, "target_tokens": n, "depth": d, "seed": i, "prompt_tokens": n, "answers": ["1"],
-                "output": "", "score": s, "ttft_s": 0.1}
+                "output": "", "score": s, "exact": s == 1.0, "ttft_s": 0.1}
                for i, (s, (t, n, d)) in enumerate(zip(scores, [("passkey", 512, 0.5), ("passkey", 1024, 0.5),
                                                                 ("cwe", 512, 0.5), ("multikey", 1024, 0.1)]))]
     reqs = [{"ttft_s": t, "tpot_s": t / 10, "latency_s": t * 2, "tokens": 8} for t in ttfts]

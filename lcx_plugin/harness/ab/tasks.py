@@ -34,6 +34,7 @@ TASKS = ("passkey", "multikey", "multivalue", "vartrack", "cwe")
 MAX_TOKENS = {"passkey": 16, "multikey": 24, "multivalue": 64, "vartrack": 48, "cwe": 64}
 
 MULTIKEY_KEYS = 4  # one asked key + three distractors
+NUMERIC_DISTRACTORS = 3  # filler sentences carrying a number shaped like the answer
 MULTIVALUE_VALUES = 3
 VARTRACK_HOPS = 3  # variable-to-variable assignments: the chain has VARTRACK_HOPS + 1 names
 CWE_COMMON_WORDS = 5
@@ -59,7 +60,9 @@ class Sample:
     sentence starts; for ``cwe`` it is the start of the first list line holding a frequent word.
     ``context_span`` is the ``[start, end)`` character range of the context (filler and needles,
     or the word list) inside ``prompt``. ``prompt_tokens`` is ``len(tokenizer.encode(prompt))``.
-    ``max_tokens`` is the generation budget the answer needs.
+    ``max_tokens`` is the generation budget the answer needs. ``distractors`` are the planted
+    answer-shaped items that are not the answer (other keys' values, numbers in the filler, the
+    other variable chain, the rare words): an output that names one is wrong.
     """
 
     task: str
@@ -72,6 +75,7 @@ class Sample:
     needle_char_offset: int
     prompt_tokens: int
     context_span: tuple[int, int]
+    distractors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class _Layout:
     answers: tuple[str, ...]
     needle_char_offset: int
     context_span: tuple[int, int]
+    distractors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class _NeedleSpec:
     chain: tuple[str, ...]
     distractors: tuple[tuple[tuple[str, ...], float], ...]
     answers: tuple[str, ...]
+    wrong: tuple[str, ...] = ()  # the distractors' answer-shaped values
 
 
 # --------------------------------------------------------------------------- word lists
@@ -172,18 +178,37 @@ def _far_depth(rng: random.Random, depth: float) -> float:
 
 # --------------------------------------------------------------------------- needle specs
 
+_NUMBER_TEMPLATES = (
+    "Room {n} at {place} stayed {adj} all week.",
+    "The {noun} was entered in the ledger as item {n}.",
+    "{name} wrote the number {n} on a {adj} card.",
+)
+
+
+def _numeric_distractors(rng: random.Random, depth: float, digits: int, taken: set[str]
+                         ) -> tuple[tuple[tuple[tuple[str, ...], float], ...], tuple[str, ...]]:
+    """``NUMERIC_DISTRACTORS`` filler sentences, each with a fresh ``digits``-digit number, placed away
+    from ``depth``: the answer is not the only number of its shape in the context."""
+    numbers = _distinct(lambda: str(rng.randint(10 ** (digits - 1), 10 ** digits - 1)), NUMERIC_DISTRACTORS, taken)
+    chains = tuple(((rng.choice(_NUMBER_TEMPLATES).format(
+        n=n, place=rng.choice(_PLACES), adj=rng.choice(_ADJECTIVES), noun=rng.choice(_NOUNS), name=rng.choice(_NAMES)),),
+        _far_depth(rng, depth)) for n in numbers)
+    return chains, tuple(numbers)
+
 def _magic(key: str, value: str) -> str:
     return f"The special magic number for {key} is {value}."
 
 
 def _passkey_spec(rng: random.Random, depth: float) -> _NeedleSpec:
     key = str(rng.randint(10000, 99999))
+    numbers, wrong = _numeric_distractors(rng, depth, 5, {key})
     return _NeedleSpec(
         header="A pass key is hidden somewhere inside the long text below. Find it and remember it.\n\n",
         question="What is the pass key? The pass key is",
         chain=(f"Important: the pass key is {key}. Keep {key} in mind.",),
-        distractors=(),
+        distractors=numbers,
         answers=(key,),
+        wrong=wrong,
     )
 
 
@@ -191,28 +216,32 @@ def _multikey_spec(rng: random.Random, depth: float) -> _NeedleSpec:
     keys = _distinct(lambda: f"{rng.choice(_KEY_COLOURS)}-{rng.choice(_KEY_ANIMALS)}", MULTIKEY_KEYS, set())
     values = _distinct(lambda: str(rng.randint(1_000_000, 9_999_999)), MULTIKEY_KEYS, set())
     distractors = tuple(((_magic(k, v),), _far_depth(rng, depth)) for k, v in zip(keys[1:], values[1:]))
+    numbers, wrong = _numeric_distractors(rng, depth, 7, set(values))
     return _NeedleSpec(
         header="Special magic numbers are hidden inside the long text below. Remember them; "
                "you will be asked about one of them.\n\n",
         question=f"What is the special magic number for {keys[0]}? "
                  f"The special magic number for {keys[0]} is",
         chain=(_magic(keys[0], values[0]),),
-        distractors=distractors,
+        distractors=distractors + numbers,
         answers=(values[0],),
+        wrong=tuple(values[1:]) + wrong,
     )
 
 
 def _multivalue_spec(rng: random.Random, depth: float) -> _NeedleSpec:
     key = f"{rng.choice(_KEY_COLOURS)}-{rng.choice(_KEY_ANIMALS)}"
     values = _distinct(lambda: str(rng.randint(1_000_000, 9_999_999)), MULTIVALUE_VALUES, set())
+    numbers, wrong = _numeric_distractors(rng, depth, 7, set(values))
     return _NeedleSpec(
         header=f"Several special magic numbers for {key} are hidden inside the long text below. "
                "Remember all of them.\n\n",
         question=f"What are all the special magic numbers for {key}? "
                  f"The special magic numbers for {key} are",
         chain=tuple(_magic(key, v) for v in values),
-        distractors=(),
+        distractors=numbers,
         answers=tuple(values),
+        wrong=wrong,
     )
 
 
@@ -232,6 +261,7 @@ def _vartrack_spec(rng: random.Random, depth: float) -> _NeedleSpec:
         chain=_var_chain(names[:n], values[0]),
         distractors=((_var_chain(names[n:], values[1]), _far_depth(rng, depth)),),
         answers=tuple(names[:n]),
+        wrong=tuple(names[n:]),
     )
 
 
@@ -294,7 +324,7 @@ def _needle_layout(spec: _NeedleSpec, sentences: Sequence[str], depth: float) ->
     anchor = _place_chain(pieces, spec.chain, depth)
     prompt, span = _assemble(spec.header, " ".join(pieces), spec.question)
     offset = span[0] + _prefix_lengths(pieces)[anchor] + (1 if anchor else 0)
-    return _Layout(prompt, spec.answers, offset, span)
+    return _Layout(prompt, spec.answers, offset, span, spec.wrong)
 
 
 # --------------------------------------------------------------------------- common words
@@ -319,7 +349,8 @@ def _cwe_layout(seed: int, n_entries: int) -> _Layout:
     common_set = set(common)
     first = next(i for i, w in enumerate(entries) if w in common_set)
     offset = span[0] + sum(len(line) + 1 for line in lines[:first])
-    return _Layout(prompt, tuple(common), offset, span)
+    rare = tuple(sorted(set(entries) - common_set))
+    return _Layout(prompt, tuple(common), offset, span, rare)
 
 
 # --------------------------------------------------------------------------- fitting
@@ -403,7 +434,7 @@ def generate(task: str, target_tokens: int, depth: float, seed: int, tokenizer: 
     return Sample(task=task, target_tokens=target_tokens, depth=depth, seed=seed, prompt=layout.prompt,
                   answers=layout.answers, max_tokens=MAX_TOKENS[task],
                   needle_char_offset=layout.needle_char_offset, prompt_tokens=tokens,
-                  context_span=layout.context_span)
+                  context_span=layout.context_span, distractors=layout.distractors)
 
 
 def derive_seed(seed: int, task: str, target_tokens: int, depth: float, index: int) -> int:
@@ -466,19 +497,47 @@ def _check_lengths_fit(tasks: Sequence[str], lengths: Sequence[int], max_context
                          f"the largest usable length is {usable}")
 
 
-def _answer_pattern(answer: str) -> re.Pattern[str]:
-    """Whole-token match: no letter or digit directly before or after; words ignore case."""
-    flags = 0 if answer.isdigit() else re.IGNORECASE
-    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(answer)}(?![A-Za-z0-9])", flags)
+#: What an answer looks like, per task: any such token in an output is a candidate answer.
+#: (cwe's candidates are the list's own words, in ``Sample.distractors`` and ``answers``.)
+ANSWER_SHAPES = {"passkey": r"\d{5}", "multikey": r"\d{7}", "multivalue": r"\d{7}", "vartrack": r"[A-Z]{5}"}
 
 
-def score(sample: Sample, output: str) -> float:
-    """Fraction of ``sample.answers`` found in ``output`` as whole tokens (``"123"`` does not
-    match inside ``"91234"``); numbers match exactly, words case-insensitively. Single-answer
-    tasks (passkey, multikey) therefore score 0.0 or 1.0."""
+@dataclass(frozen=True)
+class Score:
+    """``exact``: the candidate answers found in the output are exactly the expected set (a
+    distractor, or any other answer-shaped token, makes it wrong). ``partial``: the fraction of
+    expected answers found, extras ignored."""
+
+    exact: bool
+    partial: float
+    found: tuple[str, ...]
+
+
+def _whole(token: str, flags: int = 0) -> re.Pattern[str]:
+    """Whole-token match: no letter or digit directly before or after."""
+    return re.compile(rf"(?<![A-Za-z0-9]){token}(?![A-Za-z0-9])", flags)
+
+
+def _norm(text: str) -> str:
+    return text if text.isdigit() else text.lower()
+
+
+def score(sample: Sample, output: str) -> Score:
+    """Score ``output`` against ``sample``. Numbers match exactly; words ignore case; ``"123"`` does
+    not match inside ``"91234"``. Candidates are every answer-shaped token of the output (5-digit
+    numbers for passkey, 7-digit for multikey/multivalue, 5-capital names for vartrack) plus any
+    planted answer or distractor named in it."""
     if not isinstance(output, str):
         raise ValueError(f"output must be a str, got {type(output).__name__}: {output!r}")
     if not sample.answers:
         raise ValueError(f"sample for task {sample.task!r} has no answers")
-    hits = sum(1 for a in sample.answers if _answer_pattern(a).search(output))
-    return hits / len(sample.answers)
+    found = set()
+    for item in (*sample.answers, *sample.distractors):
+        flags = 0 if item.isdigit() else re.IGNORECASE
+        if _whole(re.escape(item), flags).search(output):
+            found.add(_norm(item))
+    shape = ANSWER_SHAPES.get(sample.task)
+    if shape:
+        found.update(_norm(t) for t in _whole(shape).findall(output))
+    expected = {_norm(a) for a in sample.answers}
+    return Score(exact=found == expected, partial=len(found & expected) / len(expected), found=tuple(sorted(found)))

@@ -20,16 +20,19 @@ def _paired(a_rows, b_rows):
 
 
 def _compare(pairs) -> dict:
+    """Exact-match rates (strict: a named distractor is wrong) with paired statistics, and the mean
+    partial-credit score as a separate column."""
     a = [p[0]["score"] for p in pairs]
     b = [p[1]["score"] for p in pairs]
-    a_ok = [s == 1.0 for s in a]
-    b_ok = [s == 1.0 for s in b]
+    a_ok = [bool(p[0]["exact"]) for p in pairs]
+    b_ok = [bool(p[1]["exact"]) for p in pairs]
     return {
         "n": len(pairs),
         "A": {"mean_score": sum(a) / len(a), "exact": sum(a_ok), "exact_ci": wilson_interval(sum(a_ok), len(a))},
         "B": {"mean_score": sum(b) / len(b), "exact": sum(b_ok), "exact_ci": wilson_interval(sum(b_ok), len(b))},
         "mcnemar": mcnemar(a_ok, b_ok),
-        "bootstrap": paired_bootstrap_diff(a, b),
+        "bootstrap": paired_bootstrap_diff([float(x) for x in a_ok], [float(x) for x in b_ok]),
+        "partial_bootstrap": paired_bootstrap_diff(a, b),
     }
 
 
@@ -66,12 +69,23 @@ def summarize(a: dict, b: dict, setup: dict) -> dict:
     }
 
 
+def machine_line(machine: dict | None) -> str:
+    if not machine:
+        return "machine: not recorded"
+    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx") if machine.get(f)) or "no AVX2"
+    st = machine.get("settings", {})
+    return (f"machine: {machine.get('cpu')} ({isa}; {machine.get('cores')} cores), threads bind={st.get('bind')}, "
+            f"dtype={st.get('dtype')}, vLLM {machine.get('vllm')}")
+
+
 def markdown(summary: dict) -> str:
-    """The report's two tables in Markdown (for READMEs and PR descriptions)."""
+    """The report's two tables in Markdown (for READMEs and PR descriptions), under its machine line."""
     acc = summary["accuracy"]
     la, lb = summary["arms"]["A"]["label"], summary["arms"]["B"]["label"]
-    lines = [f"| task | length | n | A = {la}: exact [95% CI] | B = {lb}: exact [95% CI] | McNemar p | B−A mean score [95% CI] |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"{machine_line(summary['setup'].get('machine'))}", "",
+             f"| task | length | n | A = {la}: exact [95% CI] | B = {lb}: exact [95% CI] | McNemar p | "
+             "B−A exact [95% CI] | A / B partial |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in acc["by_task_length"] + [{"task": "**all**", "length": "", **acc["overall"]}]:
         cells = []
         for side in ("A", "B"):
@@ -79,7 +93,8 @@ def markdown(summary: dict) -> str:
             cells.append(f"{row[side]['exact'] / row['n']:.2f} [{lo:.2f}, {hi:.2f}]")
         bs = row["bootstrap"]
         lines.append(f"| {row['task']} | {row['length']} | {row['n']} | {cells[0]} | {cells[1]} | "
-                     f"{row['mcnemar']['p_value']:.3g} | {bs['diff']:+.2f} [{bs['low']:+.2f}, {bs['high']:+.2f}] |")
+                     f"{row['mcnemar']['p_value']:.3g} | {bs['diff']:+.2f} [{bs['low']:+.2f}, {bs['high']:+.2f}] | "
+                     f"{row['A']['mean_score']:.2f} / {row['B']['mean_score']:.2f} |")
     lines += ["", "| arm | TTFT p50 s | TTFT p90 s | TTFT p99 s | TPOT p50 ms | output tok/s | KV capacity (tokens) |",
               "|---|---|---|---|---|---|---|"]
     for side, label in (("A", la), ("B", lb)):
@@ -112,6 +127,7 @@ def print_table(summary: dict) -> None:
         t.add_row(row["task"], str(row["length"]), str(row["n"]), fmt(row["A"], row["n"]), fmt(row["B"], row["n"]),
                   f"{row['mcnemar']['p_value']:.3g}")
     console.print(t)
+    console.print(machine_line(summary["setup"].get("machine")))
     lt = Table(title="latency under load (median [95% CI] of p50/p90/p99)")
     for col in ("arm", "TTFT p50 s", "TTFT p90 s", "TTFT p99 s", "TPOT p50 ms", "tok/s", "KV capacity (tokens)"):
         lt.add_column(col, justify="right")

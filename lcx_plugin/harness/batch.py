@@ -1,0 +1,106 @@
+"""Run prompts through one real vLLM engine in a child process: tokens, log-probabilities, timings.
+
+    python -m lcx_plugin.harness.batch SPEC.json OUT.json
+
+SPEC: {"model": dir, "backend": null|"lcx", "lcx": {...}|null, "prompts": [str | [ids]],
+       "max_tokens": int, "engine": {LLM kwargs}, "settings": {"bind", "dtype"},
+       "prompt_logprobs": bool, "logprobs": bool, "timing": bool, "repeats": int}
+
+With ``prompt_logprobs`` the result holds, per prompt, the log-probability the engine gives each
+prompt token after the tokens before it (teacher-forced; the first token has none). With
+``logprobs`` it holds the log-probability of each generated token as it was generated.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .launcher import engine_args, kv_capacity, run_child
+from .settings import RunSettings, choose
+
+
+@dataclass
+class ArmSpec:
+    model: str
+    backend: str | None = None  # None: the platform's default (stock)
+    lcx: dict | None = None
+    prompts: list[Any] = field(default_factory=list)
+    max_tokens: int = 32
+    engine: dict = field(default_factory=dict)
+    prompt_logprobs: bool = False
+    logprobs: bool = False
+    timing: bool = False  # also measure TTFT (1-token run) and decode tokens/s per prompt
+    repeats: int = 3  # timing: median of this many runs per prompt
+
+
+def _token_logprobs(entries) -> list[float | None]:
+    """One float per position from vLLM's ``[None | {token_id: Logprob}]`` lists (the scored token)."""
+    return [None if e is None else next(iter(e.values())).logprob for e in entries]
+
+
+def _child(spec: dict, settings: dict, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    run = RunSettings(**settings)
+    t0 = time.perf_counter()
+    llm = LLM(**engine_args(spec["model"], spec.get("backend"), spec.get("lcx"), spec.get("engine"), run))
+    startup_s = time.perf_counter() - t0
+    prompts = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in spec["prompts"]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
+                            prompt_logprobs=0 if spec.get("prompt_logprobs") else None,
+                            logprobs=1 if spec.get("logprobs") else None)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, greedy, use_tqdm=False)
+    batch_s = time.perf_counter() - t0
+    result = {
+        "backend": spec.get("backend") or "stock",
+        "startup_s": startup_s,
+        "batch_s": batch_s,
+        "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
+        "prompt_token_ids": [list(o.prompt_token_ids) for o in outs],
+        "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        "texts": [o.outputs[0].text for o in outs],
+        "kv_capacity": kv_capacity(llm.llm_engine.vllm_config),
+    }
+    if spec.get("prompt_logprobs"):
+        result["prompt_logprobs"] = [_token_logprobs(o.prompt_logprobs) for o in outs]
+    if spec.get("logprobs"):
+        result["logprobs"] = [_token_logprobs(o.outputs[0].logprobs) for o in outs]
+    if spec.get("timing"):
+        one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        plain = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+        ttft, tps = [], []
+        for p in prompts:  # one request at a time: latency, not throughput
+            first, full = [], []
+            for _ in range(spec.get("repeats", 3)):
+                t0 = time.perf_counter()
+                llm.generate([p], one, use_tqdm=False)
+                t1 = time.perf_counter()
+                llm.generate([p], plain, use_tqdm=False)
+                t2 = time.perf_counter()
+                first.append(t1 - t0)
+                full.append(t2 - t1)
+            t_first, t_full = statistics.median(first), statistics.median(full)
+            ttft.append(t_first)
+            tps.append((spec["max_tokens"] - 1) / max(t_full - t_first, 1e-9))
+        result["ttft_s"] = ttft
+        result["decode_tps"] = tps
+    Path(out_path).write_text(json.dumps(result))
+
+
+def run_arm(spec: ArmSpec, log_path: str | None = None, timeout: float = 1800, settings: RunSettings | None = None) -> dict:
+    """Run one arm in a child process; returns its result dict. Raises with the log tail on failure."""
+    settings = settings or choose()
+    payload = {"spec": asdict(spec), "settings": asdict(settings)}
+    return run_child("lcx_plugin.harness.batch", payload, f"vLLM arm {spec.backend or 'stock'}", log_path=log_path,
+                     settings=settings, timeout=timeout)
+
+
+if __name__ == "__main__":
+    job = json.loads(Path(sys.argv[1]).read_text())
+    _child(job["spec"], job["settings"], sys.argv[2])

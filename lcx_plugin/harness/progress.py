@@ -1,0 +1,44 @@
+"""Progress for long work: a bar with an ETA on a terminal, one line per finished unit elsewhere
+(a file, a pipe, CI), never twenty silent minutes."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class Progress:
+    """``with Progress(total, label) as p: ... p.advance()``."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+        self.total, self.label = total, label
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self._rich = None
+
+    def __enter__(self) -> "Progress":
+        if self.stream.isatty():
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._rich = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             TextColumn("eta"), TimeRemainingColumn(), console=Console(file=self.stream))
+            self._rich.__enter__()
+            self._task = self._rich.add_task(self.label, total=self.total)
+        return self
+
+    def advance(self, n: int = 1, note: str = "") -> None:
+        self.done += n
+        if self._rich is not None:
+            self._rich.advance(self._task, n)
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        print(f"{self.label}: {self.done}/{self.total} done, {elapsed:.0f} s elapsed, eta {eta:.0f} s"
+              + (f" ({note})" if note else ""), file=self.stream, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._rich is not None:
+            self._rich.__exit__(*exc)

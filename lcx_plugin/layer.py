@@ -1,0 +1,132 @@
+"""The engine-neutral layer core: one object per attention layer, and the step plan they share.
+
+An engine adapter does two things per step and nothing more:
+1. ``plan_step(...)`` once per step (in its metadata builder): the batch as a ``BatchPlan``, the
+   request ids, and which sequences the layer's selector leaves dense;
+2. per layer, ``LayerCore.write(...)`` and ``LayerCore.run(...)``.
+
+``run`` sends the dense sequences to a **dense kernel** the adapter may supply (vLLM's CPU op,
+for speed and token identity with the stock backend; otherwise lcx's own kernel), asks the
+selector for a selection over the rest, and runs lcx's kernel family on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from lcx_plugin.config import LcxConfig
+from lcx_plugin.kernels.paged import BatchPlan, KVFormat, paged_attention
+from lcx_plugin.selectors import SelectContext, Selector
+from lcx_plugin.state import PageSummaries, RequestStates
+
+
+class DenseKernel(Protocol):
+    def __call__(self, query: torch.Tensor, out: torch.Tensor, plan: BatchPlan) -> None: ...
+
+
+@dataclass
+class StepPlan:
+    """One step's batch, split once into the sequences that stay dense and the ones a selector serves."""
+
+    batch: BatchPlan
+    request_ids: tuple[str, ...]
+    dense_rows: list[bool]
+    dense: BatchPlan | None = None  # the dense sequences' sub-plan (None if none; ``batch`` if all)
+    sparse: BatchPlan | None = None  # the selected sequences' sub-plan
+    dense_token_rows: torch.Tensor | None = None  # query rows of ``dense`` in the batch (None: a prefix view)
+    sparse_token_rows: torch.Tensor | None = None
+    sparse_request_ids: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch.num_tokens
+
+
+def plan_step(selector: Selector, batch: BatchPlan, request_ids: tuple[str, ...],
+              dense_engine_data: Callable[[BatchPlan], object] | None = None) -> StepPlan:
+    """Split ``batch`` by ``selector.dense_rows``. ``dense_engine_data(plan)``, if given, computes what the
+    adapter's dense kernel needs for the dense sub-plan (once per step, not per layer)."""
+    rows = selector.dense_rows(batch)
+    step = StepPlan(batch, request_ids, rows)
+    if all(rows):
+        step.dense = batch if dense_engine_data is None else _with_engine(batch, dense_engine_data)
+        return step
+    if any(rows):
+        sub = batch.subset(rows)
+        step.dense = sub if dense_engine_data is None else _with_engine(sub, dense_engine_data)
+        step.dense_token_rows = batch.token_rows(rows)
+    sparse_mask = [not r for r in rows]
+    if all(sparse_mask):
+        step.sparse = batch
+    else:
+        step.sparse = batch.subset(sparse_mask)
+        step.sparse_token_rows = batch.token_rows(sparse_mask)
+    step.sparse_request_ids = tuple(r for r, keep in zip(request_ids, sparse_mask) if keep)
+    return step
+
+
+def _with_engine(plan: BatchPlan, fn) -> BatchPlan:
+    return BatchPlan(plan.query_start_loc, plan.seq_lens, plan.block_table, plan.starts, plan.lens, fn(plan))
+
+
+class LayerCore:
+    """One attention layer: its index, heads, selector and state; ``write`` and ``run``."""
+
+    def __init__(self, index: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 config: LcxConfig, impl: str, requests: RequestStates | None = None) -> None:
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads=} must be a multiple of {num_kv_heads=}")
+        self.index = index
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.config = config
+        self.selector = config.selector
+        self.impl = impl  # "torch" or "triton": lcx's kernel for selections (and dense, without a dense kernel)
+        self.requests = requests if requests is not None else RequestStates()
+        self.pages: PageSummaries | None = None
+
+    def write(self, kv: KVFormat, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+              engine_write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        """Store this step's keys and values ``[T, Hkv, D]``: per-page summaries first (from the raw
+        keys, whatever the storage packs), then the cache, through the engine's writer if given."""
+        if self.selector.needs_page_summaries:
+            if self.pages is None:
+                self.pages = PageSummaries(kv.num_blocks, kv.num_kv_heads, kv.head_dim, kv.block_size, kv.device)
+            self.pages.update(key, slot_mapping)
+        if engine_write is not None:
+            engine_write(key, value, slot_mapping)
+        else:
+            kv.write(key, value, slot_mapping)
+
+    def run(self, query: torch.Tensor, kv: KVFormat, step: StepPlan, out: torch.Tensor,
+            dense_kernel: DenseKernel | None = None) -> torch.Tensor:
+        """Attention for the step's ``query`` rows ``[T, Hq, D]`` into ``out`` (same rows)."""
+        if step.dense is not None:
+            self._dense(query, kv, step, out, dense_kernel)
+        if step.sparse is not None:
+            self._sparse(query, kv, step, out)
+        return out
+
+    def _dense(self, query, kv, step: StepPlan, out, dense_kernel) -> None:
+        rows = step.dense_token_rows
+        q = query[: step.dense.num_tokens] if rows is None else query.index_select(0, rows)
+        o = out[: step.dense.num_tokens] if rows is None else torch.empty_like(q)
+        if dense_kernel is not None:
+            dense_kernel(q, o, step.dense)
+        else:
+            paged_attention(q, kv, step.dense, self.scale, o, impl=self.impl)
+        if rows is not None:
+            out.index_copy_(0, rows, o)
+
+    def _sparse(self, query, kv, step: StepPlan, out) -> None:
+        rows = step.sparse_token_rows
+        q = query[: step.sparse.num_tokens] if rows is None else query.index_select(0, rows)
+        ctx = SelectContext(layer=self.index, query=q, kv=kv, plan=step.sparse, request_ids=step.sparse_request_ids,
+                            num_heads=self.num_heads, pages=self.pages, requests=self.requests)
+        selection = self.selector.select(ctx)
+        o = out[: step.sparse.num_tokens] if rows is None else torch.empty_like(q)
+        paged_attention(q, kv, step.sparse, self.scale, o, selection, impl=self.impl)
+        if rows is not None:
+            out.index_copy_(0, rows, o)

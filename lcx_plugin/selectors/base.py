@@ -1,0 +1,177 @@
+"""What every selector shares: parameter validation, sinks + recent window, the dense threshold,
+budgets and top-k.
+
+A selector is a small frozen dataclass of hyperparameters with one hook, ``select``, that turns
+one layer's queries (and, for scoring methods, its keys and per-page or per-request state) into a
+``Selection``. It does no I/O: head patterns and calibration data are loaded elsewhere and handed
+in. ``dense_rows`` runs once per engine step and says which sequences need no selection at all;
+those go to the dense kernel (on vLLM's CPU build, the engine's own op).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from lcx_plugin.errors import LcxConfigError
+from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection
+
+
+@dataclass
+class SelectContext:
+    """Everything a selector may read for one layer and one batch of sequences (its ``plan``)."""
+
+    layer: int
+    query: torch.Tensor  # [plan.num_tokens, Hq, D]
+    kv: KVFormat
+    plan: BatchPlan
+    request_ids: tuple[str, ...]  # one stable engine identity per sequence of ``plan``
+    num_heads: int
+    pages: Any = None  # PageSummaries of this layer when the selector asks for them
+    requests: Any = None  # this layer's view of the per-request state
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv.num_kv_heads
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def require(ok: bool, message: str) -> None:
+    """Validation helper for ``__post_init__``: one clear LcxConfigError."""
+    if not ok:
+        raise LcxConfigError(message)
+
+
+@dataclass(frozen=True)
+class Selector(ABC):
+    """Base of every method. Subclasses set ``name`` and are registered with ``@register``."""
+
+    name: ClassVar[str] = ""
+    needs_page_summaries: ClassVar[bool] = False  # per-page key min/max/mean, written with the cache
+    needs_request_state: ClassVar[bool] = False  # per-request state, dropped on finish/preemption
+
+    @classmethod
+    def params(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.init]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config", engine_keys: tuple[str, ...] = ()) -> "Selector":
+        """Build from user JSON: unknown keys, wrong types and out-of-range values raise one
+        LcxConfigError that names the key and what is allowed."""
+        known = {f.name: f for f in cls.params()}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise LcxConfigError(f"lcx config from {source}: unknown key(s) {unknown} for method {cls.name!r}; "
+                                 f"valid keys are {sorted([*engine_keys, *known])}")
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            if not _type_ok(value, hints[key]):
+                raise LcxConfigError(f"lcx config from {source}: {key}={value!r} must be {_type_name(hints[key])}")
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in self.params()}
+
+    def dense_rows(self, plan: BatchPlan) -> list[bool]:
+        """Per sequence: True when it needs no selection this step (the default: all dense)."""
+        return [True] * plan.num_seqs
+
+    @abstractmethod
+    def select(self, ctx: SelectContext) -> Selection | None:
+        """The selection for the sequences of ``ctx.plan`` (None: dense)."""
+
+
+@dataclass(frozen=True)
+class WindowedSelector(Selector):
+    """A selector that always keeps the first ``sink`` tokens and the ``window`` most recent ones
+    (relative to each query), and leaves contexts shorter than ``min_context`` dense.
+
+    sink: attention-sink tokens kept at the start (StreamingLLM).
+    window: recent tokens kept before and including each query, at least 1.
+    min_context: contexts shorter than this many tokens stay dense.
+    """
+
+    sink: int = 64
+    window: int = 1024
+    min_context: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.sink >= 0, f"lcx config: sink={self.sink} must be >= 0")
+        require(self.window >= 1, f"lcx config: window={self.window} must be >= 1 (it holds the query's own token)")
+        require(self.min_context >= 0, f"lcx config: min_context={self.min_context} must be >= 0")
+
+    def dense_rows(self, plan: BatchPlan) -> list[bool]:
+        # Every row of a sequence no longer than sink + window sees its whole context anyway.
+        return [s <= self.sink + self.window or s < self.min_context for s in plan.lens]
+
+    def window_selection(self, ctx: SelectContext, **lists) -> Selection:
+        """Sinks + window on every head of every sequence, plus optional ``lists``
+        (``indices``, ``counts``, ``granularity``, ``query_block``)."""
+        return Selection.build(ctx.plan.num_seqs, ctx.num_kv_heads, sink=self.sink, window=self.window,
+                               device=ctx.query.device, **lists)
+
+
+@dataclass(frozen=True)
+class TopKSelector(WindowedSelector):
+    """A windowed selector that also keeps a top-k of scored units (tokens or pages).
+
+    budget: units kept beyond sinks and window: a count (int >= 1) or a fraction of the context
+        (float in (0, 1]).
+    """
+
+    budget: int | float = 0.125
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.budget, float):
+            require(0.0 < self.budget <= 1.0, f"lcx config: budget={self.budget} as a fraction must be in (0, 1]")
+        else:
+            require(self.budget >= 1, f"lcx config: budget={self.budget} as a count must be >= 1")
+
+    def budget_for(self, units: int) -> int:
+        """How many of ``units`` candidates to keep."""
+        k = self.budget if isinstance(self.budget, int) else max(1, round(self.budget * units))
+        return min(k, units)
+
+
+def top_k(scores: torch.Tensor, k: int, eligible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best-scoring units per row, ascending: ``scores`` ``[..., N]`` (higher = keep),
+    ``eligible`` ``[..., N]`` bool (default: all). Returns ``indices [..., k]`` int32 (entries past
+    the count are undefined) and ``counts [...]`` int32 (``min(k, eligible units)``)."""
+    n = scores.shape[-1]
+    k = min(k, n)
+    if eligible is None:
+        eligible = torch.ones_like(scores, dtype=torch.bool)
+    masked = scores.float().masked_fill(~eligible, float("-inf"))
+    vals, idx = masked.topk(k, dim=-1) if k else (masked[..., :0], masked[..., :0].long())
+    ok = vals > float("-inf")
+    counts = ok.sum(-1).to(torch.int32)
+    # Sort the kept indices ascending; the rejected ones sort past them.
+    idx = torch.where(ok, idx, n + 1).sort(dim=-1).values
+    return idx.to(torch.int32), counts
+

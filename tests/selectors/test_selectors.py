@@ -1,0 +1,120 @@
+"""Selectors: the registry, the shared base (window, dense threshold, budgets, top-k) and every
+registered method, on hand-made cases and hypothesis properties. Parametrized over the registry,
+so a new method is covered here without a new test."""
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lcx_plugin import selectors
+from lcx_plugin.errors import LcxConfigError
+from lcx_plugin.kernels.paged import BatchPlan, formats
+from lcx_plugin.selectors import SelectContext, TopKSelector, WindowedSelector, top_k
+
+BS = 8
+
+
+def _ctx(q_lens, seq_lens, hkv=2, hq=4, d=16) -> SelectContext:
+    pages = max(-(-s // BS) for s in seq_lens)
+    table = torch.arange(len(seq_lens) * pages, dtype=torch.int32).view(len(seq_lens), pages)
+    kv = formats.plain(torch.zeros(len(seq_lens) * pages, hkv, BS, 2 * d))
+    plan = BatchPlan.from_lists(q_lens, seq_lens, table)
+    return SelectContext(layer=0, query=torch.zeros(sum(q_lens), hq, d), kv=kv, plan=plan,
+                         request_ids=tuple(f"r{i}" for i in range(len(seq_lens))), num_heads=hq)
+
+
+def test_registry_lists_every_method_and_refuses_duplicates():
+    assert {"dense", "streaming"} <= set(selectors.names())
+    with pytest.raises(LcxConfigError, match="is not one of"):
+        selectors.get("nope")
+
+    @dataclass(frozen=True)
+    class Impostor(WindowedSelector):
+        name: ClassVar[str] = "streaming"
+
+        def select(self, ctx):
+            return None
+
+    with pytest.raises(TypeError, match="is taken by"):
+        selectors.register(Impostor)
+
+
+@pytest.mark.parametrize("name", selectors.names())
+def test_every_method_builds_from_its_defaults_and_round_trips(name):
+    cls = selectors.get(name)
+    sel = cls.from_dict({})
+    assert cls.from_dict(sel.to_dict()) == sel
+    with pytest.raises(LcxConfigError, match=rf"unknown key\(s\) \['zzz'\] for method '{name}'"):
+        cls.from_dict({"zzz": 1})
+
+
+@pytest.mark.parametrize("name", selectors.names())
+def test_every_method_is_dense_when_its_budget_covers_the_context(name):
+    """A context shorter than what a method keeps needs no selection."""
+    cls = selectors.get(name)
+    sel = cls.from_dict({})
+    plan = _ctx([5, 1], [5, 40]).plan
+    if isinstance(sel, WindowedSelector):
+        sel = cls.from_dict({"sink": 4, "window": 40})
+    assert sel.dense_rows(plan) == [True, True]
+
+
+@settings(max_examples=60, deadline=None)
+@given(sink=st.integers(0, 40), window=st.integers(1, 80), min_context=st.integers(0, 200),
+       lens=st.lists(st.tuples(st.integers(1, 150), st.integers(0, 20)), min_size=1, max_size=4))
+def test_streaming_keeps_sinks_and_window_and_is_dense_when_short(sink, window, min_context, lens):
+    seq_lens = [s for s, _ in lens]
+    q_lens = [max(1, min(s, q)) for s, q in lens]
+    ctx = _ctx(q_lens, seq_lens)
+    sel = selectors.get("streaming")(sink=sink, window=window, min_context=min_context)
+    dense = sel.dense_rows(ctx.plan)
+    for s, d in zip(seq_lens, dense):
+        assert d == (s <= sink + window or s < min_context)
+    out = sel.select(ctx)
+    for b, (s, q) in enumerate(zip(seq_lens, q_lens)):
+        for g in range(ctx.num_kv_heads):
+            for row in range(q):
+                pos = s - q + row
+                cand = set(out.candidates(b, g, row, pos, BS).tolist())
+                assert set(range(min(sink, pos + 1))) <= cand  # sinks always kept
+                assert set(range(max(0, pos - window + 1), pos + 1)) <= cand  # the window always kept
+                assert all(p <= pos for p in cand)  # never the future
+                assert len(cand) == len(set(range(min(sink, pos + 1))) | set(range(max(0, pos - window + 1), pos + 1)))
+                if pos + 1 <= sink + window:
+                    assert cand == set(range(pos + 1))  # a budget >= the context is everything
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 60), k=st.integers(0, 70), seed=st.integers(0, 10_000), p=st.floats(0.0, 1.0))
+def test_top_k_is_sorted_unique_in_range_and_best(n, k, seed, p):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(3, n, generator=g)
+    eligible = torch.rand(3, n, generator=g) < p
+    idx, counts = top_k(scores, k, eligible)
+    for r in range(3):
+        c = int(counts[r])
+        assert c == min(k, int(eligible[r].sum()))
+        got = idx[r, :c].tolist()
+        assert got == sorted(set(got)) and all(0 <= i < n and eligible[r, i] for i in got)
+        if c:  # nothing eligible left out scores higher than the worst kept
+            worst = scores[r, got].min()
+            rest = [i for i in range(n) if eligible[r, i] and i not in got]
+            assert all(scores[r, i] <= worst for i in rest)
+
+
+def test_top_k_budget_as_count_or_fraction():
+    @dataclass(frozen=True)
+    class Probe(TopKSelector):
+        name: ClassVar[str] = "probe-topk"
+
+        def select(self, ctx):
+            return None
+
+    assert Probe(budget=10).budget_for(100) == 10 and Probe(budget=10).budget_for(4) == 4
+    assert Probe(budget=0.25).budget_for(100) == 25 and Probe(budget=1.0).budget_for(7) == 7
+    for bad, msg in ((0, "as a count must be >= 1"), (1.5, r"as a fraction must be in \(0, 1\]"), (0.0, "fraction")):
+        with pytest.raises(LcxConfigError, match=msg):
+            Probe(budget=bad)

@@ -1,0 +1,58 @@
+"""The layer core: one step's batch split into dense and selected sequences, each served by its
+kernel, the results back in the right rows; against the float64 reference."""
+import torch
+
+from lcx_plugin.config import LcxConfig
+from lcx_plugin.kernels.paged.reference import paged_attention_reference
+from lcx_plugin.layer import LayerCore, plan_step
+from lcx_plugin.selectors import SelectContext
+
+from ..kernels.paged_cases import make_problem
+
+
+def test_mixed_batch_routes_dense_and_selected_sequences_and_keeps_row_order():
+    # seq 0 and 2 are long enough for a selection, seq 1 is short (dense), seq 3 a long decode.
+    problem = make_problem([60, 9, 70, 50], [12, 9, 1, 1], 6, 2, block_size=8, seed=11, fmt="vllm-cpu-vec")
+    config = LcxConfig.from_dict({"method": "streaming", "sink": 3, "window": 10})
+    calls = []
+
+    def dense_kernel(q, out, plan):  # stands in for the engine's op: lcx's own dense kernel, recorded
+        calls.append((plan.lens, plan.engine))
+        from lcx_plugin.kernels.paged import paged_attention
+
+        paged_attention(q, problem.kv, plan, problem.scale, out, impl="torch")
+
+    step = plan_step(config.selector, problem.plan, ("a", "b", "c", "d"), dense_engine_data=lambda plan: "meta")
+    assert step.dense_rows == [False, True, False, False]
+    assert step.sparse_request_ids == ("a", "c", "d")
+    core = LayerCore(0, 6, 2, 64, problem.scale, config, "torch")
+    out = torch.full_like(problem.query, float("nan"))
+    core.run(problem.query, problem.kv, step, out, dense_kernel)
+    assert calls == [((9,), "meta")]  # the dense sequence alone, with the engine data made once per step
+    ctx = SelectContext(layer=0, query=problem.query, kv=problem.kv, plan=problem.plan,
+                        request_ids=("a", "b", "c", "d"), num_heads=6)
+    sel = config.selector.select(ctx)  # the same window over the whole batch: the reference's oracle
+    expected = paged_attention_reference(problem.query, problem.kv, problem.plan, problem.scale, sel)
+    assert not torch.isnan(out).any()
+    assert (out.double() - expected).abs().max() < 2e-4
+
+
+def test_all_dense_step_uses_the_dense_kernel_on_the_whole_batch_without_copies():
+    problem = make_problem([9, 5], [9, 1], 4, 2, block_size=8, seed=1)
+    config = LcxConfig.from_dict({"method": "streaming", "sink": 4, "window": 64})
+    step = plan_step(config.selector, problem.plan, ("a", "b"))
+    assert step.dense is problem.plan and step.sparse is None and step.dense_token_rows is None
+    seen = []
+    core = LayerCore(0, 4, 2, 64, problem.scale, config, "torch")
+    out = torch.empty_like(problem.query)
+    core.run(problem.query, problem.kv, step, out, lambda q, o, plan: seen.append(o.data_ptr()))
+    assert seen == [out.data_ptr()]  # the engine writes straight into the caller's output
+
+
+def test_write_updates_page_summaries_only_when_the_selector_asks():
+    problem = make_problem([9], [9], 4, 2, block_size=8, seed=2)
+    core = LayerCore(0, 4, 2, 64, problem.scale, LcxConfig(), "torch")
+    k = torch.randn(1, 2, 64)
+    core.write(problem.kv, k, k, torch.tensor([0]))
+    assert core.pages is None
+    assert torch.equal(problem.kv.token(0, 0, 0)[0], k[0, 0])
