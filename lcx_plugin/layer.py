@@ -11,19 +11,25 @@ selector for a selection over the rest, and runs lcx's kernel family on it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 
 from lcx_plugin.config import LcxConfig
-from lcx_plugin.kernels.paged import BatchPlan, KVFormat, paged_attention
+from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, paged_attention
 from lcx_plugin.selectors import SelectContext, Selector
 from lcx_plugin.state import PageSummaries, RequestStates
 
 
 class DenseKernel(Protocol):
     def __call__(self, query: torch.Tensor, out: torch.Tensor, plan: BatchPlan) -> None: ...
+
+
+class PageListKernel(Protocol):
+    """An engine op driven by rewritten block tables: decode steps whose selection is only page lists."""
+
+    def __call__(self, query: torch.Tensor, out: torch.Tensor, plan: BatchPlan, selection: Selection) -> None: ...
 
 
 @dataclass
@@ -38,6 +44,9 @@ class StepPlan:
     dense_token_rows: torch.Tensor | None = None  # query rows of ``dense`` in the batch (None: a prefix view)
     sparse_token_rows: torch.Tensor | None = None
     sparse_request_ids: tuple[str, ...] = ()
+    #: Shared by every layer of the step: selectors keep layer-independent work here (a window
+    #: selection is the same for all layers, so it is built, and prepared by the kernel, once).
+    scratch: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -101,12 +110,16 @@ class LayerCore:
             kv.write(key, value, slot_mapping)
 
     def run(self, query: torch.Tensor, kv: KVFormat, step: StepPlan, out: torch.Tensor,
-            dense_kernel: DenseKernel | None = None) -> torch.Tensor:
-        """Attention for the step's ``query`` rows ``[T, Hq, D]`` into ``out`` (same rows)."""
+            dense_kernel: DenseKernel | None = None, page_kernel: PageListKernel | None = None) -> torch.Tensor:
+        """Attention for the step's ``query`` rows ``[T, Hq, D]`` into ``out`` (same rows).
+
+        ``dense_kernel`` serves the sequences that need no selection; ``page_kernel`` serves decode
+        steps whose selection is page lists only (both: the engine's own op, where the adapter has
+        one); lcx's kernel family serves the rest."""
         if step.dense is not None:
             self._dense(query, kv, step, out, dense_kernel)
         if step.sparse is not None:
-            self._sparse(query, kv, step, out)
+            self._sparse(query, kv, step, out, page_kernel)
         return out
 
     def _dense(self, query, kv, step: StepPlan, out, dense_kernel) -> None:
@@ -120,13 +133,17 @@ class LayerCore:
         if rows is not None:
             out.index_copy_(0, rows, o)
 
-    def _sparse(self, query, kv, step: StepPlan, out) -> None:
+    def _sparse(self, query, kv, step: StepPlan, out, page_kernel) -> None:
         rows = step.sparse_token_rows
         q = query[: step.sparse.num_tokens] if rows is None else query.index_select(0, rows)
         ctx = SelectContext(layer=self.index, query=q, kv=kv, plan=step.sparse, request_ids=step.sparse_request_ids,
-                            num_heads=self.num_heads, pages=self.pages, requests=self.requests)
+                            num_heads=self.num_heads, pages=self.pages, requests=self.requests, step=step.scratch)
         selection = self.selector.select(ctx)
         o = out[: step.sparse.num_tokens] if rows is None else torch.empty_like(q)
-        paged_attention(q, kv, step.sparse, self.scale, o, selection, impl=self.impl)
+        if (page_kernel is not None and selection is not None and step.sparse.max_query_len == 1
+                and selection.only_page_lists):
+            page_kernel(q, o, step.sparse, selection)
+        else:
+            paged_attention(q, kv, step.sparse, self.scale, o, selection, impl=self.impl)
         if rows is not None:
             out.index_copy_(0, rows, o)

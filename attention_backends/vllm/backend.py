@@ -229,13 +229,15 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
                         self.head_size, self.config.describe())
             _announced = True
         n = attn_metadata.num_actual_tokens
-        dense_kernel = None
+        dense_kernel = page_kernel = None
         if self.kernel == "engine":
             from . import cpu_native
 
-            dense_kernel = functools.partial(self._engine_dense, cpu_native, layer, kv_cache)
-        core.run(query[:n], self._kv(kv_cache), attn_metadata.step, output[:n], dense_kernel)
-        return output
+            def dense_kernel(q, out, plan):
+                cpu_native.attention(layer, q, kv_cache, out, plan, scale=self.scale, kv_cache_dtype=self.kv_cache_dtype)
 
-    def _engine_dense(self, cpu_native, layer, kv_cache, q, out, plan) -> None:
-        cpu_native.attention(layer, q, kv_cache, out, plan, scale=self.scale, kv_cache_dtype=self.kv_cache_dtype)
+            def page_kernel(q, out, plan, selection):
+                cpu_native.attention_page_lists(layer, q, kv_cache, out, plan, selection, scale=self.scale,
+                                                dtype=query.dtype, isa=self.isa, kv_cache_dtype=self.kv_cache_dtype)
+        core.run(query[:n], self._kv(kv_cache), attn_metadata.step, output[:n], dense_kernel, page_kernel)
+        return output

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lcx_plugin.kernels.paged import BatchPlan, KVFormat, formats
+from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, formats
 
 from . import compat
 
@@ -59,3 +59,60 @@ def attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, output: torch.
         scheduler_metadata=plan.engine, s_aux=None, dynamic_causal=None,
         k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=kv_cache_dtype,
     )
+
+
+def _page_list_calls(plan: BatchPlan, selection: Selection, *, num_heads: int, head_dim: int, block_size: int,
+                     dtype: torch.dtype, isa: str, kv_cache_dtype: str) -> list[tuple[int, int, BatchPlan]]:
+    """(first KV head, last KV head + 1, plan with the rewritten block table and its work plan) per
+    distinct head list. Index work only: memoised on the selection, so all layers sharing it pay once."""
+    key = ("vllm-cpu-page-lists", isa, dtype, kv_cache_dtype)
+    hit = selection.memo.get(key)
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    bs, hkv = block_size, selection.counts.shape[1]
+    group = num_heads // hkv
+    counts = selection.counts[:, :, 0].long()  # [B, Hkv]
+    width = int(counts.max())
+    pages = selection.indices[:, :, 0, :width].long().clamp(min=0)  # [B, Hkv, width] logical
+    seq_lens = plan.seq_lens.long()
+    last_page = (seq_lens - 1) // bs
+    last_listed = pages.gather(2, (counts - 1)[..., None])[..., 0]  # [B, Hkv]
+    tail = torch.where(last_listed == last_page[:, None], seq_lens[:, None] - last_page[:, None] * bs, bs)
+    lens = ((counts - 1) * bs + tail).to(torch.int32)  # [B, Hkv] tokens the op reads per head
+    tables = plan.block_table.long().gather(1, pages.reshape(pages.shape[0], -1)).view_as(pages).to(torch.int32)
+    same = hkv == 1 or (bool((tables == tables[:, :1]).all()) and bool((lens == lens[:, :1]).all()))
+    calls = []
+    for h0, h1 in ([(0, hkv)] if same else [(g, g + 1) for g in range(hkv)]):
+        sub_lens = lens[:, h0].contiguous()
+        sub = BatchPlan(plan.query_start_loc, sub_lens, tables[:, h0].contiguous(), plan.starts, tuple(sub_lens.tolist()))
+        sched = scheduler_metadata(sub, num_heads=(h1 - h0) * group, num_kv_heads=h1 - h0, head_dim=head_dim,
+                                   dtype=dtype, isa=isa, kv_cache_dtype=kv_cache_dtype)
+        calls.append((h0, h1, BatchPlan(sub.query_start_loc, sub.seq_lens, sub.block_table, sub.starts, sub.lens, sched)))
+    selection.memo[key] = (plan, calls)
+    return calls
+
+
+def attention_page_lists(layer, query: torch.Tensor, kv_cache: torch.Tensor, output: torch.Tensor, plan: BatchPlan,
+                         selection: Selection, *, scale: float, dtype: torch.dtype, isa: str,
+                         kv_cache_dtype: str) -> None:
+    """Decode over per-KV-head page lists with the engine's op: each KV head's pages become a
+    rewritten block table and the op runs once per distinct list (once for all heads when they agree).
+    Exact: at decode every listed page lies wholly before the query, except the sequence's current
+    page, which as the highest page is listed last and read only up to the sequence's length."""
+    hq, hkv = query.shape[1], kv_cache.shape[1]
+    group = hq // hkv
+    calls = _page_list_calls(plan, selection, num_heads=hq, head_dim=query.shape[2], block_size=kv_cache.shape[2],
+                             dtype=dtype, isa=isa, kv_cache_dtype=kv_cache_dtype)
+    key_cache, value_cache = _split(kv_cache)
+    ops = compat.cpu_ops()
+    for h0, h1, sub in calls:
+        whole = h1 - h0 == hkv
+        out = output if whole else torch.empty(query.shape[0], (h1 - h0) * group, query.shape[2], dtype=output.dtype)
+        ops.cpu_attention_with_kv_cache(
+            query=query[:, h0 * group: h1 * group], key_cache=key_cache[:, h0:h1], value_cache=value_cache[:, h0:h1],
+            output=out, query_start_loc=sub.query_start_loc, seq_lens=sub.seq_lens, scale=scale, causal=True,
+            alibi_slopes=None, sliding_window=-1, block_table=sub.block_table, softcap=0, scheduler_metadata=sub.engine,
+            s_aux=None, dynamic_causal=None, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+            kv_cache_dtype=kv_cache_dtype)
+        if not whole:
+            output[:, h0 * group: h1 * group] = out

@@ -109,16 +109,20 @@ class KVFormat:
     def v4(self) -> torch.Tensor | None:
         return self._as4(self.v)
 
-    def gather(self, blocks: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the cells ``(blocks[i], heads[i])``: each ``[*blocks.shape, bs, D]``, in the
-        cache's dtype. Reads only those cells; the results may be strided views of one gathered
-        buffer (keys transposed, for instance): use them as they are or copy once."""
+    def gather(self, blocks: torch.Tensor, heads: torch.Tensor, dtype: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the cells ``(blocks[i], heads[i])``: each ``[*blocks.shape, bs, D]``, in
+        ``dtype`` (default: the cache's). Reads only those cells, with one gather of whole cells where
+        the layout allows; the results may be strided views of that one buffer (keys transposed, for
+        instance): use them as they are or copy once."""
         shape = blocks.shape
         blocks, heads = blocks.reshape(-1).long(), heads.reshape(-1).long()
         n = blocks.shape[0]
         if self.cells is not None:
             e = self.cells.shape[-1]
             raw = self.cells.reshape(-1, e).index_select(0, blocks * self.num_kv_heads + heads)  # [n, cell]
+            if dtype is not None and dtype != raw.dtype:
+                raw = raw.to(dtype)  # one contiguous pass; converting strided views later is far slower
             out = []
             for view, off in ((self.k, self.k_offset), (self.v, self.v_offset)):
                 tiles = raw.as_strided((n, *view.shape[2:]), (e, *view.stride()[2:]), off)
@@ -128,6 +132,8 @@ class KVFormat:
         else:
             k = self.k[blocks, heads].reshape(n, self.block_size, self.head_dim)
             v = self.v[blocks, heads].reshape(n, self.block_size, self.head_dim)
+            if dtype is not None:
+                k, v = k.to(dtype), v.to(dtype)
         return k.reshape(*shape, self.block_size, self.head_dim), v.reshape(*shape, self.block_size, self.head_dim)
 
     def token(self, block: int, head: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,8 +17,8 @@ window is counted once. A row with no candidate gets a zero output.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -56,6 +56,9 @@ class Selection:
     window: torch.Tensor
     dense: torch.Tensor
     query_block: int = 0
+    #: Kernels' index work derived from this selection, memoised: a selection shared by every layer
+    #: of a step is prepared once.
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.granularity not in ("page", "token"):
@@ -102,6 +105,14 @@ class Selection:
     @property
     def num_query_blocks(self) -> int:
         return self.counts.shape[2]
+
+    @property
+    def only_page_lists(self) -> bool:
+        """One list of pages per (sequence, head), every head at least one page, no window, no
+        dense marks: what an engine's own paged op can run from rewritten block tables (at
+        decode, where every listed page lies wholly before the query)."""
+        return (self.granularity == "page" and self.query_block == 0 and not bool(self.dense.any())
+                and not self.has_window and bool((self.counts > 0).all()))
 
     @property
     def has_window(self) -> bool:

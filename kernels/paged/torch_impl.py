@@ -9,6 +9,8 @@ long prefill under a selection is cut into row tiles, each gathering only its ow
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -66,11 +68,21 @@ def _listed_tokens(sel: Selection, b: int, qb: int, pos: torch.Tensor, bs: int) 
     return idx.gather(1, at) == units
 
 
-def _selected_tile(q: torch.Tensor, kv: KVFormat, blocks: torch.Tensor, seq_len: int, first_pos: int, rows: range,
-                   sel: Selection, b: int, scale: float, group: int) -> torch.Tensor:
-    """Rows ``rows`` of sequence ``b`` under ``sel``: ``q`` ``[Hq, len(rows), D]`` float32 -> ``[len(rows), Hq, D]``."""
-    bs, hkv, d = kv.block_size, kv.num_kv_heads, kv.head_dim
-    nrows = len(rows)
+@dataclass
+class _Tile:
+    """Index work for one row tile of one sequence under a selection: which cells to gather and the
+    exact mask over them. Independent of the layer, so computed once per selection and batch."""
+
+    start: int  # first query row of the tile, relative to the sequence
+    rows: int
+    blocks: torch.Tensor  # [Hkv, n_sel] physical blocks to gather (padding repeats a real page)
+    mask: torch.Tensor | None  # [Hkv, rows, n_sel * bs] bool; None: nothing selected
+    tail: torch.Tensor | None  # [Hkv, n_sel * bs] bool: gathered slots past the sequence's end
+
+
+def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, first_pos: int, rows: range,
+                  bs: int) -> _Tile:
+    hkv = sel.counts.shape[1]
     lo_pos, hi_pos = first_pos + rows.start, first_pos + rows.stop - 1  # positions of the tile's rows
     n_pages = hi_pos // bs + 1
     sink, window, dense = sel.sink[b].cpu().long(), sel.window[b].cpu().long(), sel.dense[b].cpu()
@@ -86,12 +98,9 @@ def _selected_tile(q: torch.Tensor, kv: KVFormat, blocks: torch.Tensor, seq_len:
     counts = wanted.sum(1)
     n_sel = int(counts.max())
     if n_sel == 0:
-        return torch.zeros(nrows, q.shape[0], d, dtype=torch.float32)
+        return _Tile(rows.start, len(rows), blocks[:0], None, None)
     # Selected pages first, ascending (stable sort of the "not wanted" flag); the rest is padding.
     order = torch.argsort((~wanted).to(torch.int8), dim=1, stable=True)[:, :n_sel]  # [Hkv, n_sel]
-    k, v = kv.gather(blocks[:n_pages][order], _all_heads(hkv, n_sel))  # [Hkv, n_sel, bs, D]
-
-    # Exact per-row mask over the gathered positions.
     pos = (order[:, :, None] * bs + torch.arange(bs)).reshape(hkv, -1)  # [Hkv, L]
     q_pos = torch.arange(lo_pos, hi_pos + 1)
     keep = (pos[:, None, :] < sink[:, None, None]) | (pos[:, None, :] > q_pos[None, :, None] - window[:, None, None])
@@ -102,21 +111,49 @@ def _selected_tile(q: torch.Tensor, kv: KVFormat, blocks: torch.Tensor, seq_len:
         else:
             per_qb = torch.stack([_listed_tokens(sel, b, qb, pos, bs) for qb in qbs], 1)  # [Hkv, nqb, L]
             keep |= per_qb[:, torch.tensor([sel.query_block_of(i) - qbs.start for i in rows])]
-    live = (torch.arange(n_sel)[None, :] < counts[:, None]).repeat_interleave(bs, 1) & (pos < seq_len)
+    past_end = pos >= seq_len
+    live = (torch.arange(n_sel)[None, :] < counts[:, None]).repeat_interleave(bs, 1) & ~past_end
     mask = keep & live[:, None, :] & (pos[:, None, :] <= q_pos[None, :, None])  # [Hkv, rows, L]
+    return _Tile(rows.start, len(rows), blocks[order], mask, past_end if bool(past_end.any()) else None)
 
-    # Scores per KV head for its group of query heads: [Hkv, G*rows, L], in float32.
-    qg = q.reshape(hkv, group * nrows, d)
-    kt = k.to(torch.float32).transpose(-1, -2)  # [Hkv, n_sel, D, bs]
-    scores = torch.matmul(qg[:, None], kt).permute(0, 2, 1, 3).reshape(hkv, group, nrows, -1)
-    scores = scores.mul_(scale).masked_fill_(~mask[:, None], float("-inf"))
+
+def _prepare(sel: Selection, plan: BatchPlan, bs: int) -> list[list[_Tile] | None]:
+    """Per sequence, its row tiles (None: every head dense). Memoised on the selection."""
+    key = ("torch", bs)
+    hit = sel.memo.get(key)
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    prep: list[list[_Tile] | None] = []
+    for b in range(plan.num_seqs):
+        qlen, seq_len = plan.q_len(b), plan.lens[b]
+        if qlen == 0 or bool(sel.dense[b].all()):
+            prep.append(None)
+            continue
+        blocks = plan.block_table[b, : -(-seq_len // bs)].long().cpu()
+        prep.append([_prepare_tile(sel, b, blocks, seq_len, seq_len - qlen, range(i, min(i + ROW_TILE, qlen)), bs)
+                     for i in range(0, qlen, ROW_TILE)])
+    sel.memo[key] = (plan, prep)
+    return prep
+
+
+def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, group: int) -> torch.Tensor:
+    """One row tile: ``q`` ``[Hq, rows, D]`` float32 -> ``[rows, Hq, D]``."""
+    hkv, d, rows = kv.num_kv_heads, kv.head_dim, tile.rows
+    if tile.mask is None:
+        return torch.zeros(rows, q.shape[0], d, dtype=torch.float32)
+    n_sel = tile.blocks.shape[1]
+    heads = torch.arange(hkv)[:, None].expand(hkv, n_sel)
+    k, v = kv.gather(tile.blocks.to(kv.device), heads.to(kv.device), torch.float32)  # [Hkv, n_sel, bs, D]
+    # Scores per KV head for its group of query heads, page by page: [Hkv, G*rows, n_sel*bs].
+    scores = torch.matmul(q.reshape(hkv, 1, group * rows, d), k.transpose(-1, -2))  # [Hkv, n_sel, G*rows, bs]
+    scores = scores.permute(0, 2, 1, 3).reshape(hkv, group, rows, -1)
+    scores = scores.mul_(scale).masked_fill_(~tile.mask[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with no candidate: all zero
-    # The unwritten tail of a last page may hold anything, NaN included: it must not reach P @ V.
-    vf = v.to(torch.float32).reshape(hkv, -1, d)
-    if seq_len < n_pages * bs:
-        vf = vf.masked_fill(~(pos < seq_len)[..., None], 0.0)
-    o = torch.matmul(probs.reshape(hkv, group * nrows, -1), vf)  # [Hkv, G*rows, D]
-    return o.reshape(hkv * group, nrows, d).transpose(0, 1)
+    vf = v.reshape(hkv, -1, d)
+    if tile.tail is not None:  # the unwritten tail of a last page may hold anything, NaN included
+        vf = vf.masked_fill(tile.tail[..., None], 0.0)
+    o = torch.matmul(probs.reshape(hkv, group * rows, -1), vf)  # [Hkv, G*rows, D]
+    return o.reshape(hkv * group, rows, d).transpose(0, 1)
 
 
 def paged_attention_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
@@ -124,18 +161,16 @@ def paged_attention_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, sc
     hq = query.shape[1]
     group = hq // kv.num_kv_heads
     bs = kv.block_size
+    prep = _prepare(selection, plan, bs) if selection is not None else None
     for b in range(plan.num_seqs):
         start, qlen, seq_len = plan.starts[b], plan.q_len(b), plan.lens[b]
         if qlen == 0:
             continue
-        first_pos = seq_len - qlen
-        blocks = plan.block_table[b, : -(-seq_len // bs)].long()
         q = query[start: start + qlen].transpose(0, 1).float()  # [Hq, qlen, D]
-        if selection is None or bool(selection.dense[b].all()):
+        if prep is None or prep[b] is None:
+            blocks = plan.block_table[b, : -(-seq_len // bs)].long()
             o = _dense_sequence(q, kv, blocks, seq_len, scale, group)
         else:
-            tiles = [range(i, min(i + ROW_TILE, qlen)) for i in range(0, qlen, ROW_TILE)]
-            o = torch.cat([_selected_tile(q[:, r.start: r.stop], kv, blocks, seq_len, first_pos, r, selection, b,
-                                          scale, group) for r in tiles])
+            o = torch.cat([_selected_tile(q[:, t.start: t.start + t.rows], kv, t, scale, group) for t in prep[b]])
         out[start: start + qlen] = o.to(out.dtype)
     return out

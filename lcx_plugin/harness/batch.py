@@ -34,6 +34,7 @@ class ArmSpec:
     engine: dict = field(default_factory=dict)
     prompt_logprobs: bool = False
     logprobs: bool = False
+    alone: bool = False  # also run each prompt on its own (after the batch), in the same engine
     timing: bool = False  # also measure TTFT (1-token run) and decode tokens/s per prompt
     repeats: int = 3  # timing: median of this many runs per prompt
 
@@ -41,6 +42,13 @@ class ArmSpec:
 def _token_logprobs(entries) -> list[float | None]:
     """One float per position from vLLM's ``[None | {token_id: Logprob}]`` lists (the scored token)."""
     return [None if e is None else next(iter(e.values())).logprob for e in entries]
+
+
+def _add_logprobs(result: dict, outs, spec: dict) -> None:
+    if spec.get("prompt_logprobs"):
+        result["prompt_logprobs"] = [_token_logprobs(o.prompt_logprobs) for o in outs]
+    if spec.get("logprobs"):
+        result["logprobs"] = [_token_logprobs(o.outputs[0].logprobs) for o in outs]
 
 
 def _child(spec: dict, settings: dict, out_path: str) -> None:
@@ -67,10 +75,11 @@ def _child(spec: dict, settings: dict, out_path: str) -> None:
         "texts": [o.outputs[0].text for o in outs],
         "kv_capacity": kv_capacity(llm.llm_engine.vllm_config),
     }
-    if spec.get("prompt_logprobs"):
-        result["prompt_logprobs"] = [_token_logprobs(o.prompt_logprobs) for o in outs]
-    if spec.get("logprobs"):
-        result["logprobs"] = [_token_logprobs(o.outputs[0].logprobs) for o in outs]
+    _add_logprobs(result, outs, spec)
+    if spec.get("alone"):
+        alone = [llm.generate([p], greedy, use_tqdm=False)[0] for p in prompts]
+        result["alone"] = {"token_ids": [list(o.outputs[0].token_ids) for o in alone]}
+        _add_logprobs(result["alone"], alone, spec)
     if spec.get("timing"):
         one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         plain = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
@@ -97,8 +106,11 @@ def run_arm(spec: ArmSpec, log_path: str | None = None, timeout: float = 1800, s
     """Run one arm in a child process; returns its result dict. Raises with the log tail on failure."""
     settings = settings or choose()
     payload = {"spec": asdict(spec), "settings": asdict(settings)}
+    # The engine core in this process: every prompt is queued before the first step, so each run
+    # schedules the same batches. (With the core in its own process, requests reach it while it
+    # already steps, the first batches vary from run to run, and so do the bf16 results.)
     return run_child("lcx_plugin.harness.batch", payload, f"vLLM arm {spec.backend or 'stock'}", log_path=log_path,
-                     settings=settings, timeout=timeout)
+                     settings=settings, extra_env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, timeout=timeout)
 
 
 if __name__ == "__main__":

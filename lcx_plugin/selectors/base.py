@@ -13,7 +13,7 @@ import dataclasses
 import types
 import typing
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -33,7 +33,8 @@ class SelectContext:
     request_ids: tuple[str, ...]  # one stable engine identity per sequence of ``plan``
     num_heads: int
     pages: Any = None  # PageSummaries of this layer when the selector asks for them
-    requests: Any = None  # this layer's view of the per-request state
+    requests: Any = None  # the per-request state (RequestStates), keyed by request id and layer
+    step: dict = field(default_factory=dict)  # scratch shared by every layer of this step
 
     @property
     def num_kv_heads(self) -> int:
@@ -134,6 +135,14 @@ class WindowedSelector(Selector):
         (``indices``, ``counts``, ``granularity``, ``query_block``)."""
         return Selection.build(ctx.plan.num_seqs, ctx.num_kv_heads, sink=self.sink, window=self.window,
                                device=ctx.query.device, **lists)
+
+    def shared_window_selection(self, ctx: SelectContext) -> Selection:
+        """The window selection, built once per step and shared by every layer (so the kernels'
+        index work for it is done once too)."""
+        key = ("window", self.sink, self.window, ctx.num_kv_heads)
+        if key not in ctx.step:
+            ctx.step[key] = self.window_selection(ctx)
+        return ctx.step[key]
 
 
 @dataclass(frozen=True)

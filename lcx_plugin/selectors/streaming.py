@@ -25,4 +25,4 @@ class Streaming(WindowedSelector):
     name: ClassVar[str] = "streaming"
 
     def select(self, ctx: SelectContext) -> Selection:
-        return self.window_selection(ctx)
+        return self.shared_window_selection(ctx)

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depths", default=DEFAULTS["depths"], help="needle depths in [0,1], comma list")
     p.add_argument("--samples", type=int, default=DEFAULTS["samples"], help="samples per (task, length, depth) cell")
     p.add_argument("--seed", type=int, default=0, help="one seed makes every prompt of the run")
+    p.add_argument("--accuracy-concurrency", type=int, default=2,
+                   help="accuracy requests in flight at once (1: each request scheduled alone, reproducible)")
     p.add_argument("--load-requests", type=int, default=DEFAULTS["load_requests"], help="requests in the load phase")
     p.add_argument("--load-concurrency", type=int, default=DEFAULTS["load_concurrency"],
                    help="streaming requests in flight at once during the load phase")
@@ -117,15 +119,15 @@ def run(args: argparse.Namespace) -> int:
     with console.status("generating tasks"):
         try:
             samples = build_grid(tasks, lengths, depths, args.samples, args.seed, tokenizer, max_context=args.max_model_len)
+            load_prompts = [generate("passkey", args.load_prompt_tokens, 0.5, args.seed + 1000 + i, tokenizer).prompt
+                            for i in range(args.load_requests)]
         except ValueError as e:
             console.print(f"[red]lcx ab: error:[/] {e}")
             return 2
-        load_prompts = [generate("passkey", args.load_prompt_tokens, 0.5, args.seed + 1000 + i, tokenizer).prompt
-                        for i in range(args.load_requests)]
     console.print(f"{len(samples)} accuracy prompts ({len(tasks)} tasks x {len(lengths)} lengths x {len(depths)} depths"
                   f" x {args.samples}), {len(load_prompts)} load requests at concurrency {args.load_concurrency}")
     job = Job(samples=samples, load_prompts=load_prompts, load_max_tokens=args.load_max_tokens,
-              load_concurrency=args.load_concurrency, model=model,
+              load_concurrency=args.load_concurrency, accuracy_concurrency=args.accuracy_concurrency, model=model,
               engine={"max_model_len": args.max_model_len}, settings=asdict(settings))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

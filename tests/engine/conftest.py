@@ -1,0 +1,76 @@
+"""Engine runs shared by the engine tests: each configuration starts one real vLLM engine (in a child
+process) once per test session, on the embedded SmolLM2-135M, with the machine's settings.
+
+Comparisons are ISA-independent: dense lcx on the engine's own op must be token-identical to stock
+on the same machine (the same arithmetic); where lcx's arithmetic differs, tests compare teacher-
+forced log-probabilities against the float32 reference model (``reference_model.py``), with the
+stock engine's own distance to that reference, measured in the same session, as the yardstick.
+"""
+from __future__ import annotations
+
+import functools
+import statistics
+from pathlib import Path
+
+import pytest
+
+from lcx_plugin.harness.batch import ArmSpec, run_arm
+from lcx_plugin.harness.model import prepare
+from lcx_plugin.harness.prompts import SHORT_PROMPTS, long_prompt
+
+PASS_KEYS = ("7421", "5150")
+PROMPTS = SHORT_PROMPTS + [long_prompt(3000, seed=1, key=PASS_KEYS[0]), long_prompt(1200, seed=2, key=PASS_KEYS[1])]
+MAX_TOKENS = 24
+# Small token budget per step: long prompts are split into chunks and scheduled together with the
+# other requests' decode steps, which is the mixed prefill/decode path.
+CHUNKED = {"enable_chunked_prefill": True, "max_num_batched_tokens": 512}
+STREAMING = {"method": "streaming", "sink": 16, "window": 256}
+
+ARMS = {
+    "stock": dict(),
+    "stock_chunked": dict(engine=CHUNKED),
+    "dense": dict(backend="lcx", lcx={"method": "dense"}),
+    "dense_chunked": dict(backend="lcx", lcx={"method": "dense"}, engine=CHUNKED),
+    "twin": dict(backend="lcx", lcx={"method": "dense", "kernel": "torch"}),
+    # A window longer than every prompt: every sequence stays dense.
+    "streaming_wide": dict(backend="lcx", lcx={"method": "streaming", "sink": 64, "window": 8192}),
+    # A window far shorter than the long prompts, chunked prefill, and each prompt also run alone.
+    "streaming": dict(backend="lcx", lcx=STREAMING, engine=CHUNKED, alone=True),
+    # The GPU path's Triton kernel, run by Triton's interpreter inside the real CPU engine: the
+    # adapter's metadata, cache writes and launch are the ones a GPU fleet runs. Short prompts and
+    # few tokens, because the interpreter is slow.
+    "triton": dict(backend="lcx", lcx={"method": "dense", "kernel": "triton"}, prompts=PROMPTS[:2], max_tokens=6),
+}
+
+
+@functools.cache
+def _run(name: str, log_dir: str) -> tuple[dict, str]:
+    kw = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, **ARMS[name]}
+    log = Path(log_dir) / f"{name}.log"
+    spec = ArmSpec(model=str(prepare()), prompt_logprobs=True, logprobs=True, **kw)
+    return run_arm(spec, log_path=str(log)), log.read_text()
+
+
+@pytest.fixture(scope="session")
+def arm(tmp_path_factory):
+    """``arm(name) -> (result, engine log)``, each configuration run once per session."""
+    log_dir = str(tmp_path_factory.mktemp("engine-logs"))
+    return lambda name: _run(name, log_dir)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    return str(prepare())
+
+
+def gap(a: list, b: list) -> dict:
+    """Distance between two per-token log-probability lists (None entries skipped)."""
+    d = sorted(abs(x - y) for x, y in zip(a, b) if x is not None and y is not None)
+    assert d, "nothing to compare"
+    return {"mean": statistics.fmean(d), "p99": d[min(len(d) - 1, int(0.99 * len(d)))], "max": d[-1], "n": len(d)}
+
+
+def within(got: dict, yardstick: dict, mean_slack: float = 1.25, p99_slack: float = 1.5) -> bool:
+    """``got`` is no further from the reference than the stock engine is (``yardstick``), up to a
+    stated slack: mean x1.25 + 0.01 nats, p99 x1.5 + 0.05 nats."""
+    return got["mean"] <= mean_slack * yardstick["mean"] + 0.01 and got["p99"] <= p99_slack * yardstick["p99"] + 0.05
