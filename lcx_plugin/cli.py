@@ -29,12 +29,40 @@ def _ab(args) -> int:
 def _config(args) -> int:
     from lcx_plugin.config import LcxConfigError, resolve_config
 
+    if args.methods:
+        return _methods()
     try:
         cfg = resolve_config({"lcx": json.loads(args.json)} if args.json else None)
     except (LcxConfigError, json.JSONDecodeError) as e:
         print(f"lcx config: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+def _methods() -> int:
+    import inspect
+
+    from lcx_plugin import selectors
+
+    for name in selectors.names():
+        cls = selectors.get(name)
+        doc = (inspect.getdoc(cls) or "").splitlines()[0]
+        params = ", ".join(f"{f.name}={f.default!r}" for f in cls.params())
+        print(f"{name}: {doc}\n    parameters: {params or '(none)'}")
+    return 0
+
+
+def _machine(args) -> int:
+    from lcx_plugin.harness.settings import choose, machine_record
+    from lcx_plugin.machine import cpu_info
+
+    try:
+        settings = choose()
+    except ValueError as e:
+        print(f"lcx machine: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(machine_record(settings), indent=2) if args.json else settings.line(cpu_info()))
     return 0
 
 
@@ -55,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("config", help="validate an lcx config (JSON argument or $LCX_CONFIG) and print it")
     p.add_argument("json", nargs="?")
+    p.add_argument("--methods", action="store_true", help="list the methods and their parameters")
     p.set_defaults(fn=_config)
+
+    p = sub.add_parser("machine", help="this CPU and the engine settings lcx's own runs choose for it")
+    p.add_argument("--json", action="store_true", help="the full machine record")
+    p.set_defaults(fn=_machine)
 
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -11,7 +11,8 @@ from .base import SelectContext, Selector
 @register
 @dataclass(frozen=True)
 class Dense(Selector):
-    """Full attention; token-identical to the engine's own backend where lcx drives its op."""
+    """Full attention over every cached token: the stock backend's arithmetic, token-identical to it
+    where lcx drives the engine's own op (vLLM CPU)."""
 
     name: ClassVar[str] = "dense"
 

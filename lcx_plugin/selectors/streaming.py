@@ -20,7 +20,11 @@ from .base import SelectContext, WindowedSelector
 @register
 @dataclass(frozen=True)
 class Streaming(WindowedSelector):
-    """sink: tokens kept at the start; window: recent tokens per query; min_context: dense below."""
+    """Attention sinks plus a recent window on every head (StreamingLLM).
+
+    sink: tokens kept at the start; window: recent tokens per query (its own included);
+    min_context: contexts shorter than this stay dense.
+    """
 
     name: ClassVar[str] = "streaming"
 

@@ -16,7 +16,6 @@ import yaml
 FLEET = "examples/existing-fleet/fleet"
 PATCHED = "examples/existing-fleet"
 LCX_IMAGE = "registry.example.com/lcx/vllm-openai-lcx:0.1.0-vllm0.32.0"
-HEAD_PATTERNS_MOUNT = "/etc/lcx/head-patterns"
 
 
 def container(deployment, name="vllm"):
@@ -54,17 +53,7 @@ def test_patch_changes_exactly_the_lcx_fields(render, select):
     assert isinstance(json.loads(config_map["data"][ref["key"]]), dict)
     c["env"].remove(lcx_env[0])
 
-    # 4. head patterns ConfigMap mounted read-only
-    mounts = [m for m in c["volumeMounts"] if m["mountPath"] == HEAD_PATTERNS_MOUNT]
-    assert len(mounts) == 1 and mounts[0]["readOnly"] is True
-    volumes = [v for v in pod["spec"]["volumes"] if v["name"] == mounts[0]["name"]]
-    assert len(volumes) == 1
-    head_patterns = generated(patched_objects, "ConfigMap", "lcx-head-patterns")
-    assert volumes[0]["configMap"]["name"] == head_patterns["metadata"]["name"]
-    c["volumeMounts"].remove(mounts[0])
-    pod["spec"]["volumes"].remove(volumes[0])
-
-    # 5. the arm label on the pods (not on the selector, which is immutable)
+    # 4. the arm label on the pods (not on the selector, which is immutable)
     assert pod["metadata"]["labels"].pop("lcx.ai/arm") == "lcx"
     assert undone["spec"]["selector"] == original["spec"]["selector"]
 
@@ -76,7 +65,7 @@ def test_patch_leaves_other_objects_alone(render, select):
     assert select(patched, "Service") == select(original, "Service")
     extra = {o["metadata"]["name"].rsplit("-", 1)[0] for o in patched if o not in original
              and o["kind"] != "Deployment"}
-    assert extra == {"lcx-config", "lcx-head-patterns"}
+    assert extra == {"lcx-config"}
 
 
 def test_patch_skips_deployments_that_are_ab_arms(render, select, paths, tmp_path, kubectl):

@@ -72,7 +72,7 @@ def test_workloads_follow_policy(render, kustomization_dir):
 
 
 def test_no_latest_tag_anywhere_in_deploy(paths):
-    # Dockerfiles, Helm values, docs and manifests alike.
+    # Dockerfiles, docs and manifests alike.
     hits = []
     for f in sorted(paths.deploy.rglob("*")):
         if f.is_file():
@@ -80,10 +80,3 @@ def test_no_latest_tag_anywhere_in_deploy(paths):
                 if re.search(r":latest\b", line):
                     hits.append(f"{f.relative_to(paths.repo)}:{n}: {line.strip()}")
     assert not hits, "\n".join(hits)
-
-
-def test_helm_images_are_pinned(paths):
-    values = yaml.safe_load((paths.deploy / "helm/values-lcx.yaml").read_text())
-    for model in values["servingEngineSpec"]["modelSpec"]:
-        image = f"{model['repository']}:{model['tag']}"
-        assert image_problem(image) is None, f"{model['name']}: {image}"

@@ -11,19 +11,9 @@ from hypothesis import strategies as st
 
 from lcx_plugin import selectors
 from lcx_plugin.errors import LcxConfigError
-from lcx_plugin.kernels.paged import BatchPlan, formats
-from lcx_plugin.selectors import SelectContext, TopKSelector, WindowedSelector, top_k
+from lcx_plugin.selectors import TopKSelector, WindowedSelector, top_k
 
-BS = 8
-
-
-def _ctx(q_lens, seq_lens, hkv=2, hq=4, d=16) -> SelectContext:
-    pages = max(-(-s // BS) for s in seq_lens)
-    table = torch.arange(len(seq_lens) * pages, dtype=torch.int32).view(len(seq_lens), pages)
-    kv = formats.plain(torch.zeros(len(seq_lens) * pages, hkv, BS, 2 * d))
-    plan = BatchPlan.from_lists(q_lens, seq_lens, table)
-    return SelectContext(layer=0, query=torch.zeros(sum(q_lens), hq, d), kv=kv, plan=plan,
-                         request_ids=tuple(f"r{i}" for i in range(len(seq_lens))), num_heads=hq)
+from .toy import BS, make_ctx
 
 
 def test_registry_lists_every_method_and_refuses_duplicates():
@@ -56,35 +46,10 @@ def test_every_method_is_dense_when_its_budget_covers_the_context(name):
     """A context shorter than what a method keeps needs no selection."""
     cls = selectors.get(name)
     sel = cls.from_dict({})
-    plan = _ctx([5, 1], [5, 40]).plan
+    plan = make_ctx([5, 1], [5, 40]).plan
     if isinstance(sel, WindowedSelector):
         sel = cls.from_dict({"sink": 4, "window": 40})
     assert sel.dense_rows(plan) == [True, True]
-
-
-@settings(max_examples=60, deadline=None)
-@given(sink=st.integers(0, 40), window=st.integers(1, 80), min_context=st.integers(0, 200),
-       lens=st.lists(st.tuples(st.integers(1, 150), st.integers(0, 20)), min_size=1, max_size=4))
-def test_streaming_keeps_sinks_and_window_and_is_dense_when_short(sink, window, min_context, lens):
-    seq_lens = [s for s, _ in lens]
-    q_lens = [max(1, min(s, q)) for s, q in lens]
-    ctx = _ctx(q_lens, seq_lens)
-    sel = selectors.get("streaming")(sink=sink, window=window, min_context=min_context)
-    dense = sel.dense_rows(ctx.plan)
-    for s, d in zip(seq_lens, dense):
-        assert d == (s <= sink + window or s < min_context)
-    out = sel.select(ctx)
-    for b, (s, q) in enumerate(zip(seq_lens, q_lens)):
-        for g in range(ctx.num_kv_heads):
-            for row in range(q):
-                pos = s - q + row
-                cand = set(out.candidates(b, g, row, pos, BS).tolist())
-                assert set(range(min(sink, pos + 1))) <= cand  # sinks always kept
-                assert set(range(max(0, pos - window + 1), pos + 1)) <= cand  # the window always kept
-                assert all(p <= pos for p in cand)  # never the future
-                assert len(cand) == len(set(range(min(sink, pos + 1))) | set(range(max(0, pos - window + 1), pos + 1)))
-                if pos + 1 <= sink + window:
-                    assert cand == set(range(pos + 1))  # a budget >= the context is everything
 
 
 @settings(max_examples=80, deadline=None)
