@@ -1,6 +1,6 @@
 """Dense lcx vs the stock vLLM CPU backend, in one run: prefill TTFT and decode tokens/s.
 
-    ./lcx bench            # writes bench/results/dense_vs_stock.json
+    ./lcx bench dense_vs_stock     # writes bench/results/dense_vs_stock.json
 
 Each arm is a fresh engine on the embedded SmolLM2-135M (eager, prefix caching off so that a
 repeated prompt is really prefilled again). Per context length: TTFT is the median time of a
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
+from lcx_plugin.harness.batch import ArmSpec, run_arm
 from lcx_plugin.harness.model import prepare
 from lcx_plugin.harness.prompts import long_prompt
-from lcx_plugin.harness.batch import ArmSpec, run_arm
+from lcx_plugin.harness.settings import choose, machine_record
 
 ARMS = {
     "stock": dict(backend=None, lcx=None),
@@ -68,6 +68,7 @@ def main() -> int:
         plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
         return 0
 
+    settings = choose()
     model = str(prepare())
     contexts = [int(c) for c in args.contexts.split(",")]
     prompts = [long_prompt(c, seed=10 + i) for i, c in enumerate(contexts)]
@@ -77,7 +78,7 @@ def main() -> int:
         print(f"[{i}/{len(ARMS)}] {name}: engine start + {len(prompts)} contexts x {args.repeats} repeats ...", flush=True)
         t0 = time.perf_counter()
         runs[name] = run_arm(ArmSpec(model=model, prompts=prompts, max_tokens=args.max_tokens, engine=engine,
-                                     timing=True, repeats=args.repeats, **arm))
+                                     timing=True, repeats=args.repeats, **arm), settings=settings)
         print(f"      done in {time.perf_counter() - t0:.0f} s: ttft {['%.3f' % t for t in runs[name]['ttft_s']]} s, "
               f"decode {['%.1f' % t for t in runs[name]['decode_tps']]} tok/s", flush=True)
 
@@ -105,8 +106,9 @@ def main() -> int:
         "torch_twin_decode_tps_ratio": geo("lcx_torch_twin_decode_tps_ratio"),
         "note": "ratios are lcx/stock, geometric mean over contexts; tps higher is better, ttft lower is better",
         "per_context": per_context,
-        "setup": {"model": "SmolLM2-135M-Instruct (bf16)", "max_tokens": args.max_tokens, "repeats": args.repeats,
-                  "engine": engine, "eager": True, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"},
+        "setup": {"model": "SmolLM2-135M-Instruct", "max_tokens": args.max_tokens, "repeats": args.repeats,
+                  "engine": engine, "eager": True},
+        "machine": machine_record(settings),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

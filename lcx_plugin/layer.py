@@ -95,6 +95,7 @@ class LayerCore:
         self.impl = impl  # "torch" or "triton": lcx's kernel for selections (and dense, without a dense kernel)
         self.requests = requests if requests is not None else RequestStates()
         self.pages: PageSummaries | None = None
+        self.layer_data = self.selector.prepare_layer(index, num_kv_heads, head_dim)
 
     def write(self, kv: KVFormat, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
               engine_write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> None:
@@ -137,7 +138,8 @@ class LayerCore:
         rows = step.sparse_token_rows
         q = query[: step.sparse.num_tokens] if rows is None else query.index_select(0, rows)
         ctx = SelectContext(layer=self.index, query=q, kv=kv, plan=step.sparse, request_ids=step.sparse_request_ids,
-                            num_heads=self.num_heads, pages=self.pages, requests=self.requests, step=step.scratch)
+                            num_heads=self.num_heads, pages=self.pages, requests=self.requests, step=step.scratch,
+                            layer_data=self.layer_data)
         selection = self.selector.select(ctx)
         o = out[: step.sparse.num_tokens] if rows is None else torch.empty_like(q)
         if (page_kernel is not None and selection is not None and step.sparse.max_query_len == 1

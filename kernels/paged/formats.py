@@ -47,7 +47,7 @@ class KVFormat:
     name: str
     k: torch.Tensor  # [num_blocks, Hkv, T1, T0, J1, J0]
     v: torch.Tensor  # [num_blocks, Hkv, T1, T0, J1, J0] (its own tiling)
-    bits: int = 16
+    bits: int = 0  # bits per stored element; 0: the views' own (16 or 32, unquantized)
     cells: torch.Tensor | None = None
     k_offset: int = 0
     v_offset: int = 0
@@ -61,6 +61,12 @@ class KVFormat:
                              f"{tuple(self.k.shape)} vs {tuple(self.v.shape)}")
         if (self.block_size, self.head_dim) != (self.v.shape[2] * self.v.shape[3], self.v.shape[4] * self.v.shape[5]):
             raise ValueError(f"KVFormat {self.name}: k and v tiles cover different pages")
+        native = self.k.element_size() * 8
+        if self.bits == 0:
+            object.__setattr__(self, "bits", native)
+        elif self.bits != native:
+            raise ValueError(f"KVFormat {self.name}: bits={self.bits} but the views hold {native}-bit elements; "
+                             "packed (quantized) pages need their own format with scales")
 
     # -- shape ---------------------------------------------------------------------------------
     @property

@@ -35,10 +35,15 @@ class SelectContext:
     pages: Any = None  # PageSummaries of this layer when the selector asks for them
     requests: Any = None  # the per-request state (RequestStates), keyed by request id and layer
     step: dict = field(default_factory=dict)  # scratch shared by every layer of this step
+    layer_data: Any = None  # what the selector's prepare_layer built for this layer
 
     @property
     def num_kv_heads(self) -> int:
         return self.kv.num_kv_heads
+
+
+def _is_selector_type(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, Selector)
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -59,6 +64,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if _is_selector_type(hint):
+        return 'an object such as {"method": "streaming", ...}'
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
@@ -90,13 +97,32 @@ class Selector(ABC):
             raise LcxConfigError(f"lcx config from {source}: unknown key(s) {unknown} for method {cls.name!r}; "
                                  f"valid keys are {sorted([*engine_keys, *known])}")
         hints = typing.get_type_hints(cls)
+        values = dict(data)
         for key, value in data.items():
-            if not _type_ok(value, hints[key]):
+            if _is_selector_type(hints[key]) and isinstance(value, Mapping):
+                # Composition: a wrapper's inner method, given as its own {"method": ..., ...} object.
+                from lcx_plugin import selectors
+
+                inner = dict(value)
+                method = inner.pop("method", None)
+                if not isinstance(method, str):
+                    raise LcxConfigError(f"lcx config from {source}: {key} needs a \"method\", one of {selectors.names()}")
+                values[key] = selectors.get(method).from_dict(inner, f"{source} ({key})", ("method",))
+            elif not _type_ok(value, hints[key]):
                 raise LcxConfigError(f"lcx config from {source}: {key}={value!r} must be {_type_name(hints[key])}")
-        return cls(**dict(data))
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in self.params()}
+        out = {}
+        for f in self.params():
+            value = getattr(self, f.name)
+            out[f.name] = {"method": value.name, **value.to_dict()} if isinstance(value, Selector) else value
+        return out
+
+    def prepare_layer(self, layer: int, num_kv_heads: int, head_dim: int) -> Any:
+        """Per-layer data, built once when the layer core is made (head patterns, calibration data,
+        loaded by a loader module, never with pickle); handed to ``select`` as ``ctx.layer_data``."""
+        return None
 
     def dense_rows(self, plan: BatchPlan) -> list[bool]:
         """Per sequence: True when it needs no selection this step (the default: all dense)."""

@@ -83,3 +83,39 @@ def test_top_k_budget_as_count_or_fraction():
     for bad, msg in ((0, "as a count must be >= 1"), (1.5, r"as a fraction must be in \(0, 1\]"), (0.0, "fraction")):
         with pytest.raises(LcxConfigError, match=msg):
             Probe(budget=bad)
+
+
+@dataclass(frozen=True)
+class _Wrapper(WindowedSelector):
+    """A toy wrapper: its own window on KV head 0, the inner method's choice on the others."""
+
+    name: ClassVar[str] = "test-wrapper"
+    inner: selectors.Selector = None  # type: ignore[assignment]
+
+    def prepare_layer(self, layer, num_kv_heads, head_dim):
+        return {"layer": layer, "heads": num_kv_heads}
+
+    def select(self, ctx):
+        return self.inner.select(ctx)
+
+
+def test_composition_builds_the_inner_method_from_its_own_object():
+    w = _Wrapper.from_dict({"sink": 2, "inner": {"method": "streaming", "window": 16}})
+    assert w.inner == selectors.get("streaming")(window=16)
+    assert w.to_dict() == {"sink": 2, "window": 1024, "min_context": 0,
+                           "inner": {"method": "streaming", "sink": 64, "window": 16, "min_context": 0}}
+    with pytest.raises(LcxConfigError, match=r"\(inner\): unknown key\(s\) \['windw'\]"):
+        _Wrapper.from_dict({"inner": {"method": "streaming", "windw": 16}})
+    with pytest.raises(LcxConfigError, match='inner needs a "method"'):
+        _Wrapper.from_dict({"inner": {"window": 16}})
+    with pytest.raises(LcxConfigError, match="inner=3 must be an object"):
+        _Wrapper.from_dict({"inner": 3})
+
+
+def test_per_layer_data_is_built_once_per_layer_core():
+    from lcx_plugin.config import LcxConfig
+    from lcx_plugin.layer import LayerCore
+
+    cfg = LcxConfig(selector=_Wrapper.from_dict({"inner": {"method": "dense"}}))
+    core = LayerCore(5, 4, 2, 16, 0.25, cfg, "torch")
+    assert core.layer_data == {"layer": 5, "heads": 2}

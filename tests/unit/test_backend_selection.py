@@ -40,3 +40,23 @@ def test_kernel_resolution_by_device():
     assert resolve_kernel("torch", torch.device("cuda")) == "torch"
     with pytest.raises(ValueError, match="kernel='engine' is the vLLM CPU build's op"):
         resolve_kernel("engine", torch.device("cuda"))
+
+
+def test_triton_kernel_is_refused_at_startup_without_a_gpu(monkeypatch):
+    from lcx_plugin.attention_backends.vllm import backend
+    from lcx_plugin.config import LcxConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(backend, "current_lcx_config", lambda: LcxConfig(kernel="triton"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert any("kernel='triton' needs a CUDA GPU" in r for r in _reasons())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the tests run the kernel interpreted inside the engine
+    assert _reasons() == []
+
+
+def test_a_bad_config_is_one_reason_at_backend_selection(monkeypatch):
+    from lcx_plugin.attention_backends.vllm import backend
+    from lcx_plugin.config import LcxConfig
+
+    monkeypatch.setattr(backend, "current_lcx_config", lambda: LcxConfig.from_dict({"method": "streaming", "sink": -2}))
+    assert _reasons() == ["lcx config: sink=-2 must be >= 0"]

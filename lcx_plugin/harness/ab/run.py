@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=DEFAULTS["max_model_len"],
                    help="the arms' context limit: lengths that cannot fit are refused up front")
     p.add_argument("--out", default="out/ab/ab.json", help="report JSON; the PNGs go beside it")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the arms, the grid and the length limits, print the plan, start nothing")
     p.add_argument("--bind", default=None, help="engine arms: VLLM_CPU_OMP_THREADS_BIND for both arms "
                    "(default: every core; or $LCX_CPU_BIND)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
@@ -49,6 +51,27 @@ def _csv(text: str, cast=str) -> list:
         return [cast(x.strip()) for x in text.split(",") if x.strip()]
     except ValueError as e:
         raise ArmSpecError(f"bad list {text!r}: {e}") from None
+
+
+def _dry_run(args, arms, tasks, lengths, depths, console) -> int:
+    """Everything that can be checked without an engine, an endpoint or a tokenizer."""
+    from .tasks import _check_lengths_fit
+
+    try:
+        for task in tasks:
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        if any(not 0.0 <= d <= 1.0 for d in depths):
+            raise ValueError(f"depths {depths} must lie in [0, 1]")
+        _check_lengths_fit(tasks, lengths, args.max_model_len)
+    except ValueError as e:
+        console.print(f"[red]lcx ab: error:[/] {e}")
+        return 2
+    n = len(tasks) * len(lengths) * len(depths) * args.samples
+    console.print(f"dry run: arms A={arms[0].label} ({arms[0].kind}), B={arms[1].label} ({arms[1].kind}); "
+                  f"{n} accuracy prompts, {args.load_requests} load requests; lengths {lengths} fit "
+                  f"max_model_len {args.max_model_len}; report {args.out}")
+    return 0
 
 
 class EndpointTokenizer:
@@ -109,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
     engine_arms = any(a.kind == "engine" for a in arms)
     if engine_arms:
         console.print(settings.line(cpu_info()))
+    if args.dry_run:
+        return _dry_run(args, arms, tasks, lengths, depths, console)
     model = args.model or (str(prepare()) if engine_arms else None)
     try:
         tokenizer = _tokenizer(args, arms, model, console)
