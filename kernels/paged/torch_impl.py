@@ -29,9 +29,16 @@ def _all_heads(hkv: int, n: int) -> torch.Tensor:
 def _dense_sequence(q: torch.Tensor, kv: KVFormat, blocks: torch.Tensor, seq_len: int, scale: float, group: int):
     """Causal attention over the whole context: ``q`` ``[Hq, qlen, D]`` float32 -> ``[qlen, Hq, D]``."""
     hkv, n = kv.num_kv_heads, blocks.shape[0]
-    k, v = kv.gather(blocks[None, :].expand(hkv, n), _all_heads(hkv, n))  # [Hkv, n, bs, D]
-    k = k.to(torch.float32, memory_format=torch.contiguous_format).reshape(hkv, -1, kv.head_dim)[:, :seq_len]
-    v = v.to(torch.float32, memory_format=torch.contiguous_format).reshape(hkv, -1, kv.head_dim)[:, :seq_len]
+    first = int(blocks[0])
+    if n == 1 or bool((blocks[1:] - blocks[:-1] == 1).all()):
+        # A contiguous run of blocks: one pass lays the cells out [Hkv, n, ...] and upcasts, no gather.
+        k = kv.k[first: first + n].transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        v = kv.v[first: first + n].transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+    else:
+        k, v = kv.gather(blocks[None, :].expand(hkv, n), _all_heads(hkv, n), torch.float32)  # [Hkv, n, bs, D]
+        k, v = k.contiguous(), v.contiguous()
+    k = k.reshape(hkv, -1, kv.head_dim)[:, :seq_len]
+    v = v.reshape(hkv, -1, kv.head_dim)[:, :seq_len]
     qlen = q.shape[1]
     mask = None
     if 1 < qlen < seq_len:  # a chunk after earlier context: causal relative to its own positions
