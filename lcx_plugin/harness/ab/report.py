@@ -95,7 +95,7 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {row['task']} | {row['length']} | {row['n']} | {cells[0]} | {cells[1]} | "
                      f"{row['mcnemar']['p_value']:.3g} | {bs['diff']:+.2f} [{bs['low']:+.2f}, {bs['high']:+.2f}] | "
                      f"{row['A']['mean_score']:.2f} / {row['B']['mean_score']:.2f} |")
-    lines += ["", "| arm | TTFT p50 s | TTFT p90 s | TTFT p99 s | TPOT p50 ms | output tok/s | KV capacity (tokens) |",
+    lines += ["", "| arm | TTFT p50 s | TTFT p90 s | TTFT p99 s | TPOT p50 ms | output tok/s | KV capacity at bf16 (tokens) |",
               "|---|---|---|---|---|---|---|"]
     for side, label in (("A", la), ("B", lb)):
         lat = summary["latency"][side]
@@ -129,7 +129,7 @@ def print_table(summary: dict) -> None:
     console.print(t)
     console.print(machine_line(summary["setup"].get("machine")))
     lt = Table(title="latency under load (median [95% CI] of p50/p90/p99)")
-    for col in ("arm", "TTFT p50 s", "TTFT p90 s", "TTFT p99 s", "TPOT p50 ms", "tok/s", "KV capacity (tokens)"):
+    for col in ("arm", "TTFT p50 s", "TTFT p90 s", "TTFT p99 s", "TPOT p50 ms", "tok/s", "KV capacity at bf16 (tokens)"):
         lt.add_column(col, justify="right")
     for side, label in (("A", la), ("B", lb)):
         lat = summary["latency"][side]
