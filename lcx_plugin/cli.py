@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="the full machine record")
     p.set_defaults(fn=_machine)
 
+    from lcx_plugin.harness.calibrate import add_parser as add_calibrate
+
+    add_calibrate(sub)
+
     args = parser.parse_args(argv)
     return args.fn(args)
 

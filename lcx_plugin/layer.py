@@ -18,7 +18,7 @@ import torch
 
 from lcx_plugin.config import LcxConfig
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, paged_attention
-from lcx_plugin.selectors import SelectContext, Selector
+from lcx_plugin.selectors import LayerInfo, SelectContext, Selector
 from lcx_plugin.state import PageSummaries, RequestStates
 
 
@@ -84,7 +84,8 @@ class LayerCore:
     """One attention layer: its index, heads, selector and state; ``write`` and ``run``."""
 
     def __init__(self, index: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 config: LcxConfig, impl: str, requests: RequestStates | None = None) -> None:
+                 config: LcxConfig, impl: str, requests: RequestStates | None = None,
+                 info: LayerInfo | None = None) -> None:
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads=} must be a multiple of {num_kv_heads=}")
         self.index = index
@@ -95,7 +96,8 @@ class LayerCore:
         self.impl = impl  # "torch" or "triton": lcx's kernel for selections (and dense, without a dense kernel)
         self.requests = requests if requests is not None else RequestStates()
         self.pages: PageSummaries | None = None
-        self.layer_data = self.selector.prepare_layer(index, num_kv_heads, head_dim)
+        self.info = info or LayerInfo.single(index, num_kv_heads, head_dim)
+        self.layer_data = self.selector.prepare_layer(self.info)
 
     def write(self, kv: KVFormat, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
               engine_write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.config import VllmConfig, get_current_vllm_config, get_current_vllm_config_or_none
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -27,6 +27,7 @@ from lcx_plugin import machine
 from lcx_plugin.config import LcxConfig, resolve_config
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, formats
 from lcx_plugin.layer import LayerCore, StepPlan, plan_step
+from lcx_plugin.selectors import LayerInfo
 from lcx_plugin.log import get_logger
 from lcx_plugin.state import RequestStates
 
@@ -99,6 +100,9 @@ class LcxAttentionBackend(AttentionBackend):
             config = current_lcx_config()
         except ValueError as e:  # LcxConfigError: surfaced once, at backend selection
             return reasons + [str(e)]
+        vllm_config = get_current_vllm_config_or_none()
+        if vllm_config is not None and getattr(vllm_config, "model_config", None) is not None:
+            reasons += config.selector.check_model(compat.model_shape(vllm_config))
         if config.kernel == "triton" and not torch.cuda.is_available() and not machine.triton_interpreted():
             reasons.append("lcx config: kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1, for tests); "
                            "on CPU use kernel 'auto'")
@@ -173,6 +177,9 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.config = current_lcx_config()
+        # Built with the model, while vLLM's config and tensor-parallel groups are current.
+        shape = compat.model_shape(get_current_vllm_config())
+        self.placement = (shape, compat.kv_head_offset(self.num_kv_heads, shape.num_kv_heads))
         self.kernel: str | None = None  # resolved on first use, when the device is known
         self.isa: str | None = None
         self.core: LayerCore | None = None
@@ -186,8 +193,10 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
 
                 self.isa = cpu_native.isa_for(kv_cache.dtype, kv_cache.shape[2], self.head_size, self.kv_cache_dtype)
             impl = "torch" if self.kernel == "engine" else self.kernel
-            self.core = LayerCore(compat.layer_index(layer.layer_name), self.num_heads, self.num_kv_heads,
-                                  self.head_size, self.scale, self.config, impl, REQUESTS)
+            index = compat.layer_index(layer.layer_name)
+            info = LayerInfo(index, self.num_kv_heads, self.head_size, *self.placement)
+            self.core = LayerCore(index, self.num_heads, self.num_kv_heads, self.head_size, self.scale, self.config,
+                                  impl, REQUESTS, info)
         return self.core
 
     def _kv(self, kv_cache: torch.Tensor) -> KVFormat:

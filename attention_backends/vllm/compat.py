@@ -66,6 +66,28 @@ def layer_index(layer_name: str) -> int:
     return extract_layer_index(layer_name)
 
 
+def model_shape(vllm_config):
+    """The served model's attention shape before any tensor-parallel split, and its name."""
+    from pathlib import Path
+
+    from lcx_plugin.head_patterns import ModelShape
+
+    m = vllm_config.model_config
+    return ModelShape(m.hf_text_config.num_hidden_layers, m.get_total_num_kv_heads(), m.get_head_size(),
+                      Path(str(m.model).rstrip("/")).name)
+
+
+def kv_head_offset(num_local_kv_heads: int, total_kv_heads: int) -> int:
+    """The first global KV head this tensor-parallel rank holds. With fewer KV heads than ranks,
+    vLLM replicates each KV head over ``tp / total`` consecutive ranks."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+    if total_kv_heads >= tp:
+        return rank * num_local_kv_heads
+    return rank // (tp // total_kv_heads)
+
+
 # -- request identity per batch row (filled by patches/vllm_step_identity.py) --------------------
 _step = threading.local()
 

@@ -16,7 +16,7 @@ import pkgutil
 
 from lcx_plugin.errors import LcxConfigError
 
-from .base import SelectContext, Selector, TopKSelector, WindowedSelector, top_k
+from .base import LayerInfo, SelectContext, Selector, TopKSelector, WindowedSelector, top_k
 
 _REGISTRY: dict[str, type[Selector]] = {}
 _loaded = False
@@ -53,4 +53,4 @@ def get(name: str) -> type[Selector]:
     return _REGISTRY[name]
 
 
-__all__ = ["SelectContext", "Selector", "TopKSelector", "WindowedSelector", "get", "names", "register", "top_k"]
+__all__ = ["LayerInfo", "SelectContext", "Selector", "TopKSelector", "WindowedSelector", "get", "names", "register", "top_k"]

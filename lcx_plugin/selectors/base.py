@@ -19,7 +19,25 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from lcx_plugin.errors import LcxConfigError
+from lcx_plugin.head_patterns import ModelShape
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One attention layer as this process serves it. Under tensor parallelism a rank holds KV
+    heads ``kv_head_offset .. kv_head_offset + num_kv_heads - 1`` of ``model.num_kv_heads``."""
+
+    index: int
+    num_kv_heads: int  # on this rank
+    head_dim: int
+    model: ModelShape  # the whole model, before any tensor-parallel split
+    kv_head_offset: int = 0
+
+    @classmethod
+    def single(cls, index: int, num_kv_heads: int, head_dim: int, num_layers: int | None = None) -> "LayerInfo":
+        """A layer of an unsplit model (tests, tools)."""
+        return cls(index, num_kv_heads, head_dim, ModelShape(num_layers or index + 1, num_kv_heads, head_dim))
 
 
 @dataclass
@@ -43,6 +61,9 @@ class SelectContext:
 
 
 def _is_selector_type(hint: Any) -> bool:
+    """A Selector class, or an optional one (``Selector | None``)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_selector_type(h) for h in typing.get_args(hint))
     return isinstance(hint, type) and issubclass(hint, Selector)
 
 
@@ -64,7 +85,7 @@ def _type_ok(value: Any, hint: Any) -> bool:
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
-    if _is_selector_type(hint):
+    if isinstance(hint, type) and issubclass(hint, Selector):
         return 'an object such as {"method": "streaming", ...}'
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
@@ -119,7 +140,12 @@ class Selector(ABC):
             out[f.name] = {"method": value.name, **value.to_dict()} if isinstance(value, Selector) else value
         return out
 
-    def prepare_layer(self, layer: int, num_kv_heads: int, head_dim: int) -> Any:
+    def check_model(self, model: ModelShape) -> list[str]:
+        """Why this method cannot serve ``model`` (empty: it can). Called once at engine start, so
+        that a head pattern for another model is one clear startup error, not a failure mid-run."""
+        return []
+
+    def prepare_layer(self, layer: LayerInfo) -> Any:
         """Per-layer data, built once when the layer core is made (head patterns, calibration data,
         loaded by a loader module, never with pickle); handed to ``select`` as ``ctx.layer_data``."""
         return None

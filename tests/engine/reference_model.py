@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-_MASK = {"sink": 0, "window": None}  # window None: dense
+_MASK = {"sink": 0, "window": None, "streaming": None}  # window None: dense; streaming: [layers, Hkv] bool
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -25,7 +25,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     j = torch.arange(t)[None, :]
     visible = j <= i
     if _MASK["window"] is not None:
-        visible &= (j < _MASK["sink"]) | (j > i - _MASK["window"])
+        windowed = visible & ((j < _MASK["sink"]) | (j > i - _MASK["window"]))
+        if _MASK["streaming"] is None:
+            visible = windowed
+        else:  # a head split: streaming KV heads windowed, retrieval heads dense
+            heads = _MASK["streaming"][module.layer_idx].repeat_interleave(group)[:, None, None]
+            visible = torch.where(heads, windowed, visible)
     scores = scores.masked_fill(~visible, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ value
     return out.transpose(1, 2).contiguous(), None
@@ -41,9 +46,11 @@ def _model(path: str):
 
 
 @torch.no_grad()
-def token_logprobs(path: str, token_ids: list[int], sink: int = 0, window: int | None = None) -> list[float]:
-    """``out[i]`` = log p(token_ids[i+1] | token_ids[:i+1]) under the restricted attention."""
-    _MASK.update(sink=sink, window=window)
+def token_logprobs(path: str, token_ids: list[int], sink: int = 0, window: int | None = None,
+                   streaming: torch.Tensor | None = None) -> list[float]:
+    """``out[i]`` = log p(token_ids[i+1] | token_ids[:i+1]) under the restricted attention (on the
+    heads marked in ``streaming`` ``[layers, kv_heads]`` only, when given)."""
+    _MASK.update(sink=sink, window=window, streaming=streaming)
     logits = _model(path)(torch.tensor([token_ids])).logits[0, :-1].float()
     logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0].tolist()

@@ -92,8 +92,8 @@ class _Wrapper(WindowedSelector):
     name: ClassVar[str] = "test-wrapper"
     inner: selectors.Selector = None  # type: ignore[assignment]
 
-    def prepare_layer(self, layer, num_kv_heads, head_dim):
-        return {"layer": layer, "heads": num_kv_heads}
+    def prepare_layer(self, layer):
+        return {"layer": layer.index, "heads": layer.num_kv_heads}
 
     def select(self, ctx):
         return self.inner.select(ctx)

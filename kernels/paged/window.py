@@ -1,0 +1,110 @@
+"""Sink + window attention over a cache that keeps only sinks and windows, plus this step's own keys.
+
+Storage that saves memory for streaming heads (vLLM's companion KV group, ``kv_split``) keeps, per
+sequence, only the pages of its first ``sink`` tokens and of its most recent ``window`` tokens. A
+prefill chunk longer than the window is therefore never cached whole: its rows attend to the
+cached sinks, to the cached window before the chunk, and to the chunk's own keys and values, taken
+from the step's incoming ``key``/``value`` rather than from the cache. Pages outside those ranges
+may hold another request's data (the engine reuses them), so they are never read.
+
+For query row ``i`` of sequence ``b`` at position ``p = c + i`` (``c = seq_len - q_len`` tokens
+were cached before this step) the candidates are the positions ``j <= p`` with ``j < sink`` or
+``j > p - window``: positions ``< c`` come from the cache, the rest from the step's keys.
+
+Two implementations share the signature: ``window_attention`` (the torch twin, one pass per
+sequence over only the needed pages) and ``window_attention_reference`` (float64, one token at a
+time: the tests' oracle).
+"""
+from __future__ import annotations
+
+import torch
+
+from .formats import KVFormat
+from .plan import BatchPlan
+
+
+def _check(query, kv: KVFormat, plan: BatchPlan, out, key, value, sink: int, window: int) -> None:
+    t, hq, d = query.shape
+    if d != kv.head_dim or hq % kv.num_kv_heads:
+        raise ValueError(f"query {tuple(query.shape)} does not fit a cache of {kv.num_kv_heads} heads x {kv.head_dim}")
+    if key.shape[0] < plan.num_tokens or key.shape[1:] != (kv.num_kv_heads, d) or value.shape != key.shape:
+        raise ValueError(f"key/value {tuple(key.shape)}/{tuple(value.shape)} must be [>= {plan.num_tokens}, "
+                         f"{kv.num_kv_heads}, {d}]")
+    if out.shape[0] < plan.num_tokens or out.shape[1:] != query.shape[1:]:
+        raise ValueError(f"out {tuple(out.shape)} cannot hold query {tuple(query.shape)}")
+    if sink < 0 or window < 1:
+        raise ValueError(f"need sink >= 0 and window >= 1, got sink={sink} window={window}")
+
+
+def cached_positions(cached: int, sink: int, window: int) -> torch.Tensor:
+    """The cached positions a step starting at position ``cached`` can need: the sinks, and the
+    window before the step's first row."""
+    n_sink = min(sink, cached)
+    return torch.cat([torch.arange(n_sink), torch.arange(max(n_sink, cached - window + 1), cached)])
+
+
+def window_attention(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
+                     sink: int, window: int, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``query`` ``[T, Hq, D]``, ``key``/``value`` ``[T, Hkv, D]`` (this step's, row-aligned with
+    ``query``) -> ``out[:T]``. See the module docstring."""
+    _check(query, kv, plan, out, key, value, sink, window)
+    hkv, d, bs = kv.num_kv_heads, kv.head_dim, kv.block_size
+    group = query.shape[1] // hkv
+    heads = torch.arange(hkv, device=query.device)
+    for b in range(plan.num_seqs):
+        s, e = plan.starts[b], plan.starts[b + 1]
+        q = e - s
+        if q == 0:
+            continue
+        c = plan.lens[b] - q
+        cpos = cached_positions(c, sink, window).to(query.device)
+        new_pos = torch.arange(c, c + q, device=query.device)
+        k_new, v_new = key[s:e].transpose(0, 1).float(), value[s:e].transpose(0, 1).float()  # [Hkv, q, D]
+        if cpos.numel():
+            pages = torch.unique(cpos // bs)  # only the pages that hold needed positions
+            blocks = plan.block_table[b, pages].long()
+            kc, vc = kv.gather(blocks[:, None].expand(-1, hkv), heads[None, :].expand(len(pages), -1), torch.float32)
+            slot = torch.searchsorted(pages, cpos // bs) * bs + cpos % bs  # index into the gathered pages
+            kc = kc.permute(1, 0, 2, 3).reshape(hkv, -1, d).index_select(1, slot)
+            vc = vc.permute(1, 0, 2, 3).reshape(hkv, -1, d).index_select(1, slot)
+            keys, vals, kpos = torch.cat([kc, k_new], 1), torch.cat([vc, v_new], 1), torch.cat([cpos, new_pos])
+        else:
+            keys, vals, kpos = k_new, v_new, new_pos
+        qg = query[s:e].float().view(q, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, group * q, d)
+        scores = (qg @ keys.transpose(1, 2)) * scale  # [Hkv, group*q, N]
+        p = new_pos.repeat(group)[:, None]
+        j = kpos[None, :]
+        allowed = (j <= p) & ((j < sink) | (j > p - window))
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        o = (probs @ vals).view(hkv, group, q, d).permute(2, 0, 1, 3).reshape(q, hkv * group, d)
+        out[s:e] = o.to(out.dtype)
+    return out
+
+
+def window_attention_reference(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, sink: int,
+                               window: int, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Float64, one token at a time; reads the cache only below each sequence's cached length."""
+    t, hq, d = query.shape
+    group = hq // kv.num_kv_heads
+    bs = kv.block_size
+    out = torch.zeros(t, hq, d, dtype=torch.float64)
+    for b in range(plan.num_seqs):
+        s, q, seq_len = plan.starts[b], plan.q_len(b), plan.lens[b]
+        c = seq_len - q
+        table = plan.block_table[b].tolist()
+        for h in range(hq):
+            g = h // group
+            for i in range(q):
+                pos = c + i
+                cand = [j for j in range(pos + 1) if j < sink or j > pos - window]
+                ks, vs = [], []
+                for j in cand:
+                    if j < c:
+                        k, v = kv.token(table[j // bs], g, j % bs)
+                    else:
+                        k, v = key[s + j - c, g], value[s + j - c, g]
+                    ks.append(k.double())
+                    vs.append(v.double())
+                w = torch.softmax(scale * (torch.stack(ks) @ query[s + i, h].double()), dim=0)
+                out[s + i, h] = w @ torch.stack(vs)
+    return out

@@ -1,0 +1,221 @@
+"""``lcx calibrate``: score every KV head of a model as retrieval or streaming, on one CPU, and write
+a head pattern (``lcx_plugin/head_patterns.py``).
+
+Two modes, both on synthetic needle prompts (lcx ab's generator, seeds of their own):
+
+- ``mass`` (training-free, about a minute on the embedded model): run the model in float32 and, at
+  the rows that answer (the question's last tokens and the answer itself, teacher-forced), measure
+  how much attention each head puts outside its sinks and recent window. A head that must look far
+  back to answer is a retrieval head. A KV head scores the largest mass of its query heads.
+- ``gates`` (DuoAttention's optimisation): one gate ``a`` in [0, 1] per (layer, KV head) mixes full
+  attention with sink + window attention, ``a * full + (1 - a) * streaming``. The gates are trained
+  to keep the last hidden states at the answering rows equal to full attention's, with an L1
+  penalty that pushes them towards streaming; the model's weights stay frozen. The trained gates
+  are the scores.
+
+The model runs in Hugging Face transformers with an attention function of lcx's own, so the
+calibration shares nothing with the kernels it configures.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lcx_plugin.head_patterns import HeadPattern, ModelShape
+
+SEED_BASE = 90_001  # calibration prompts never coincide with the tests' or the benchmarks'
+
+
+@dataclass
+class _State:
+    mode: str = "off"  # "mass" | "gates" | "off"
+    sink: int = 64
+    window: int = 256
+    rows: torch.Tensor | None = None  # query rows that are scored
+    mass: torch.Tensor | None = None  # [layers, q_heads] summed mass outside sink + window
+    gates: torch.Tensor | None = None  # [layers, kv_heads] logits (trained)
+
+
+STATE = _State()
+
+
+def _visible(rows: torch.Tensor, t: int, sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For query rows ``rows`` over ``t`` keys: (causal mask, sink + window mask) ``[R, T]`` bool."""
+    j = torch.arange(t)[None, :]
+    i = rows[:, None]
+    causal = j <= i
+    return causal, causal & ((j < sink) | (j > i - window))
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [B, H, T, D], key/value [B, Hkv, T, D] -> ([B, T, H, D], None)."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    hq, hkv, t = query.shape[1], key.shape[1], query.shape[2]
+    group = hq // hkv
+    k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    full = torch.nn.functional.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scale)
+    layer = module.layer_idx
+    if STATE.mode == "mass":
+        rows = STATE.rows
+        causal, kept = _visible(rows, t, STATE.sink, STATE.window)
+        s = (query[:, :, rows] @ k.transpose(-1, -2)) * scale
+        p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)  # [B, H, R, T]
+        STATE.mass[layer] += p.masked_fill(kept, 0.0).sum(-1).mean(-1).sum(0)
+    elif STATE.mode == "gates":
+        i = torch.arange(t)[:, None]
+        j = torch.arange(t)[None, :]
+        band = (j <= i) & ((j < STATE.sink) | (j > i - STATE.window))
+        stream = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=band, scale=scale)
+        a = torch.sigmoid(STATE.gates[layer]).repeat_interleave(group)[None, :, None, None]
+        full = a * full + (1 - a) * stream
+    return full.transpose(1, 2).contiguous(), None
+
+
+def _load_model(path: str):
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+    AttentionInterface.register("lcx_calibrate", _attention)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="lcx_calibrate")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def shape_of(model, name: str) -> ModelShape:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return ModelShape(c.num_hidden_layers, c.num_key_value_heads, head_dim, name)
+
+
+def prompts(tokenizer, n: int, length: int) -> list[tuple[list[int], int]]:
+    """``n`` passkey / multi-key prompts of about ``length`` tokens, each with its answer appended:
+    (token ids, index of the first answer token)."""
+    from lcx_plugin.harness.ab.tasks import generate
+
+    out = []
+    for i in range(n):
+        task = ("passkey", "multikey")[i % 2]
+        depth = (i + 0.5) / n * 0.8 + 0.05  # spread over the context, never inside the recent window
+        s = generate(task, length, round(depth, 3), SEED_BASE + i, tokenizer)
+        ids = tokenizer.encode(s.prompt)
+        answer = tokenizer.encode(" " + s.answers[0], add_special_tokens=False)
+        out.append((ids + answer, len(ids)))
+    return out
+
+
+def _rows(n_tokens: int, answer_start: int, question: int = 16) -> torch.Tensor:
+    """The rows that answer: the prompt's last ``question`` tokens and every answer token but the
+    last (each row predicts the next token)."""
+    return torch.arange(max(0, answer_start - question), n_tokens - 1)
+
+
+@torch.no_grad()
+def score_mass(model, data, sink: int, window: int, progress) -> torch.Tensor:
+    c = model.config
+    STATE.mode, STATE.sink, STATE.window = "mass", sink, window
+    STATE.mass = torch.zeros(c.num_hidden_layers, c.num_attention_heads, dtype=torch.float64)
+    try:
+        for ids, start in data:
+            STATE.rows = _rows(len(ids), start)
+            model(torch.tensor([ids]))
+            progress.advance()
+    finally:
+        STATE.mode = "off"
+    per_q = STATE.mass / len(data)
+    group = c.num_attention_heads // c.num_key_value_heads
+    return per_q.view(c.num_hidden_layers, c.num_key_value_heads, group).amax(-1)
+
+
+def train_gates(model, data, sink: int, window: int, steps: int, l1: float, lr: float, progress) -> torch.Tensor:
+    c = model.config
+    targets = []
+    STATE.mode = "off"
+    with torch.no_grad():
+        for ids, start in data:
+            rows = _rows(len(ids), start)
+            h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, rows]
+            targets.append((ids, rows, h))
+    STATE.gates = torch.full((c.num_hidden_layers, c.num_key_value_heads), 3.0, requires_grad=True)
+    STATE.mode, STATE.sink, STATE.window = "gates", sink, window
+    opt = torch.optim.Adam([STATE.gates], lr=lr)
+    try:
+        for step in range(steps):
+            ids, rows, target = targets[step % len(targets)]
+            h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, rows]
+            distill = ((h - target) ** 2).sum(-1).mean() / target.pow(2).sum(-1).mean()
+            penalty = torch.sigmoid(STATE.gates).mean()
+            loss = distill + l1 * penalty
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            progress.advance(note=f"distill {float(distill):.4f} mean gate {float(penalty):.3f}")
+    finally:
+        STATE.mode = "off"
+    return torch.sigmoid(STATE.gates.detach()).double()
+
+
+def calibrate(model_path: str, mode: str = "mass", n_prompts: int = 12, length: int = 2048, sink: int = 64,
+              window: int = 256, steps: int = 60, l1: float = 0.05, lr: float = 0.1,
+              name: str | None = None) -> HeadPattern:
+    from lcx_plugin.harness.progress import Progress
+
+    torch.manual_seed(0)
+    model, tok = _load_model(model_path)
+    shape = shape_of(model, name or Path(model_path.rstrip("/")).name)
+    data = prompts(tok, n_prompts, length)
+    t0 = time.perf_counter()
+    if mode == "mass":
+        with Progress(len(data), "lcx calibrate (mass)") as p:
+            scores = score_mass(model, data, sink, window, p)
+    elif mode == "gates":
+        with Progress(steps, "lcx calibrate (gates)") as p:
+            scores = train_gates(model, data, sink, window, steps, l1, lr, p)
+    else:
+        raise ValueError(f"mode={mode!r} is not 'mass' or 'gates'")
+    source = {"method": mode, "prompts": n_prompts, "length": length, "sink": sink, "window": window,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    if mode == "gates":
+        source.update(steps=steps, l1=l1, lr=lr)
+    return HeadPattern(scores, shape, source)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="score KV heads as retrieval or streaming; write a head pattern",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    p.add_argument("--mode", choices=("mass", "gates"), default="mass")
+    p.add_argument("--out", required=True, help="where to write the pattern (JSON)")
+    p.add_argument("--prompts", type=int, default=12, help="synthetic needle prompts (default 12)")
+    p.add_argument("--length", type=int, default=2048, help="tokens per prompt (default 2048)")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--steps", type=int, default=60, help="gates mode: optimiser steps")
+    p.add_argument("--l1", type=float, default=0.05, help="gates mode: weight of the penalty on open gates")
+    p.add_argument("--name", default=None, help="model name recorded in the pattern (default: directory name)")
+    p.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lcx_plugin.harness.model import prepare
+
+    for key in ("prompts", "length", "sink", "window", "steps"):
+        if getattr(args, key) < (0 if key == "sink" else 1):
+            print(f"lcx calibrate: error: --{key} must be positive", file=sys.stderr)
+            return 2
+    if not math.isfinite(args.l1) or args.l1 < 0:
+        print("lcx calibrate: error: --l1 must be >= 0", file=sys.stderr)
+        return 2
+    path = args.model or str(prepare())
+    pattern = calibrate(path, args.mode, args.prompts, args.length, args.sink, args.window, args.steps, args.l1,
+                        name=args.name)
+    out = pattern.save(args.out)
+    order = pattern.scores.flatten().sort().values
+    print(f"wrote {out}: {pattern.num_layers} layers x {pattern.num_kv_heads} KV heads, mode {args.mode}, "
+          f"scores from {float(order[0]):.3g} to {float(order[-1]):.3g}, {pattern.source['seconds']} s")
+    return 0
