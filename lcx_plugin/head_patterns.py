@@ -63,13 +63,19 @@ class HeadPattern:
     def num_kv_heads(self) -> int:
         return self.scores.shape[1]
 
-    def streaming_mask(self, streaming_fraction: float | None = None, threshold: float | None = None) -> torch.Tensor:
-        """``[layers, kv_heads]`` bool, True = streaming head. Exactly one of the two rules."""
+    def streaming_mask(self, streaming_fraction: float | None = None, threshold: float | None = None,
+                       per_layer: bool = False) -> torch.Tensor:
+        """``[layers, kv_heads]`` bool, True = streaming head. Exactly one of the two rules. With
+        ``per_layer``, the fraction applies within each layer (every layer streams the same number
+        of heads, its lowest-scoring ones); otherwise across the whole model."""
         if (streaming_fraction is None) == (threshold is None):
             raise LcxConfigError("a head pattern needs exactly one of streaming_fraction and threshold")
-        flat = self.scores.flatten()
         if threshold is not None:
             return (self.scores < threshold)
+        if per_layer:
+            return torch.stack([HeadPattern(row[None], None).streaming_mask(streaming_fraction)[0]
+                                for row in self.scores])
+        flat = self.scores.flatten()
         n = round(streaming_fraction * flat.numel())
         # Stable: equal scores keep their (layer, head) order, so the mask is the same on every run.
         order = torch.sort(flat, stable=True).indices

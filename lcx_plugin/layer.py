@@ -18,7 +18,9 @@ import torch
 
 from lcx_plugin.config import LcxConfig
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, paged_attention
+from lcx_plugin.kernels.paged.window import window_attention
 from lcx_plugin.selectors import LayerInfo, SelectContext, Selector
+from lcx_plugin.selectors.dense import Dense
 from lcx_plugin.state import PageSummaries, RequestStates
 
 
@@ -98,7 +100,14 @@ class LayerCore:
         self.pages: PageSummaries | None = None
         self.info = info or LayerInfo.single(index, num_kv_heads, head_dim)
         self.layer_data = self.selector.prepare_layer(self.info)
+        self.split: SplitStorage | None = None
 
+    def store_apart(self) -> "SplitStorage":
+        """For an adapter that keeps a head split's streaming heads in storage of their own (only
+        sinks + window): from now on ``write_split``/``run_split`` serve this layer."""
+        if self.split is None:
+            self.split = SplitStorage(self)
+        return self.split
     def write(self, kv: KVFormat, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
               engine_write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> None:
         """Store this step's keys and values ``[T, Hkv, D]``: per-page summaries first (from the raw
@@ -136,6 +145,34 @@ class LayerCore:
         if rows is not None:
             out.index_copy_(0, rows, o)
 
+    def write_split(self, kv_retrieval: KVFormat, kv_streaming: KVFormat, key: torch.Tensor, value: torch.Tensor,
+                    slots_retrieval: torch.Tensor, slots_streaming: torch.Tensor,
+                    engine_write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        """Store the retrieval heads' keys/values like any layer, the streaming heads' at
+        ``slots_streaming`` (negative: not kept, skipped)."""
+        sp = self.split
+        sp.retrieval.write(kv_retrieval, key.index_select(1, sp.r_kv), value.index_select(1, sp.r_kv),
+                           slots_retrieval, engine_write)
+        kv_streaming.write(key.index_select(1, sp.s_kv), value.index_select(1, sp.s_kv), slots_streaming)
+
+    def run_split(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_retrieval: KVFormat,
+                  kv_streaming: KVFormat, step: StepPlan, streaming_plan: BatchPlan, out: torch.Tensor,
+                  dense_kernel: DenseKernel | None = None, page_kernel: PageListKernel | None = None) -> torch.Tensor:
+        """Attention with the heads stored apart: retrieval heads over their full cache (through
+        the inner method, ``step`` planned for it), streaming heads over sinks + window storage
+        plus this step's own keys (``streaming_plan`` holds that storage's block table)."""
+        sp = self.split
+        q_r = query.index_select(1, sp.r_q)
+        out_r = torch.empty_like(q_r)
+        sp.retrieval.run(q_r, kv_retrieval, step, out_r, dense_kernel, page_kernel)
+        q_s = query.index_select(1, sp.s_q)
+        out_s = torch.empty_like(q_s)
+        window_attention(q_s, kv_streaming, streaming_plan, self.scale, out_s, self.selector.sink, self.selector.window,
+                         key.index_select(1, sp.s_kv), value.index_select(1, sp.s_kv))
+        out.index_copy_(1, sp.r_q, out_r)
+        out.index_copy_(1, sp.s_q, out_s)
+        return out
+
     def _sparse(self, query, kv, step: StepPlan, out, page_kernel) -> None:
         rows = step.sparse_token_rows
         q = query[: step.sparse.num_tokens] if rows is None else query.index_select(0, rows)
@@ -151,3 +188,32 @@ class LayerCore:
             paged_attention(q, kv, step.sparse, self.scale, o, selection, impl=self.impl)
         if rows is not None:
             out.index_copy_(0, rows, o)
+
+
+class SplitStorage:
+    """A head split whose streaming heads live in storage of their own: the head indices of each
+    side, and a layer core for the retrieval heads alone (with the split's inner method)."""
+
+    def __init__(self, core: LayerCore) -> None:
+        split = core.layer_data
+        r, s = split.retrieval_heads, split.streaming_heads
+        if not r or not s:
+            raise ValueError(f"layer {core.index}: storing heads apart needs both kinds, got retrieval {r} streaming {s}")
+        group = core.num_heads // core.num_kv_heads
+        self.r_kv, self.s_kv = torch.tensor(r), torch.tensor(s)
+        self.r_q = torch.tensor([h * group + j for h in r for j in range(group)])
+        self.s_q = torch.tensor([h * group + j for h in s for j in range(group)])
+        inner = core.selector.retrieval or Dense()
+        info = core.info
+        r_info = LayerInfo(info.index, len(r), info.head_dim, info.model, info.kv_head_offset)
+        self.retrieval = LayerCore(core.index, len(r) * group, len(r), core.head_dim, core.scale,
+                                   LcxConfig(selector=inner, kernel=core.config.kernel), core.impl, core.requests,
+                                   r_info)
+
+
+def planning_selector(selector: Selector, stored_apart: bool) -> Selector:
+    """The selector a step is planned with: with streaming heads stored apart, the plan is the
+    retrieval heads' (the split's inner method, dense when it has none)."""
+    if not stored_apart:
+        return selector
+    return selector.retrieval or Dense()

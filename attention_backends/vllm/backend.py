@@ -26,12 +26,12 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from lcx_plugin import machine
 from lcx_plugin.config import LcxConfig, resolve_config
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, formats
-from lcx_plugin.layer import LayerCore, StepPlan, plan_step
+from lcx_plugin.layer import LayerCore, StepPlan, plan_step, planning_selector
 from lcx_plugin.selectors import LayerInfo
 from lcx_plugin.log import get_logger
 from lcx_plugin.state import RequestStates
 
-from . import compat
+from . import compat, kv_split
 
 logger = get_logger()
 _announced = False  # one log line per process proves lcx's own forward ran
@@ -121,7 +121,14 @@ class LcxMetadataBuilder(AttentionMetadataBuilder[LcxMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.config = resolve_config(vllm_config.additional_config or {})
         self.kernel = resolve_kernel(self.config.kernel, device)
-        self.num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+        model, parallel = vllm_config.model_config, vllm_config.parallel_config
+        # Query heads over the KV heads this group's cache holds (fewer than the model's when a
+        # head split stores its streaming heads apart).
+        group = model.get_num_attention_heads(parallel) // model.get_num_kv_heads(parallel)
+        self.num_heads = group * kv_cache_spec.num_kv_heads
+        context = vllm_config.compilation_config.static_forward_context
+        stored_apart = any(getattr(context.get(n), "lcx_split", None) is not None for n in layer_names)
+        self.selector = planning_selector(self.config.selector, stored_apart)
         self.dtype = vllm_config.model_config.dtype
         self.kv_cache_dtype = vllm_config.cache_config.cache_dtype
         if device.type == "cpu":
@@ -144,7 +151,7 @@ class LcxMetadataBuilder(AttentionMetadataBuilder[LcxMetadata]):
         batch = BatchPlan(m.query_start_loc, m.seq_lens, m.block_table_tensor,
                           tuple(m.query_start_loc_cpu.tolist()), tuple(seq_lens_host.tolist()))
         return LcxMetadata(m.num_actual_tokens,
-                           plan_step(self.config.selector, batch, self._request_ids(m.num_reqs), self.dense_engine_data))
+                           plan_step(self.selector, batch, self._request_ids(m.num_reqs), self.dense_engine_data))
 
     @staticmethod
     def _request_ids(num_reqs: int) -> tuple[str, ...]:
@@ -184,6 +191,8 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
         self.isa: str | None = None
         self.core: LayerCore | None = None
         self._format: tuple[int, KVFormat] | None = None
+        self.companion: str | None = None  # the companion layer holding this layer's streaming heads
+        self._stream_format: tuple[int, KVFormat] | None = None
 
     def _setup(self, layer, kv_cache: torch.Tensor) -> LayerCore:
         if self.core is None:
@@ -197,6 +206,9 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
             info = LayerInfo(index, self.num_kv_heads, self.head_size, *self.placement)
             self.core = LayerCore(index, self.num_heads, self.num_kv_heads, self.head_size, self.scale, self.config,
                                   impl, REQUESTS, info)
+            if getattr(layer, "lcx_split", None) is not None:  # streaming heads in a companion cache
+                self.core.store_apart()
+                self.companion = kv_split.companion_name(layer.layer_name)
         return self.core
 
     def _kv(self, kv_cache: torch.Tensor) -> KVFormat:
@@ -222,7 +234,25 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
 
             def engine_write(k, v, slots):
                 cpu_native.write_kv(layer, k, v, kv_cache, slots, self.isa, self.kv_cache_dtype)
-        core.write(self._kv(kv_cache), key, value, slot_mapping, engine_write)
+        if self.companion is None:
+            core.write(self._kv(kv_cache), key, value, slot_mapping, engine_write)
+            return
+        kv_s, meta_s = self._companion()
+        n = key.shape[0]
+        slots = meta_s.slot_mapping[:n]
+        # Logical pages the companion does not keep are vLLM's null block (block 0): never written.
+        slots = torch.where(slots < kv_s.block_size, -1, slots)
+        core.write_split(self._kv(kv_cache), kv_s, key, value, slot_mapping, slots, engine_write)
+
+    def _companion(self) -> tuple[KVFormat, "kv_split.StreamMetadata"]:
+        """The streaming heads' cache (lcx's plain pages) and this step's metadata for it."""
+        from vllm.forward_context import get_forward_context
+
+        context = get_forward_context()
+        cache = context.no_compile_layers[self.companion].kv_cache
+        if self._stream_format is None or self._stream_format[0] != cache.data_ptr():
+            self._stream_format = (cache.data_ptr(), formats.plain(cache))
+        return self._stream_format[1], context.attn_metadata[self.companion]
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -248,5 +278,10 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
             def page_kernel(q, out, plan, selection):
                 cpu_native.attention_page_lists(layer, q, kv_cache, out, plan, selection, scale=self.scale,
                                                 dtype=query.dtype, isa=self.isa, kv_cache_dtype=self.kv_cache_dtype)
-        core.run(query[:n], self._kv(kv_cache), attn_metadata.step, output[:n], dense_kernel, page_kernel)
+        if self.companion is None:
+            core.run(query[:n], self._kv(kv_cache), attn_metadata.step, output[:n], dense_kernel, page_kernel)
+            return output
+        kv_s, meta_s = self._companion()
+        core.run_split(query[:n], key[:n], value[:n], self._kv(kv_cache), kv_s, attn_metadata.step, meta_s.plan,
+                       output[:n], dense_kernel, page_kernel)
         return output

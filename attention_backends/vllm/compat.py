@@ -60,6 +60,12 @@ def cpu_attn_split_kv() -> bool:
 
 
 # -- layers ------------------------------------------------------------------------------------
+def attention_layer_class():
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    return Attention
+
+
 def layer_index(layer_name: str) -> int:
     from vllm.model_executor.models.utils import extract_layer_index
 

@@ -28,7 +28,8 @@ def register() -> None:
     global _done
     if _done:
         return
-    from lcx_plugin.patches import vllm_backend_enum_pickle, vllm_cpu_backend_selection, vllm_step_identity
+    from lcx_plugin.patches import (vllm_backend_enum_pickle, vllm_cpu_backend_selection, vllm_kv_split,
+                                     vllm_step_identity)
     from lcx_plugin.patches._guard import UnsupportedEngineVersion
 
     from . import compat
@@ -41,6 +42,7 @@ def register() -> None:
         vllm_backend_enum_pickle.apply(enum[BACKEND_NAME], restore_member)
         vllm_cpu_backend_selection.apply(BACKEND_NAME)
         vllm_step_identity.apply()
+        vllm_kv_split.apply(BACKEND_NAME)
     except UnsupportedEngineVersion as e:
         logger.warning("lcx is not active: %s", e)
     _done = True

@@ -51,6 +51,21 @@ def _add_logprobs(result: dict, outs, spec: dict) -> None:
         result["logprobs"] = [_token_logprobs(o.outputs[0].logprobs) for o in outs]
 
 
+def _count_preemptions(llm) -> list[str]:
+    """A list that collects the id of every request the scheduler preempts (the engine core runs in
+    this process: see ``run_arm``). vLLM logs no line for a preemption, so tests read this."""
+    seen: list[str] = []
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    original = scheduler._preempt_request
+
+    def preempt(request, *args, **kwargs):
+        seen.append(request.request_id)
+        return original(request, *args, **kwargs)
+
+    scheduler._preempt_request = preempt
+    return seen
+
+
 def _child(spec: dict, settings: dict, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
@@ -58,6 +73,7 @@ def _child(spec: dict, settings: dict, out_path: str) -> None:
     t0 = time.perf_counter()
     llm = LLM(**engine_args(spec["model"], spec.get("backend"), spec.get("lcx"), spec.get("engine"), run))
     startup_s = time.perf_counter() - t0
+    preemptions = _count_preemptions(llm)
     prompts = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in spec["prompts"]]
     greedy = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
                             prompt_logprobs=0 if spec.get("prompt_logprobs") else None,
@@ -74,6 +90,7 @@ def _child(spec: dict, settings: dict, out_path: str) -> None:
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],
         "texts": [o.outputs[0].text for o in outs],
         "kv_capacity": kv_capacity(llm.llm_engine.vllm_config),
+        "preemptions": preemptions,
     }
     _add_logprobs(result, outs, spec)
     if spec.get("alone"):

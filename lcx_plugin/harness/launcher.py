@@ -67,9 +67,13 @@ def kv_capacity(vllm_config) -> dict:
     import torch
 
     cc = vllm_config.cache_config
-    if not cc.num_gpu_blocks:
-        return {"tokens": None, "tokens_bf16": None}
-    tokens = cc.num_gpu_blocks * cc.block_size
+    # What the engine logs as "KV cache size: N tokens": max concurrency x max_model_len, which
+    # accounts for every KV-cache group (blocks x block size does not, once groups differ).
+    tokens = getattr(cc, "kv_cache_size_tokens", None)
+    if not tokens:
+        if not cc.num_gpu_blocks:
+            return {"tokens": None, "tokens_bf16": None}
+        tokens = cc.num_gpu_blocks * cc.block_size
     dtype = vllm_config.model_config.dtype if cc.cache_dtype == "auto" else getattr(torch, cc.cache_dtype, None)
     size = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 2
     return {"tokens": tokens, "tokens_bf16": tokens * size // 2, "dtype": str(dtype).replace("torch.", "")}

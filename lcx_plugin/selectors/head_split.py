@@ -62,10 +62,13 @@ class HeadSplit(WindowedSelector):
 
     pattern: a head-pattern file (lcx JSON or DuoAttention's full_attention_heads.tsv), or "auto"
         for the pattern lcx ships for the served model.
-    streaming_fraction: fraction of all KV heads that stream, the lowest-scoring first (default 0.5
-        when no threshold is given).
+    streaming_fraction: fraction of each layer's KV heads that stream, its lowest-scoring ones
+        (default 0.5 when no threshold is given). Every layer then streams the same number of heads,
+        which is what lets vLLM keep the streaming heads in one cache group of their own.
     threshold: instead of a fraction, heads scoring below this stream.
     retrieval: the method that serves the retrieval heads, as its own object (default: dense).
+    save_memory: on vLLM's CPU build, store the streaming heads apart, holding only their sinks and
+        window, so the engine's KV capacity grows (default true); false keeps every head's cache.
     sink, window: what a streaming head keeps; min_context: shorter contexts stay dense.
     """
 
@@ -76,6 +79,7 @@ class HeadSplit(WindowedSelector):
     streaming_fraction: float | None = None
     threshold: float | None = None
     retrieval: Selector | None = None
+    save_memory: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -117,7 +121,7 @@ class HeadSplit(WindowedSelector):
         fraction = self.streaming_fraction
         if fraction is None and self.threshold is None:
             fraction = DEFAULT_FRACTION
-        return self.load_pattern(model).streaming_mask(fraction, self.threshold)
+        return self.load_pattern(model).streaming_mask(fraction, self.threshold, per_layer=fraction is not None)
 
     def check_model(self, model: ModelShape) -> list[str]:
         try:

@@ -1,6 +1,6 @@
 """Every kustomization under deploy/kustomize renders with `kubectl kustomize`."""
 
-EXPECTED_TARGETS = {"base", "overlays/ab", "examples/existing-fleet", "examples/existing-fleet/fleet"}
+EXPECTED_TARGETS = {"base", "overlays/ab", "examples/existing-fleet", "examples/existing-fleet/fleet", "examples/head-split"}
 
 
 def test_render_targets_are_the_expected_ones(paths):

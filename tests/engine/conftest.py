@@ -25,6 +25,9 @@ MAX_TOKENS = 24
 # other requests' decode steps, which is the mixed prefill/decode path.
 CHUNKED = {"enable_chunked_prefill": True, "max_num_batched_tokens": 512}
 STREAMING = {"method": "streaming", "sink": 16, "window": 256}
+# Two of each layer's three KV heads stream (the shipped pattern for the embedded model); their
+# cache is stored apart and holds only sinks + window.
+HEAD_SPLIT = {"method": "head_split", "streaming_fraction": 0.67, "sink": 16, "window": 256}
 
 ARMS = {
     "stock": dict(),
@@ -36,6 +39,16 @@ ARMS = {
     "streaming_wide": dict(backend="lcx", lcx={"method": "streaming", "sink": 64, "window": 8192}),
     # A window far shorter than the long prompts, chunked prefill, and each prompt also run alone.
     "streaming": dict(backend="lcx", lcx=STREAMING, engine=CHUNKED, alone=True),
+    # Head split, default engine settings (one prefill chunk far longer than the window; prefix
+    # caching on: each prompt is run again alone after the batch, over a warm cache).
+    "head_split": dict(backend="lcx", lcx=HEAD_SPLIT, alone=True),
+    # Chunked prefill, prefix caching off, and a cache so small that requests are preempted and
+    # recomputed.
+    "head_split_chunked": dict(backend="lcx", lcx=HEAD_SPLIT,
+                               engine={**CHUNKED, "enable_prefix_caching": False, "max_model_len": 4096,
+                                       "num_gpu_blocks_override": 48}),
+    # A window longer than every prompt, every head's cache kept: every sequence stays dense.
+    "head_split_wide": dict(backend="lcx", lcx={**HEAD_SPLIT, "window": 8192, "save_memory": False}),
     # The GPU path's Triton kernel, run by Triton's interpreter inside the real CPU engine: the
     # adapter's metadata, cache writes and launch are the ones a GPU fleet runs. Short prompts and
     # few tokens, because the interpreter is slow.
@@ -74,3 +87,18 @@ def within(got: dict, yardstick: dict, mean_slack: float = 1.25, p99_slack: floa
     """``got`` is no further from the reference than the stock engine is (``yardstick``), up to a
     stated slack: mean x1.25 + 0.01 nats, p99 x1.5 + 0.05 nats."""
     return got["mean"] <= mean_slack * yardstick["mean"] + 0.01 and got["p99"] <= p99_slack * yardstick["p99"] + 0.05
+
+
+@pytest.fixture(scope="session")
+def stock_yardstick(arm, model_path):
+    """Per prompt: the stock engine's distance to the dense float32 reference (this machine, this session)."""
+    from .reference_model import token_logprobs
+
+    stock, _ = arm("stock")
+    return [gap(lp[1:], token_logprobs(model_path, ids)) for ids, lp in zip(stock["prompt_token_ids"], stock["prompt_logprobs"])]
+
+
+def whole(gaps: list[dict]) -> dict:
+    """Pool per-prompt gaps, weighted by tokens."""
+    n = sum(g["n"] for g in gaps)
+    return {"mean": sum(g["mean"] * g["n"] for g in gaps) / n, "p99": max(g["p99"] for g in gaps), "n": n}

@@ -3,33 +3,17 @@ teacher-forced log-probabilities are compared with the float32 reference model r
 way, within the stock engine's own distance to the dense reference (see conftest.within)."""
 import pytest
 
-from .conftest import PASS_KEYS, PROMPTS, STREAMING, gap, within
+from .conftest import PASS_KEYS, PROMPTS, STREAMING, gap, whole, within
 from .reference_model import token_logprobs
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def stock_yardstick(arm, model_path):
-    """Per prompt: the stock engine's distance to the dense float32 reference (this machine, this session)."""
-    stock, _ = arm("stock")
-    out = []
-    for ids, lp in zip(stock["prompt_token_ids"], stock["prompt_logprobs"]):
-        out.append(gap(lp[1:], token_logprobs(model_path, ids)))
-    return out
-
-
-def _whole(gaps):
-    """Pool per-prompt gaps, weighted by tokens."""
-    n = sum(g["n"] for g in gaps)
-    return {"mean": sum(g["mean"] * g["n"] for g in gaps) / n, "p99": max(g["p99"] for g in gaps), "n": n}
 
 
 def test_torch_twin_serves_the_real_engine_teacher_forced(arm, model_path, stock_yardstick):
     twin, log = arm("twin")
     assert "lcx attention active: method=dense kernel=torch" in log, log[-3000:]
     got = [gap(lp[1:], token_logprobs(model_path, ids)) for ids, lp in zip(twin["prompt_token_ids"], twin["prompt_logprobs"])]
-    assert within(_whole(got), _whole(stock_yardstick)), (got, stock_yardstick)
+    assert within(whole(got), whole(stock_yardstick)), (got, stock_yardstick)
     for key, text in zip(PASS_KEYS, twin["texts"][-2:]):
         assert key in text, (key, text)
 
@@ -39,7 +23,7 @@ def test_triton_kernel_serves_the_real_engine_interpreted(arm, model_path, stock
     triton, log = arm("triton")
     assert "lcx attention active: method=dense kernel=triton" in log, log[-3000:]
     got = [gap(lp[1:], token_logprobs(model_path, ids)) for ids, lp in zip(triton["prompt_token_ids"], triton["prompt_logprobs"])]
-    assert within(_whole(got), _whole(stock_yardstick[:2])), (got, stock_yardstick[:2])
+    assert within(whole(got), whole(stock_yardstick[:2])), (got, stock_yardstick[:2])
 
 
 def test_streaming_matches_the_windowed_reference_in_prefill_and_decode(arm, model_path, stock_yardstick):
@@ -58,9 +42,9 @@ def test_streaming_matches_the_windowed_reference_in_prefill_and_decode(arm, mod
         if len(ids) > sink + window + 200:  # the window really cuts: the dense reference is far away
             dense_ref = token_logprobs(model_path, ids)
             assert gap(lcx["prompt_logprobs"][i][1:], dense_ref)["mean"] > 5 * prefill[-1]["mean"] + 0.02, i
-    yard = _whole(stock_yardstick)
-    assert within(_whole(prefill), yard), (prefill, yard)
-    assert within(_whole(decode), yard), (decode, yard)
+    yard = whole(stock_yardstick)
+    assert within(whole(prefill), yard), (prefill, yard)
+    assert within(whole(decode), yard), (decode, yard)
 
 
 def test_a_batch_gives_each_request_what_it_gets_alone(arm, stock_yardstick):
@@ -71,7 +55,7 @@ def test_a_batch_gives_each_request_what_it_gets_alone(arm, stock_yardstick):
     another's keys would be off by nats on many tokens."""
     lcx, _ = arm("streaming")
     alone = lcx["alone"]
-    yard = _whole(stock_yardstick)
+    yard = whole(stock_yardstick)
     limit = {"mean": 2 * yard["mean"] + 0.02, "p99": 2 * yard["p99"] + 0.1}
     for i in range(len(PROMPTS)):
         g = gap(lcx["prompt_logprobs"][i][1:], alone["prompt_logprobs"][i][1:])

@@ -20,7 +20,8 @@ HeadSplit = selectors.get("head_split")
 
 @pytest.fixture
 def pattern_file(tmp_path):
-    """2 layers x 3 KV heads: layer 0 streams heads 0 and 2, layer 1 head 1 (at fraction 0.5)."""
+    """2 layers x 3 KV heads: at fraction 0.5 (2 of 3 per layer), layer 0 streams heads 0 and 2, layer 1
+    heads 1 and 2."""
     scores = torch.tensor([[0.1, 0.9, 0.2], [0.8, 0.05, 0.7]], dtype=torch.float64)
     return str(HeadPattern(scores, ModelShape(2, 3, 16, "toy")).save(tmp_path / "toy.json"))
 
@@ -32,7 +33,8 @@ def _info(layer, hkv=3, offset=0, total=3):
 def test_pattern_picks_streaming_heads_per_layer_and_per_rank(pattern_file):
     sel = HeadSplit(pattern=pattern_file, streaming_fraction=0.5)
     assert sel.prepare_layer(_info(0)).streaming_heads == [0, 2]
-    assert sel.prepare_layer(_info(1)).streaming_heads == [1]
+    assert sel.prepare_layer(_info(1)).streaming_heads == [1, 2]
+    assert HeadSplit(pattern=pattern_file, streaming_fraction=0.34).prepare_layer(_info(1)).streaming_heads == [1]
     # Tensor parallelism: a rank holding KV heads 1..2 of layer 0 sees its own slice.
     assert sel.prepare_layer(_info(0, hkv=2, offset=1)).key == (False, True)
     assert HeadSplit(pattern=pattern_file, threshold=0.75).prepare_layer(_info(1)).streaming_heads == [1, 2]

@@ -42,6 +42,9 @@ def test_masks_by_fraction_and_by_threshold():
     assert int(pat.streaming_mask(streaming_fraction=0.0).sum()) == 0
     assert bool(pat.streaming_mask(streaming_fraction=1.0).all())
     assert torch.equal(pat.streaming_mask(threshold=0.5), _scores() < 0.5)
+    per_layer = pat.streaming_mask(streaming_fraction=2 / 3, per_layer=True)
+    assert per_layer.sum(1).tolist() == [2, 2, 2, 2]  # the same count in every layer, its lowest scores
+    assert per_layer.tolist()[0] == [False, True, True] and per_layer.tolist()[3] == [True, True, False]
     ties = HeadPattern(torch.zeros(2, 3, dtype=torch.float64), SHAPE)  # ties: by position, deterministic
     assert ties.streaming_mask(streaming_fraction=0.5).flatten().tolist() == [True] * 3 + [False] * 3
 

@@ -1,0 +1,83 @@
+"""``head_split`` in the real engine: streaming heads stored apart (only sinks + window), retrieval
+heads in the engine's own cache. Teacher-forced against the float32 reference model restricted
+exactly the same way (per KV head), within the stock engine's own distance to the dense reference;
+the engine's reported KV capacity; prefix caching on and off; preemption and recompute."""
+import pytest
+import torch
+
+from lcx_plugin import selectors
+from lcx_plugin.head_patterns import ModelShape
+
+from .conftest import HEAD_SPLIT, PROMPTS, gap, whole, within
+from .reference_model import token_logprobs
+from .test_dense_identity import _identical
+
+pytestmark = pytest.mark.slow
+
+SMOLLM2 = ModelShape(30, 3, 64, "SmolLM2-135M-Instruct")
+
+
+def _mask() -> torch.Tensor:
+    params = {k: v for k, v in HEAD_SPLIT.items() if k != "method"}
+    return selectors.get("head_split")(**params).streaming_mask(SMOLLM2)
+
+
+def _against_reference(result, model_path):
+    sink, window, mask = HEAD_SPLIT["sink"], HEAD_SPLIT["window"], _mask()
+    prefill, decode = [], []
+    for i, ids in enumerate(result["prompt_token_ids"]):
+        ref = token_logprobs(model_path, ids + result["token_ids"][i], sink, window, streaming=mask)
+        prefill.append(gap(result["prompt_logprobs"][i][1:], ref[: len(ids) - 1]))
+        decode.append(gap(result["logprobs"][i], ref[len(ids) - 1:]))
+    return prefill, decode
+
+
+@pytest.mark.parametrize("name", ["head_split", "head_split_chunked"])
+def test_head_split_matches_the_split_reference_in_prefill_and_decode(arm, model_path, stock_yardstick, name):
+    """Whole and chunked prefill, decode: every layer's two streaming KV heads see sinks + window, its
+    retrieval head everything. A long prompt far outside the window tells the split from dense and
+    from all-heads streaming."""
+    result, log = arm(name)
+    assert "lcx attention active: method=head_split kernel=engine" in log, log[-3000:]
+    prefill, decode = _against_reference(result, model_path)
+    yard = whole(stock_yardstick)
+    assert within(whole(prefill), yard), (prefill, yard)
+    assert within(whole(decode), yard), (decode, yard)
+    long_ids = result["prompt_token_ids"][-2]
+    assert len(long_ids) > 2500
+    for other in (token_logprobs(model_path, long_ids), token_logprobs(model_path, long_ids, 16, 256)):
+        # dense, and every head streaming: both far from what the split engine computed
+        assert gap(result["prompt_logprobs"][-2][1:], other)["mean"] > 3 * prefill[-2]["mean"] + 0.01
+
+
+def test_streaming_heads_stored_apart_raise_the_engines_kv_capacity(arm):
+    """Same memory, default max_num_batched_tokens: with 2 of 3 KV heads streaming, the capacity the
+    engine itself reports grows by at least 2.5x (1/3 of the bytes per token, plus each request's
+    sinks and window, counted at their peak)."""
+    stock, _ = arm("stock")
+    split, log = arm("head_split")
+    ratio = split["kv_capacity"]["tokens"] / stock["kv_capacity"]["tokens"]
+    assert ratio >= 2.5, (split["kv_capacity"], stock["kv_capacity"])
+    assert split["kv_capacity"]["tokens_bf16"] / stock["kv_capacity"]["tokens_bf16"] >= 2.5
+
+
+def test_prefix_caching_and_preemption_leave_outputs_unchanged(arm, stock_yardstick):
+    """Prefix caching on (each prompt run again alone over a warm cache) and off; a cache so small
+    that requests are preempted and recomputed: the same continuations, teacher-forced within twice
+    stock's own distance to the float32 reference."""
+    warm, _ = arm("head_split")
+    squeezed, _ = arm("head_split_chunked")
+    assert squeezed["preemptions"], "the 48-block cache should have forced a preemption"
+    yard = whole(stock_yardstick)
+    limit = {"mean": 2 * yard["mean"] + 0.02, "p99": 2 * yard["p99"] + 0.1}
+    for other in (warm["alone"], squeezed):
+        for i in range(len(PROMPTS)):
+            g = gap(warm["prompt_logprobs"][i][1:], other["prompt_logprobs"][i][1:])
+            assert g["mean"] <= limit["mean"] and g["p99"] <= limit["p99"], (i, g, limit)
+
+
+def test_head_split_with_a_window_covering_every_prompt_is_identical_to_stock(arm):
+    stock, _ = arm("stock")
+    wide, log = arm("head_split_wide")
+    assert "lcx attention active: method=head_split kernel=engine" in log, log[-3000:]
+    _identical(stock, wide)
