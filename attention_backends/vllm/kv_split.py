@@ -297,8 +297,6 @@ def attach(layer, vllm_config) -> None:
     streaming, retrieval = len(split.streaming_heads), len(split.retrieval_heads)
     if streaming == 0 or retrieval == 0:
         return  # nothing to store apart (all streaming: use the "streaming" method)
-    if layer.layer_name.endswith(SUFFIX):
-        return
     block = companion_block_size(vllm_config.cache_config.block_size, retrieval, streaming)
     ensure_registered()
     companion = StreamCompanion(layer, streaming, block, selector.sink, selector.window)

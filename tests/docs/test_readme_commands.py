@@ -144,6 +144,16 @@ def check_kubectl_render(cmd: str, tmp_path: Path) -> None:
     assert "attention-backend" in out
 
 
+def check_calibrate(cmd: str, tmp_path: Path) -> None:
+    """As written, on one short prompt (the full run takes minutes), into a temporary file."""
+    from lcx_plugin import head_patterns
+
+    out = tmp_path / "pattern.json"
+    _ok(f"{cmd} --prompts 1 --length 512 --steps 2 --out {out}", timeout=900)
+    pattern = head_patterns.load(out)
+    assert pattern.model is not None and pattern.scores.shape[0] == pattern.model.num_layers
+
+
 def needs(reason: str):
     def check(cmd: str) -> None:
         pytest.skip(f"not runnable on this machine kind: {reason}")
@@ -157,6 +167,7 @@ CHECKS = [
     (r"^\./lcx vllm serve\b", check_serve),
     (r"^(\./)?lcx ab\b", check_lcx_ab),
     (r"^\./lcx (config|machine|model)\b", check_as_written),
+    (r"^\./lcx calibrate\b", check_calibrate),
     (r"^envs/setup\.sh \w+$", check_as_written),
     (r"^python -m pip wheel --no-deps -w dist \.$", check_wheel),
     (r"^pip install pytest -r tests/deploy/requirements\.txt$", needs("installs into the current environment; "

@@ -43,7 +43,7 @@ def test_head_split_matches_the_split_reference_in_prefill_and_decode(arm, model
     yard = whole(stock_yardstick)
     assert within(whole(prefill), yard), (prefill, yard)
     assert within(whole(decode), yard), (decode, yard)
-    long_ids = result["prompt_token_ids"][-2]
+    long_ids = result["prompt_token_ids"][-2]  # the 3,000-token prompt (both arms end with the long ones)
     assert len(long_ids) > 2500
     for other in (token_logprobs(model_path, long_ids), token_logprobs(model_path, long_ids, 16, 256)):
         # dense, and every head streaming: both far from what the split engine computed
@@ -70,10 +70,11 @@ def test_prefix_caching_and_preemption_leave_outputs_unchanged(arm, stock_yardst
     assert squeezed["preemptions"], "the 48-block cache should have forced a preemption"
     yard = whole(stock_yardstick)
     limit = {"mean": 2 * yard["mean"] + 0.02, "p99": 2 * yard["p99"] + 0.1}
-    for other in (warm["alone"], squeezed):
-        for i in range(len(PROMPTS)):
-            g = gap(warm["prompt_logprobs"][i][1:], other["prompt_logprobs"][i][1:])
-            assert g["mean"] <= limit["mean"] and g["p99"] <= limit["p99"], (i, g, limit)
+    offset = len(PROMPTS) - len(squeezed["prompt_logprobs"])  # the squeezed arm runs the last prompts
+    for other, first in ((warm["alone"], 0), (squeezed, offset)):
+        for j, logprobs in enumerate(other["prompt_logprobs"]):
+            g = gap(warm["prompt_logprobs"][first + j][1:], logprobs[1:])
+            assert g["mean"] <= limit["mean"] and g["p99"] <= limit["p99"], (first + j, g, limit)
 
 
 def test_head_split_with_a_window_covering_every_prompt_is_identical_to_stock(arm):
@@ -81,3 +82,20 @@ def test_head_split_with_a_window_covering_every_prompt_is_identical_to_stock(ar
     wide, log = arm("head_split_wide")
     assert "lcx attention active: method=head_split kernel=engine" in log, log[-3000:]
     _identical(stock, wide)
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("/nonexistent/pattern.json", "head pattern /nonexistent/pattern.json: no such file"),
+    ("TSV", "does not fit the served model"),
+])
+def test_a_bad_pattern_stops_the_engine_at_startup_with_one_clear_error(model_path, tmp_path, pattern, message):
+    from lcx_plugin.harness.batch import ArmSpec, run_arm
+
+    if pattern == "TSV":  # DuoAttention's layout, for a model with 2 layers x 3 KV heads
+        pattern = str(tmp_path / "full_attention_heads.tsv")
+        open(pattern, "w").write("0.1\t0.9\t0.2\n0.8\t0.05\t0.7\n")
+    spec = ArmSpec(model=model_path, backend="lcx", lcx={**HEAD_SPLIT, "pattern": pattern}, prompts=["Hi"],
+                   max_tokens=1)
+    with pytest.raises(RuntimeError) as e:
+        run_arm(spec, log_path=str(tmp_path / "engine.log"), timeout=600)
+    assert message in str(e.value), str(e.value)[-3000:]

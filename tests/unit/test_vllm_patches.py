@@ -12,7 +12,8 @@ import pytest
 from packaging.version import Version
 
 from lcx_plugin.attention_backends.vllm import compat
-from lcx_plugin.patches import _guard, vllm_backend_enum_pickle, vllm_cpu_backend_selection, vllm_step_identity
+from lcx_plugin.patches import (_guard, vllm_backend_enum_pickle, vllm_cpu_backend_selection, vllm_kv_split,
+                                vllm_step_identity)
 
 
 def test_plugin_registers_backend_and_patches_idempotently():
@@ -84,11 +85,43 @@ def test_enum_member_pickles_into_a_process_that_never_loaded_the_plugin():
     assert proc.stdout.decode().split() == ["LCX", "lcx_plugin.attention_backends.vllm.backend.LcxAttentionBackend"]
 
 
-@pytest.mark.parametrize("module", [vllm_backend_enum_pickle, vllm_cpu_backend_selection, vllm_step_identity])
+@pytest.mark.parametrize("module", [vllm_backend_enum_pickle, vllm_cpu_backend_selection, vllm_step_identity,
+                                    vllm_kv_split])
 def test_patches_refuse_other_vllm_versions(module, monkeypatch):
     monkeypatch.setattr(compat, "engine_version", lambda *d: Version("0.33.1"))
+    args = {vllm_backend_enum_pickle: (object(), print), vllm_kv_split: ("LCX",)}.get(module, ())
     with pytest.raises(_guard.UnsupportedEngineVersion, match=r">=0.32.0,<0.33.0; found 0.33.1"):
-        module.apply(object(), print) if module is vllm_backend_enum_pickle else module.apply()
+        module.apply(*args)
+
+
+def test_kv_split_patch_wraps_attention_once_and_what_it_relies_on_still_exists():
+    """The companion group needs: Attention built with its backend chosen (attn_backend), the
+    platform hook vLLM calls after its own specs, the spec registry, and the sliding-window manager
+    methods the streaming manager overrides, with the signatures it overrides them with."""
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.platforms import current_platform
+    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager, SlidingWindowManager
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from lcx_plugin.attention_backends.vllm import kv_split
+
+    vllm_kv_split.apply("LCX")
+    vllm_kv_split.apply("LCX")
+    assert not getattr(Attention.__init__.__wrapped__, "_lcx_wrapped", False), "the patch wrapped its own wrapper"
+    assert "attn_backend" in inspect.getsource(Attention.__init__.__wrapped__)
+    assert hasattr(type(current_platform), "register_custom_kv_cache_specs")
+    assert hasattr(KVCacheSpecRegistry, "_ensure_registered") and hasattr(KVCacheSpecRegistry, "register")
+    assert hasattr(SlidingWindowSpec, "max_admission_blocks_per_request")
+    for name in ("get_num_blocks_to_allocate", "allocate_new_blocks", "remove_skipped_blocks", "find_longest_cache_hit",
+                 "cache_blocks", "pop_blocks_for_free", "get_num_skipped_tokens"):
+        base = getattr(SlidingWindowManager, name, None) or getattr(SingleTypeKVCacheManager, name)
+        assert base is not None, name
+        if name in ("get_num_skipped_tokens", "pop_blocks_for_free"):
+            continue
+        ours = list(inspect.signature(getattr(kv_split.StreamManager, name)).parameters)
+        theirs = list(inspect.signature(base).parameters)
+        assert ours == theirs, (name, ours, theirs)
 
 
 def test_step_identity_patch_wraps_the_runner_the_cpu_worker_uses():
