@@ -43,8 +43,14 @@ def cached_positions(cached: int, sink: int, window: int) -> torch.Tensor:
     return torch.cat([torch.arange(n_sink), torch.arange(max(n_sink, cached - window + 1), cached)])
 
 
+#: Query rows per tile of a long chunk: each tile reads the sinks and only the keys within one
+#: window of its rows, so a chunk costs O(rows x (sink + window + tile)), not O(rows^2).
+ROW_TILE = 256
+
+
 def window_attention(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
-                     sink: int, window: int, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+                     sink: int, window: int, key: torch.Tensor, value: torch.Tensor,
+                     row_tile: int = ROW_TILE) -> torch.Tensor:
     """``query`` ``[T, Hq, D]``, ``key``/``value`` ``[T, Hkv, D]`` (this step's, row-aligned with
     ``query``) -> ``out[:T]``. See the module docstring."""
     _check(query, kv, plan, out, key, value, sink, window)
@@ -70,14 +76,24 @@ def window_attention(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: 
             keys, vals, kpos = torch.cat([kc, k_new], 1), torch.cat([vc, v_new], 1), torch.cat([cpos, new_pos])
         else:
             keys, vals, kpos = k_new, v_new, new_pos
-        qg = query[s:e].float().view(q, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, group * q, d)
-        scores = (qg @ keys.transpose(1, 2)) * scale  # [Hkv, group*q, N]
-        p = new_pos.repeat(group)[:, None]
-        j = kpos[None, :]
-        allowed = (j <= p) & ((j < sink) | (j > p - window))
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        o = (probs @ vals).view(hkv, group, q, d).permute(2, 0, 1, 3).reshape(q, hkv * group, d)
-        out[s:e] = o.to(out.dtype)
+        for r0 in range(0, q, row_tile):
+            r1 = min(q, r0 + row_tile)
+            p0, p1 = c + r0, c + r1  # this tile's positions [p0, p1)
+            # Positions ascend: the sinks the tile can see are a prefix, its window one slice.
+            n_sink = int(torch.searchsorted(kpos, torch.tensor(min(sink, p1))))
+            lo = max(n_sink, int(torch.searchsorted(kpos, torch.tensor(p0 - window + 1))))
+            hi = int(torch.searchsorted(kpos, torch.tensor(p1)))
+            idx = torch.cat([torch.arange(n_sink), torch.arange(lo, hi)]).to(query.device)
+            tk, tv, tpos = keys.index_select(1, idx), vals.index_select(1, idx), kpos.index_select(0, idx)
+            rows = r1 - r0
+            qg = query[s + r0: s + r1].float().view(rows, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, group * rows, d)
+            scores = (qg @ tk.transpose(1, 2)) * scale  # [Hkv, group*rows, n]
+            p = new_pos[r0:r1].repeat(group)[:, None]
+            j = tpos[None, :]
+            allowed = (j <= p) & ((j < sink) | (j > p - window))
+            probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+            o = (probs @ tv).view(hkv, group, rows, d).permute(2, 0, 1, 3).reshape(rows, hkv * group, d)
+            out[s + r0: s + r1] = o.to(out.dtype)
     return out
 
 

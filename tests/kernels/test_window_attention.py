@@ -46,8 +46,9 @@ def _split_storage(problem, sink, window):
     return keys, vals
 
 
+@pytest.mark.parametrize("row_tile", [256, 7, 1], ids=["one-tile", "tiles-of-7", "row-by-row"])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_window_attention_matches_both_references(case):
+def test_window_attention_matches_both_references(case, row_tile):
     seq_lens, q_lens, sink, window, bs = case
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     problem = make_problem(seq_lens, q_lens, 6, 2, head_dim=32, block_size=bs, seed=seed)
@@ -56,7 +57,8 @@ def test_window_attention_matches_both_references(case):
     keys, vals = _split_storage(problem, sink, window)
     own = window_attention_reference(problem.query, problem.kv, problem.plan, problem.scale, sink, window, keys, vals)
     out = torch.full_like(problem.query, float("nan"))
-    window_attention(problem.query, problem.kv, problem.plan, problem.scale, out, sink, window, keys, vals)
+    window_attention(problem.query, problem.kv, problem.plan, problem.scale, out, sink, window, keys, vals,
+                     row_tile=row_tile)
     assert not torch.isnan(out).any(), f"seed={seed}: a dropped position was read, or a row left unwritten"
     assert (own - full).abs().max() < 1e-9, f"seed={seed}: the two references disagree"
     assert (out.double() - full).abs().max() < 2e-4, f"seed={seed}"
