@@ -43,10 +43,11 @@ ARMS = {
     # caching on: each prompt is run again alone after the batch, over a warm cache).
     "head_split": dict(backend="lcx", lcx=HEAD_SPLIT, alone=True),
     # Chunked prefill, prefix caching off, and a cache so small that requests are preempted and
-    # recomputed (the two long prompts and a short one).
-    "head_split_chunked": dict(backend="lcx", lcx=HEAD_SPLIT, prompts=PROMPTS[-3:],
-                               engine={**CHUNKED, "enable_prefix_caching": False, "max_model_len": 3500,
-                                       "num_gpu_blocks_override": 40}),
+    # recomputed (all nine prompts: with fewer, the scheduler admits them one after another and
+    # never has to preempt).
+    "head_split_chunked": dict(backend="lcx", lcx=HEAD_SPLIT,
+                               engine={**CHUNKED, "enable_prefix_caching": False, "max_model_len": 4096,
+                                       "num_gpu_blocks_override": 48}),
     # A window longer than every prompt, every head's cache kept: every sequence stays dense.
     "head_split_wide": dict(backend="lcx", lcx={**HEAD_SPLIT, "window": 8192, "save_memory": False}),
     # The GPU path's Triton kernel, run by Triton's interpreter inside the real CPU engine: the
