@@ -56,6 +56,37 @@ def paged_attention_variants() -> list[Variant]:
     return out
 
 
+def scoring_variants() -> list[Variant]:
+    """The decode scoring kernels (``kernels/paged/scoring_triton.py``): token logits per head size
+    and cache dtype, page bounds per head size; a GQA group of 4."""
+    from .paged import scoring_triton as t
+
+    strides = ("stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_bt")
+    out = []
+    for head_dim in (64, 128):
+        for cache in ("bf16", "fp32"):
+            launch = t.token_launch_config(head_dim)
+            const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, TILE_N=launch.pop("TILE_N"))
+            sig = {"q_ptr": f"*{cache}", "k_ptr": f"*{cache}", "out_ptr": "*fp32", "block_table_ptr": "*i32",
+                   "seq_lens_ptr": "*i32", "scale": "fp32", "out_len": "i32", "pages_per_program": "i32",
+                   **{s: "i64" for s in strides + ("stride_kb", "stride_kh", "stride_kt", "stride_kd")},
+                   **{k: "constexpr" for k in const}}
+            out.append(Variant(f"token_logits[d={head_dim},{cache}]", t._token_logits_kernel, sig, const, launch))
+        launch = t.page_launch_config(head_dim)
+        const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, PAGE_TILE=launch.pop("PAGE_TILE"))
+        sig = {"q_ptr": "*bf16", "kmin_ptr": "*fp32", "kmax_ptr": "*fp32", "out_ptr": "*fp32",
+               "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "scale": "fp32", "out_len": "i32",
+               **{s: "i64" for s in strides + ("stride_lo_b", "stride_lo_h", "stride_hi_b", "stride_hi_h")},
+               **{k: "constexpr" for k in const}}
+        out.append(Variant(f"page_logits[d={head_dim}]", t._page_logits_kernel, sig, const, launch))
+    return out
+
+
+def all_variants() -> list[Variant]:
+    """Every kernel variant the gate builds."""
+    return paged_attention_variants() + scoring_variants()
+
+
 def _ptxas_report(ptx: str, arch: str) -> dict:
     from triton.backends.nvidia.compiler import get_ptxas
 
@@ -77,7 +108,7 @@ def compile_all() -> list[dict]:
 
     target = GPUTarget("cuda", 90, 32)
     results = []
-    for v in paged_attention_variants():
+    for v in all_variants():
         src = triton.compiler.ASTSource(v.fn, v.signature, v.constexprs)
         k = triton.compile(src, target=target, options=v.options)
         rep = _ptxas_report(k.asm["ptx"], "sm_90a")

@@ -60,6 +60,8 @@ class RequestStates:
 
     def __init__(self) -> None:
         self._by_request: dict[str, dict[int, dict[str, Any]]] = {}
+        #: Event counts selectors keep for the process (e.g. selection-cache lookups and hits).
+        self.counters: dict[str, int] = {}
 
     def get(self, request_id: str, layer: int) -> dict[str, Any]:
         return self._by_request.setdefault(request_id, {}).setdefault(layer, {})

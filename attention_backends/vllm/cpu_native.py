@@ -28,6 +28,13 @@ def _split(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kv_cache.view(nb, hkv, 2 * bs, -1).chunk(2, dim=2)
 
 
+def _folded(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache as ``[num_blocks * Hkv, 1, ...]`` cells: each (block, head) cell is contiguous in
+    the LBHNC layout, whatever the ISA packs inside it."""
+    nb, hkv, bs, _ = kv_cache.shape
+    return kv_cache.view(nb * hkv, 1, 2 * bs, -1).chunk(2, dim=2)
+
+
 def scheduler_metadata(plan: BatchPlan, *, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                        isa: str, kv_cache_dtype: str) -> torch.Tensor:
     """The op's per-thread work plan for ``plan``; built once per step."""
@@ -81,6 +88,20 @@ def _page_list_calls(plan: BatchPlan, selection: Selection, *, num_heads: int, h
     lens = ((counts - 1) * bs + tail).to(torch.int32)  # [B, Hkv] tokens the op reads per head
     tables = plan.block_table.long().gather(1, pages.reshape(pages.shape[0], -1)).view_as(pages).to(torch.int32)
     same = hkv == 1 or (bool((tables == tables[:, :1]).all()) and bool((lens == lens[:, :1]).all()))
+    if not same and plan.num_tokens == plan.num_seqs:
+        # Decode only, per-head lists: fold the KV heads into the batch, one op call for all. Each
+        # (sequence, KV head) becomes a sequence of one KV head whose "blocks" are the cache's
+        # (block, head) cells, numbered block * Hkv + head (see ``_folded``).
+        b = plan.num_seqs
+        cells = (tables.long() * hkv + torch.arange(hkv)[None, :, None]).reshape(b * hkv, -1).to(torch.int32)
+        flat = lens.reshape(-1).contiguous()
+        starts = torch.arange(b * hkv + 1, dtype=torch.int32)
+        sub = BatchPlan(starts, flat, cells, tuple(range(b * hkv + 1)), tuple(flat.tolist()))
+        sched = scheduler_metadata(sub, num_heads=group, num_kv_heads=1, head_dim=head_dim, dtype=dtype, isa=isa,
+                                   kv_cache_dtype=kv_cache_dtype)
+        calls = [(-1, -1, BatchPlan(sub.query_start_loc, sub.seq_lens, sub.block_table, sub.starts, sub.lens, sched))]
+        selection.memo[key] = (plan, calls)
+        return calls
     calls = []
     for h0, h1 in ([(0, hkv)] if same else [(g, g + 1) for g in range(hkv)]):
         sub_lens = lens[:, h0].contiguous()
@@ -103,8 +124,21 @@ def attention_page_lists(layer, query: torch.Tensor, kv_cache: torch.Tensor, out
     group = hq // hkv
     calls = _page_list_calls(plan, selection, num_heads=hq, head_dim=query.shape[2], block_size=kv_cache.shape[2],
                              dtype=dtype, isa=isa, kv_cache_dtype=kv_cache_dtype)
-    key_cache, value_cache = _split(kv_cache)
     ops = compat.cpu_ops()
+    if calls[0][0] == -1:  # folded: [B * Hkv] one-head sequences over the cache's (block, head) cells
+        sub = calls[0][2]
+        key_cache, value_cache = _folded(kv_cache)
+        folded_out = output if output.is_contiguous() else torch.empty_like(output)
+        ops.cpu_attention_with_kv_cache(
+            query=query.contiguous().view(-1, group, query.shape[2]), key_cache=key_cache, value_cache=value_cache,
+            output=folded_out.view(-1, group, query.shape[2]), query_start_loc=sub.query_start_loc,
+            seq_lens=sub.seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
+            block_table=sub.block_table, softcap=0, scheduler_metadata=sub.engine, s_aux=None, dynamic_causal=None,
+            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=kv_cache_dtype)
+        if folded_out is not output:
+            output.copy_(folded_out)
+        return
+    key_cache, value_cache = _split(kv_cache)
     for h0, h1, sub in calls:
         whole = h1 - h0 == hkv
         out = output if whole else torch.empty(query.shape[0], (h1 - h0) * group, query.shape[2], dtype=output.dtype)

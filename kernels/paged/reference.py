@@ -1,4 +1,5 @@
-"""Float64 reference for paged attention. A plain loop, never optimised: the tests' oracle.
+"""Float64 references for paged attention and the decode scoring pass. Plain loops, never
+optimised: the tests' oracles.
 
 It reads the cache one token at a time through ``KVFormat.token`` and takes each row's
 candidates from ``Selection.candidates``, the plain statement of what a selection means.
@@ -35,4 +36,41 @@ def paged_attention_reference(query: torch.Tensor, kv: KVFormat, plan: BatchPlan
                 vals = torch.stack([v for _, v in kvs]).double()
                 weights = torch.softmax(scale * (keys @ query[start + i, h].double()), dim=0)
                 out[start + i, h] = weights @ vals
+    return out
+
+
+def token_logits_reference(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float) -> torch.Tensor:
+    """Decode scoring oracle: ``query`` ``[B, Hq, D]`` (one row per sequence) -> ``[B, Hq, L]``
+    float64, ``L = max(plan.lens)``: ``scale * q[b, h]·k`` of every cached position, ``-inf`` past
+    each sequence's end."""
+    b_count, hq, _ = query.shape
+    group = hq // kv.num_kv_heads
+    bs = kv.block_size
+    out = torch.full((b_count, hq, plan.max_seq_len), float("-inf"), dtype=torch.float64)
+    for b in range(b_count):
+        table = plan.block_table[b].tolist()
+        for h in range(hq):
+            q = query[b, h].double()
+            for p in range(plan.lens[b]):
+                k, _ = kv.token(table[p // bs], h // group, p % bs)
+                out[b, h, p] = scale * float(k.double() @ q)
+    return out
+
+
+def page_logits_reference(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, plan: BatchPlan,
+                          block_size: int, scale: float) -> torch.Tensor:
+    """Quest page-bound oracle: ``query`` ``[B, Hq, D]``, ``kmin``/``kmax`` ``[num_blocks, Hkv, D]`` ->
+    ``[B, Hq, P]`` float64, ``P = max ceil(lens / block_size)``: ``scale * sum_d max(q_d kmin_d,
+    q_d kmax_d)`` of each page's physical block, ``-inf`` past each sequence's last page."""
+    b_count, hq, _ = query.shape
+    group = hq // kmin.shape[1]
+    n_pages = [-(-n // block_size) for n in plan.lens]
+    out = torch.full((b_count, hq, max(n_pages, default=0)), float("-inf"), dtype=torch.float64)
+    for b in range(b_count):
+        table = plan.block_table[b].tolist()
+        for h in range(hq):
+            q = query[b, h].double()
+            for j in range(n_pages[b]):
+                lo, hi = kmin[table[j], h // group].double(), kmax[table[j], h // group].double()
+                out[b, h, j] = scale * float(torch.maximum(q * lo, q * hi).sum())
     return out

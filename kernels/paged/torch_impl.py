@@ -6,6 +6,8 @@ storage format's own layout, so any engine's packing is read where it lies), bui
 token mask the selection defines, and computes attention in float32. So the cost follows what is
 selected: a decode step over sinks + a window reads sinks + window, never the whole context. A
 long prefill under a selection is cut into row tiles, each gathering only its own band of pages.
+A decode row under token lists gathers exactly its candidate tokens (sinks, window and the
+listed positions), so a top-k of scattered tokens costs k tokens, not every page they touch.
 """
 from __future__ import annotations
 
@@ -124,7 +126,55 @@ def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, fi
     return _Tile(rows.start, len(rows), blocks[order], mask, past_end if bool(past_end.any()) else None)
 
 
-def _prepare(sel: Selection, plan: BatchPlan, bs: int) -> list[list[_Tile] | None]:
+@dataclass
+class _TokenRow:
+    """One decode row under token lists: the candidate positions per KV head, padded."""
+
+    blocks: torch.Tensor  # [Hkv, L] physical block of each candidate (padding: the first one)
+    offsets: torch.Tensor  # [Hkv, L] offset in the block
+    live: torch.Tensor  # [Hkv, L] bool
+
+
+def _prepare_token_row(sel: Selection, b: int, blocks: torch.Tensor, pos: int, bs: int) -> _TokenRow:
+    hkv = sel.counts.shape[1]
+    per_head = [sel.candidates(b, g, 0, pos, bs) if bool(sel.dense[b, g]) else _token_candidates(sel, b, g, pos)
+                for g in range(hkv)]
+    width = max(1, max(len(c) for c in per_head))
+    positions = torch.zeros(hkv, width, dtype=torch.int64)
+    live = torch.zeros(hkv, width, dtype=torch.bool)
+    for g, c in enumerate(per_head):
+        positions[g, : len(c)], live[g, : len(c)] = c, True
+    return _TokenRow(blocks[positions // bs], positions % bs, live)
+
+
+def _token_candidates(sel: Selection, b: int, g: int, pos: int) -> torch.Tensor:
+    """Sinks, window and listed tokens of the row at ``pos``: ascending, unique (vectorised
+    ``Selection.candidates`` for token lists)."""
+    sink, window = int(sel.sink[b, g]), int(sel.window[b, g])
+    listed = sel.indices[b, g, 0, : int(sel.counts[b, g, 0])].long().cpu()
+    parts = [torch.arange(min(sink, pos + 1)), listed[listed <= pos], torch.arange(max(0, pos - window + 1), pos + 1)]
+    return torch.unique(torch.cat(parts))
+
+
+def _token_row(q: torch.Tensor, kv: KVFormat, row: _TokenRow, scale: float, group: int) -> torch.Tensor:
+    """``q`` ``[Hq, 1, D]`` float32 -> ``[1, Hq, D]`` over the row's candidate tokens."""
+    hkv, d = kv.num_kv_heads, kv.head_dim
+    heads = torch.arange(hkv)[:, None].expand_as(row.blocks)
+    out = []
+    for view in (kv.k, kv.v):
+        t0 = view.shape[3]
+        x = view[row.blocks.to(kv.device), heads.to(kv.device), (row.offsets // t0).to(kv.device),
+                 (row.offsets % t0).to(kv.device)]  # [Hkv, L, J1, J0]
+        out.append(x.reshape(hkv, -1, d).float())
+    k, v = out
+    scores = torch.matmul(q.reshape(hkv, group, d), k.transpose(-1, -2)).mul_(scale)  # [Hkv, G, L]
+    scores.masked_fill_(~row.live[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    v = v.masked_fill(~row.live[..., None], 0.0)  # padding may read an unwritten slot
+    return torch.matmul(probs, v).reshape(1, hkv * group, d)
+
+
+def _prepare(sel: Selection, plan: BatchPlan, bs: int) -> list[list[_Tile] | _TokenRow | None]:
     """Per sequence, its row tiles (None: every head dense). Memoised on the selection."""
     key = ("torch", bs)
     hit = sel.memo.get(key)
@@ -137,6 +187,9 @@ def _prepare(sel: Selection, plan: BatchPlan, bs: int) -> list[list[_Tile] | Non
             prep.append(None)
             continue
         blocks = plan.block_table[b, : -(-seq_len // bs)].long().cpu()
+        if qlen == 1 and sel.granularity == "token":
+            prep.append(_prepare_token_row(sel, b, blocks, seq_len - 1, bs))
+            continue
         prep.append([_prepare_tile(sel, b, blocks, seq_len, seq_len - qlen, range(i, min(i + ROW_TILE, qlen)), bs)
                      for i in range(0, qlen, ROW_TILE)])
     sel.memo[key] = (plan, prep)
@@ -177,6 +230,8 @@ def paged_attention_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, sc
         if prep is None or prep[b] is None:
             blocks = plan.block_table[b, : -(-seq_len // bs)].long()
             o = _dense_sequence(q, kv, blocks, seq_len, scale, group)
+        elif isinstance(prep[b], _TokenRow):
+            o = _token_row(q, kv, prep[b], scale, group)
         else:
             o = torch.cat([_selected_tile(q[:, t.start: t.start + t.rows], kv, t, scale, group) for t in prep[b]])
         out[start: start + qlen] = o.to(out.dtype)

@@ -37,6 +37,7 @@ class ArmSpec:
     alone: bool = False  # also run each prompt on its own (after the batch), in the same engine
     timing: bool = False  # also measure TTFT (1-token run) and decode tokens/s per prompt
     repeats: int = 3  # timing: median of this many runs per prompt
+    batch_timing: bool = False  # also measure decode tokens/s with every prompt running together
 
 
 def _token_logprobs(entries) -> list[float | None]:
@@ -66,6 +67,36 @@ def _count_preemptions(llm) -> list[str]:
     return seen
 
 
+def _lcx_counters() -> dict:
+    """The event counts lcx's selectors kept in this process (the engine core runs here)."""
+    try:
+        from lcx_plugin.attention_backends.vllm.backend import REQUESTS
+    except ImportError:
+        return {}
+    return dict(REQUESTS.counters)
+
+
+def _batch_timing(llm, prompts: list, max_tokens: int, repeats: int) -> dict:
+    """Every prompt at once: the time to each request's first token (the batch's prefill) and
+    decode tokens/s over the rest, ``len(prompts) * (max_tokens - 1) / (t_full - t_first)``,
+    medians of ``repeats`` runs (prefix caching should be off, so each run prefills afresh)."""
+    from vllm import SamplingParams
+
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    full = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    first, whole = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        llm.generate(prompts, one, use_tqdm=False)
+        t1 = time.perf_counter()
+        llm.generate(prompts, full, use_tqdm=False)
+        first.append(t1 - t0)
+        whole.append(time.perf_counter() - t1)
+    t_first, t_full = statistics.median(first), statistics.median(whole)
+    return {"batch": len(prompts), "prefill_s": t_first, "full_s": t_full,
+            "decode_tps": len(prompts) * (max_tokens - 1) / max(t_full - t_first, 1e-9)}
+
+
 def _child(spec: dict, settings: dict, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
@@ -93,6 +124,7 @@ def _child(spec: dict, settings: dict, out_path: str) -> None:
         "preemptions": preemptions,
     }
     _add_logprobs(result, outs, spec)
+    result["lcx_counters"] = _lcx_counters()
     if spec.get("alone"):
         alone = [llm.generate([p], greedy, use_tqdm=False)[0] for p in prompts]
         result["alone"] = {"token_ids": [list(o.outputs[0].token_ids) for o in alone]}
@@ -116,6 +148,8 @@ def _child(spec: dict, settings: dict, out_path: str) -> None:
             tps.append((spec["max_tokens"] - 1) / max(t_full - t_first, 1e-9))
         result["ttft_s"] = ttft
         result["decode_tps"] = tps
+    if spec.get("batch_timing"):
+        result["batch_timing"] = _batch_timing(llm, prompts, spec["max_tokens"], spec.get("repeats", 3))
     Path(out_path).write_text(json.dumps(result))
 
 

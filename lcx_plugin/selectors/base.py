@@ -54,6 +54,11 @@ class SelectContext:
     requests: Any = None  # the per-request state (RequestStates), keyed by request id and layer
     step: dict = field(default_factory=dict)  # scratch shared by every layer of this step
     layer_data: Any = None  # what the selector's prepare_layer built for this layer
+    scale: float | None = None  # the layer's softmax scale (None: 1/sqrt(head_dim))
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else self.query.shape[-1] ** -0.5
 
     @property
     def num_kv_heads(self) -> int:

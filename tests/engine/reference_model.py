@@ -12,7 +12,33 @@ import functools
 
 import torch
 
-_MASK = {"sink": 0, "window": None, "streaming": None}  # window None: dense; streaming: [layers, Hkv] bool
+# window None: dense; streaming: [layers, Hkv] bool; select: a TokenSelect statement (see token_logprobs)
+_MASK = {"sink": 0, "window": None, "streaming": None, "select": None}
+
+
+def _token_select(scores: torch.Tensor, visible: torch.Tensor, group: int) -> torch.Tensor:
+    """Rows at or after ``select["from"]``: sinks + window + the top ``k(row + 1)`` positions per KV
+    head by the soft vote (per-head softmax over the row's causal scores, summed over the group),
+    ties to the earlier position. ``scores`` [1, H, T, T] -> visible [1, H, T, T] bool."""
+    sel = _MASK["select"]
+    sink, window = sel["sink"], sel["window"]
+    t = scores.shape[2]
+    out = visible.clone()
+    for i in range(sel["from"], t):
+        eligible = torch.arange(t)
+        eligible = (eligible >= sink) & (eligible <= i - window)
+        k = sel["k"](i + 1)
+        if int(eligible.sum()) <= k:
+            continue  # the budget covers the context: dense
+        probs = torch.softmax(scores[0, :, i].masked_fill(~visible[0, 0, i], float("-inf")), -1)  # [H, T]
+        votes = probs.view(-1, group, t).sum(1).double()  # [Hkv, T]
+        keep = torch.zeros_like(votes, dtype=torch.bool)
+        ranked = torch.sort(-votes.masked_fill(~eligible[None, :], float("-inf")), dim=-1, stable=True).indices
+        keep.scatter_(1, ranked[:, :k], True)
+        j = torch.arange(t)
+        keep |= ((j < sink) | ((j > i - window) & (j <= i)))[None, :]
+        out[0, :, i] = keep.repeat_interleave(group, 0)
+    return out
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -31,6 +57,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         else:  # a head split: streaming KV heads windowed, retrieval heads dense
             heads = _MASK["streaming"][module.layer_idx].repeat_interleave(group)[:, None, None]
             visible = torch.where(heads, windowed, visible)
+    if _MASK["select"] is not None:
+        visible = _token_select(scores, visible[None, None].expand(1, scores.shape[1], t, t), group)
     scores = scores.masked_fill(~visible, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ value
     return out.transpose(1, 2).contiguous(), None
@@ -47,10 +75,12 @@ def _model(path: str):
 
 @torch.no_grad()
 def token_logprobs(path: str, token_ids: list[int], sink: int = 0, window: int | None = None,
-                   streaming: torch.Tensor | None = None) -> list[float]:
+                   streaming: torch.Tensor | None = None, select: dict | None = None) -> list[float]:
     """``out[i]`` = log p(token_ids[i+1] | token_ids[:i+1]) under the restricted attention (on the
-    heads marked in ``streaming`` ``[layers, kv_heads]`` only, when given)."""
-    _MASK.update(sink=sink, window=window, streaming=streaming)
+    heads marked in ``streaming`` ``[layers, kv_heads]`` only, when given). ``select``: TokenSelect
+    at decode, ``{"from": first selected row, "sink", "window", "k": seq_len -> tokens kept}``
+    (rows before ``from``, the prefill, stay dense)."""
+    _MASK.update(sink=sink, window=window, streaming=streaming, select=select)
     logits = _model(path)(torch.tensor([token_ids])).logits[0, :-1].float()
     logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0].tolist()

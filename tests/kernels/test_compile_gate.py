@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from lcx_plugin.kernels.compile_gate import SHARED_LIMIT
+from lcx_plugin.kernels.compile_gate import SHARED_LIMIT, all_variants
 
 
 def test_all_kernels_compile_for_sm90_without_spills():
@@ -13,7 +13,9 @@ def test_all_kernels_compile_for_sm90_without_spills():
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) == 16, f"expected 16 paged-attention variants, got {len(reports)}"
+    expected = [v.name for v in all_variants()]
+    assert len(expected) == 22, f"expected 16 paged-attention + 6 scoring variants, got {expected}"
+    assert [r["kernel"] for r in reports] == expected, f"{len(reports)} of {len(expected)} variants reported"
     for r in reports:
         assert r["cubin_bytes"] > 0, r
         assert r["shared_bytes"] <= SHARED_LIMIT, r

@@ -1,0 +1,195 @@
+"""Decode-time criticality scores over a paged KV cache: the scoring pass of TokenSelect and Quest.
+
+At decode each sequence has exactly one new query row. A selector ranks what to attend to from
+
+- ``token_logits``: ``scale * q·k`` for every cached token, per query head (TokenSelect);
+- ``page_logits``: per page, the upper bound ``scale * sum_d max(q_d kmin_d, q_d kmax_d)`` of
+  ``scale * q·k`` over the page's keys, from per-page key minima and maxima (Quest).
+
+Both read the cache where it lies (any ``KVFormat``; per-page summaries indexed by physical
+block), return ``[B, Hq, N]`` float32 with ``-inf`` past each sequence's end, and dispatch like
+``paged_attention``: Triton on CUDA tensors, the torch twin below elsewhere. The torch twin reads
+the keys ``chunk_pages`` pages at a time for the whole batch, so it never holds a dense copy of a
+long context. The float64 oracles are ``token_logits_reference`` and ``page_logits_reference``.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .formats import KVFormat
+from .plan import BatchPlan
+
+Impl = Literal["auto", "triton", "torch"]
+
+#: Elements of the ``[B, Hq, pages, D]`` products the page twin materialises per chunk (16 MiB).
+PAGE_PRODUCT_ELEMS = 1 << 22
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_query(query: torch.Tensor, num_kv_heads: int, head_dim: int, plan: BatchPlan, what: str) -> None:
+    if query.dim() != 3:
+        raise ValueError(f"query must be [seqs, q_heads, head_dim] (one decode row per sequence), "
+                         f"got shape {tuple(query.shape)}")
+    b, hq, d = query.shape
+    if not query.is_floating_point():
+        raise ValueError(f"query must be a floating tensor, got {query.dtype}")
+    if d != head_dim:
+        raise ValueError(f"query head_dim {d} != {what} head_dim {head_dim}")
+    if hq % num_kv_heads:
+        raise ValueError(f"query heads {hq} are not a multiple of kv heads {num_kv_heads}")
+    if b != plan.num_seqs:
+        raise ValueError(f"query has {b} rows but the plan has {plan.num_seqs} sequences; "
+                         "scoring takes exactly one (decode) row per sequence")
+
+
+def _check_table(plan: BatchPlan, block_size: int) -> int:
+    """The widest block-table prefix any sequence uses, in pages."""
+    pages = _cdiv(plan.max_seq_len, block_size)
+    if plan.block_table.dim() != 2 or plan.block_table.shape[1] < pages:
+        raise ValueError(f"block_table {tuple(plan.block_table.shape)} has fewer than the {pages} pages "
+                         f"a sequence of {plan.max_seq_len} tokens needs at block_size {block_size}")
+    return pages
+
+
+def _output(out: torch.Tensor | None, query: torch.Tensor, n: int) -> torch.Tensor:
+    """``out[:, :, :n]``, or a fresh ``[B, Hq, n]`` float32 buffer."""
+    b, hq = query.shape[:2]
+    if out is None:
+        return torch.empty(b, hq, n, dtype=torch.float32, device=query.device)
+    if out.dtype != torch.float32 or out.dim() != 3 or tuple(out.shape[:2]) != (b, hq) or out.shape[2] < n:
+        raise ValueError(f"out must be float32 [{b}, {hq}, >= {n}], got {out.dtype} {tuple(out.shape)}")
+    if out.device != query.device:
+        raise ValueError(f"out is on {out.device} but query on {query.device}")
+    return out[:, :, :n]
+
+
+def _choose(impl: Impl, query: torch.Tensor) -> str:
+    if impl == "auto":
+        return "triton" if query.is_cuda else "torch"
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    return impl
+
+
+# ----------------------------------------------------------------------------- token logits
+
+def token_logits(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor | None = None,
+                 *, impl: Impl = "auto", chunk_pages: int = 64) -> torch.Tensor:
+    """Per-token logits of each sequence's decode query against its cached keys.
+
+    query: ``[B, Hq, D]``, row ``b`` the one query of sequence ``b`` of ``plan`` (its
+        ``query_start_loc`` is not read); any floating dtype.
+    kv: the layer's paged cache; ``plan.block_table`` and ``plan.lens``/``seq_lens`` place the keys.
+    out: optional float32 ``[B, Hq, >= L]``; ``[:, :, :L]`` is overwritten in place.
+    chunk_pages: pages per step of the torch twin (memory ``B x Hkv x chunk_pages`` cells).
+
+    Returns ``[B, Hq, L]`` float32, ``L = max(plan.lens)``: ``scale * q[b, h]·k[b, h // G, p]``
+    for ``p < lens[b]`` (``G = Hq // Hkv``), ``-inf`` for ``p >= lens[b]``. Higher = more critical.
+    """
+    _check_query(query, kv.num_kv_heads, kv.head_dim, plan, "cache")
+    if query.device != kv.device:
+        raise ValueError(f"query is on {query.device} but the cache on {kv.device}")
+    if chunk_pages < 1:
+        raise ValueError(f"chunk_pages must be >= 1, got {chunk_pages}")
+    _check_table(plan, kv.block_size)
+    res = _output(out, query, plan.max_seq_len)
+    if res.numel() == 0:
+        return res
+    if _choose(impl, query) == "triton":
+        from .scoring_triton import token_logits_triton
+
+        return token_logits_triton(query, kv, plan, scale, res)
+    return _token_logits_torch(query, kv, plan, scale, res, chunk_pages)
+
+
+def _token_logits_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
+                        chunk_pages: int) -> torch.Tensor:
+    """The torch twin: ``out`` ``[B, Hq, L]`` float32, filled chunk by chunk of pages."""
+    b, hq, d = query.shape
+    hkv, bs, dev = kv.num_kv_heads, kv.block_size, kv.device
+    group, width = hq // hkv, out.shape[2]
+    lens = plan.seq_lens[:b].to(device=dev, dtype=torch.int64)
+    n_pages = (lens + bs - 1) // bs
+    table = plan.block_table[:b].to(device=dev, dtype=torch.int64)
+    q = query.to(torch.float32).reshape(b, hkv, 1, group, d)  # one [G, D] block per KV head
+    heads = torch.arange(hkv, device=dev)[None, :, None]
+    for p0 in range(0, _cdiv(width, bs), chunk_pages):
+        p1 = min(p0 + chunk_pages, _cdiv(width, bs))
+        n = p1 - p0
+        page = torch.arange(p0, p1, device=dev)
+        # Pages past a sequence's end may hold anything in the table: read block 0 there (every
+        # cache has one) and mask its logits.
+        blocks = torch.where(page[None, :] < n_pages[:, None], table[:, p0:p1], 0)  # [B, n]
+        k, _ = kv.gather(blocks[:, None, :].expand(b, hkv, n), heads.expand(b, hkv, n), torch.float32)
+        s = torch.matmul(q, k.transpose(-1, -2))  # [B, Hkv, n, G, bs], page by page
+        s = s.permute(0, 1, 3, 2, 4).reshape(b, hq, n * bs)
+        lo, hi = p0 * bs, min(p1 * bs, width)
+        pos = torch.arange(lo, hi, device=dev)
+        s = s[:, :, : hi - lo].mul_(scale)
+        out[:, :, lo:hi] = s.masked_fill_(pos[None, None, :] >= lens[:, None, None], float("-inf"))
+    return out
+
+
+# ----------------------------------------------------------------------------- page logits
+
+def page_logits(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, plan: BatchPlan, block_size: int,
+                scale: float, out: torch.Tensor | None = None, *, impl: Impl = "auto") -> torch.Tensor:
+    """Per-page upper bounds of each sequence's decode logits (Quest's page criticality).
+
+    query: ``[B, Hq, D]``, one row per sequence of ``plan``.
+    kmin, kmax: ``[num_blocks, Hkv, D]`` float32, key minima/maxima per physical page and KV head
+        (``lcx_plugin.state.PageSummaries``); only blocks a sequence uses are read.
+    out: optional float32 ``[B, Hq, >= P]``; ``[:, :, :P]`` is overwritten in place.
+
+    Returns ``[B, Hq, P]`` float32, ``P = max_b ceil(lens[b] / block_size)``: for page ``j`` of
+    sequence ``b`` (physical block ``blk = block_table[b, j]``) and KV head ``g = h // G``,
+    ``scale * sum_d max(q_d * kmin[blk, g, d], q_d * kmax[blk, g, d])``, which is at least every
+    ``scale * q·k`` over the page's keys; ``-inf`` for pages past the sequence's last.
+    """
+    if kmin.dim() != 3 or kmin.shape != kmax.shape:
+        raise ValueError(f"kmin and kmax must both be [num_blocks, kv_heads, head_dim], got "
+                         f"{tuple(kmin.shape)} and {tuple(kmax.shape)}")
+    if not (kmin.is_floating_point() and kmax.is_floating_point()):
+        raise ValueError(f"kmin and kmax must be floating tensors, got {kmin.dtype} and {kmax.dtype}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    _check_query(query, kmin.shape[1], kmin.shape[2], plan, "page summary")
+    if not (query.device == kmin.device == kmax.device):
+        raise ValueError(f"query, kmin and kmax must share a device: {query.device}, {kmin.device}, {kmax.device}")
+    pages = _check_table(plan, block_size)
+    res = _output(out, query, pages)
+    if res.numel() == 0:
+        return res
+    if _choose(impl, query) == "triton":
+        from .scoring_triton import page_logits_triton
+
+        return page_logits_triton(query, kmin, kmax, plan, block_size, scale, res)
+    return _page_logits_torch(query, kmin, kmax, plan, block_size, scale, res)
+
+
+def _page_logits_torch(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, plan: BatchPlan,
+                       block_size: int, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """The torch twin: ``out`` ``[B, Hq, P]`` float32, the whole batch at once per chunk of pages."""
+    b, hq, d = query.shape
+    hkv, dev, width = kmin.shape[1], query.device, out.shape[2]
+    group = hq // hkv
+    lens = plan.seq_lens[:b].to(device=dev, dtype=torch.int64)
+    n_pages = (lens + block_size - 1) // block_size
+    table = plan.block_table[:b].to(device=dev, dtype=torch.int64)
+    q = query.to(torch.float32).reshape(b, hkv, group, 1, d)
+    chunk = max(1, PAGE_PRODUCT_ELEMS // max(1, b * hq * d))
+    for p0 in range(0, width, chunk):
+        p1 = min(p0 + chunk, width)
+        page = torch.arange(p0, p1, device=dev)
+        live = page[None, :] < n_pages[:, None]  # [B, n]
+        blocks = torch.where(live, table[:, p0:p1], 0)
+        lo = kmin[blocks].to(torch.float32).transpose(1, 2)[:, :, None]  # [B, Hkv, 1, n, D]
+        hi = kmax[blocks].to(torch.float32).transpose(1, 2)[:, :, None]
+        bound = torch.maximum(q * lo, q * hi).sum(-1).reshape(b, hq, p1 - p0)
+        out[:, :, p0:p1] = bound.mul_(scale).masked_fill_(~live[:, None, :], float("-inf"))
+    return out

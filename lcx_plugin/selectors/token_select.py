@@ -1,0 +1,235 @@
+"""``token_select``: per-head q·k criticality, soft voting across a KV group's query heads, top-k,
+and a selection cache that reuses a request's last selection while its query stays similar.
+
+TokenSelect (Wu et al., "TokenSelect: Efficient Long-Context Inference and Length Extrapolation
+for LLMs via Dynamic Token-Level KV Cache Selection", https://arxiv.org/abs/2411.02886). At each
+decode step, for each sequence and layer:
+
+1. **Score.** Every cached token gets ``scale * q·k`` per query head (the scoring kernels in
+   ``kernels/paged/scoring.py`` read the paged cache in place, chunk by chunk; no dense copy).
+   With ``granularity="page"`` the units are the cache's pages instead, scored by the Quest bound
+   ``sum_d max(q_d min_d, q_d max_d)`` over the per-page key minima and maxima the layer keeps
+   (``PageSummaries``), which reads two vectors per page instead of every key.
+2. **Soft vote.** A softmax per query head over all units, summed over the query heads that share
+   a KV head: each query head votes with a unit budget, so one head with sharp logits cannot
+   drown the others.
+3. **Top-k.** The ``budget`` best units outside the sinks and the recent window, per KV head
+   (ties go to the earlier unit). Sinks and window are always kept.
+4. **Cache.** The chosen units are kept per (request, layer) with the query that chose them. The
+   next step reuses them, without scoring, while the cosine similarity of the new query to that
+   one stays at or above ``reuse_similarity``. The state lives in the engine's per-request homes,
+   dropped when a request finishes or is preempted, so it never crosses requests.
+
+Prefill (and every chunk of a chunked prefill) stays dense, as in the paper: a selection needs a
+query to score against, and prefill rows each have their own. Contexts where the budget covers
+every unit anyway, or shorter than ``min_context``, stay dense too, on the engine's own kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lcx_plugin.kernels.paged import BatchPlan, Selection
+from lcx_plugin.kernels.paged.scoring import page_logits, token_logits
+
+from . import register
+from .base import SelectContext, TopKSelector, require
+
+GRANULARITIES = ("token", "page")
+
+
+def soft_vote(logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``logits`` ``[B, Hq, N]`` (``-inf``: no such unit) -> votes ``[B, Hkv, N]``: a softmax per
+    query head, summed over each KV head's group of query heads."""
+    b, hq, n = logits.shape
+    probs = torch.softmax(logits.float(), dim=-1).nan_to_num_(0.0)
+    return probs.view(b, num_kv_heads, hq // num_kv_heads, n).sum(2)
+
+
+def top_units(votes: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k[b]`` best eligible units of every (sequence b, KV head), ascending.
+
+    votes ``[B, Hkv, N]``, eligible ``[B, N]`` bool, k ``[B]`` int. Ties go to the lower unit (a
+    stable sort of the negated votes), so the set is deterministic. Returns ``indices [B, Hkv, K]``
+    int32 (K = max k; entries past the count hold N) and ``counts [B, Hkv]`` int32."""
+    b, h, n = votes.shape
+    kmax = int(k.max()) if k.numel() else 0
+    kmax = min(kmax, n)
+    masked = votes.masked_fill(~eligible[:, None, :], float("-inf"))
+    order = torch.sort(-masked, dim=-1, stable=True).indices[..., :kmax]  # best first, ties: lower unit
+    keep = (torch.arange(kmax)[None, None, :] < k[:, None, None]) & (masked.gather(-1, order) > float("-inf"))
+    idx = torch.where(keep, order, n).sort(dim=-1).values
+    return idx.to(torch.int32), keep.sum(-1).to(torch.int32)
+
+
+@register
+@dataclass(frozen=True)
+class TokenSelect(TopKSelector):
+    """Top-k tokens (or pages) per KV head by soft-voted q·k criticality, with a selection cache.
+
+    budget: tokens kept beyond sinks and window, per KV head: a count (int >= 1) or a fraction of
+        the context (float in (0, 1]). With ``granularity="page"`` it is rounded up to whole pages.
+    granularity: "token" (score every cached key) or "page" (score per-page key bounds).
+    reuse_similarity: reuse a request's previous selection while the cosine similarity of its new
+        query to the one that chose it is at least this (per layer); null: score every step.
+    sink, window, min_context: as for every windowed method.
+    """
+
+    name: ClassVar[str] = "token_select"
+    needs_request_state: ClassVar[bool] = True
+
+    sink: int = 64
+    window: int = 256
+    budget: int | float = 0.125
+    granularity: str = "token"
+    reuse_similarity: float | None = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.granularity in GRANULARITIES,
+                f"lcx config: granularity={self.granularity!r} must be one of {list(GRANULARITIES)}")
+        if self.reuse_similarity is not None:
+            require(-1.0 <= self.reuse_similarity <= 1.0,
+                    f"lcx config: reuse_similarity={self.reuse_similarity} must be in [-1, 1] (a cosine), or null")
+
+    @property
+    def needs_page_summaries(self) -> bool:  # type: ignore[override]
+        return self.granularity == "page"
+
+    # -- which sequences need a selection -------------------------------------------------------
+    def tokens_kept(self, seq_len: int) -> int:
+        """The budget in tokens at this context length."""
+        return self.budget if isinstance(self.budget, int) else max(1, round(self.budget * seq_len))
+
+    def dense_rows(self, plan: BatchPlan) -> list[bool]:
+        # Prefill rows are dense (see the module docstring); so is a context the selection would
+        # keep whole: sinks + window + budget cover it.
+        return [plan.q_len(b) != 1 or s < self.min_context or s <= self.sink + self.window + self.tokens_kept(s)
+                for b, s in enumerate(plan.lens)]
+
+    # -- selection ------------------------------------------------------------------------------
+    def select(self, ctx: SelectContext) -> Selection:
+        plan = ctx.plan
+        if plan.max_query_len != 1:
+            raise ValueError("token_select selects at decode only; prefill rows must be planned dense")
+        query = ctx.query[: plan.num_seqs]  # one row per sequence
+        bs = ctx.kv.block_size
+        states = [ctx.requests.get(r, ctx.layer) for r in ctx.request_ids]
+        reuse = self._reusable(query, states, ctx)
+        fresh = [not r for r in reuse]
+        if any(fresh):
+            idx, cnt = self._score(query, ctx, fresh)
+            q32 = query.float()
+            for j, b in enumerate(i for i, f in enumerate(fresh) if f):
+                states[b].update(query=q32[b].clone(), indices=idx[j].clone(), counts=cnt[j].clone(),
+                                 granularity=self.granularity)
+        selection = self._selection(states, plan, ctx.num_kv_heads, bs, query.device)
+        self._count_bytes(ctx, fresh, selection)
+        return selection
+
+    def _count_bytes(self, ctx: SelectContext, fresh: list[bool], selection: Selection) -> None:
+        """KV bytes this step reads for the selected sequences, from the real selections: the
+        scoring pass (keys, or float32 page minima and maxima; none on a cache hit) plus the
+        attention over what was selected; and what dense attention would have read."""
+        kv, plan, c = ctx.kv, ctx.plan, ctx.requests.counters
+        elem = kv.bits // 8
+        hkv, d, bs = kv.num_kv_heads, kv.head_dim, kv.block_size
+        lens = torch.tensor(plan.lens)
+        dense = int(lens.sum()) * hkv * 2 * d * elem
+        fresh_t = torch.tensor(fresh)
+        if self.granularity == "token":
+            scoring = int(lens[fresh_t].sum()) * hkv * d * elem
+            counts = selection.counts[:, :, 0].long()  # [B, Hkv]
+            width = selection.indices.shape[-1]
+            live = torch.arange(width)[None, None, :] < counts[..., None]
+            listed = (live & (selection.indices[:, :, 0].long() < (lens - self.window)[:, None, None])).sum(-1)
+            sinks = lens.clamp(max=self.sink)
+            window = (lens - sinks).clamp(max=self.window)
+            read = int((listed + (sinks + window)[:, None]).sum()) * 2 * d * elem
+        else:
+            scoring = int(((lens[fresh_t] + bs - 1) // bs).sum()) * hkv * d * 2 * 4
+            read = int(selection.counts.sum()) * bs * 2 * d * elem
+        for key, value in (("kv_bytes_dense", dense), ("kv_bytes_scoring", scoring), ("kv_bytes_attention", read)):
+            c[key] = c.get(key, 0) + value
+
+    def _reusable(self, query: torch.Tensor, states: list[dict], ctx: SelectContext) -> list[bool]:
+        counters = ctx.requests.counters
+        counters["selection_lookups"] = counters.get("selection_lookups", 0) + len(states)
+        if self.reuse_similarity is None:
+            return [False] * len(states)
+        have = [s.get("granularity") == self.granularity for s in states]
+        if not any(have):
+            return have
+        rows = [b for b, h in enumerate(have) if h]
+        prev = torch.stack([states[b]["query"] for b in rows]).flatten(1)
+        now = query[rows].float().flatten(1)
+        cos = torch.nn.functional.cosine_similarity(now, prev, dim=1)
+        out = [False] * len(states)
+        for b, c in zip(rows, cos.tolist()):
+            out[b] = c >= self.reuse_similarity
+        counters["selection_hits"] = counters.get("selection_hits", 0) + sum(out)
+        return out
+
+    def _score(self, query: torch.Tensor, ctx: SelectContext, fresh: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh top-k units (excluding sinks and window) for the sequences where ``fresh``."""
+        plan = ctx.plan if all(fresh) else ctx.plan.subset(fresh)
+        q = query if all(fresh) else query[torch.tensor(fresh, device=query.device)]
+        bs = ctx.kv.block_size
+        lens = torch.tensor(plan.lens)
+        scale = ctx.softmax_scale
+        if self.granularity == "token":
+            logits = token_logits(q, ctx.kv, plan, scale)
+            n = logits.shape[-1]
+            unit = torch.arange(n)
+            eligible = (unit[None, :] >= self.sink) & (unit[None, :] <= lens[:, None] - 1 - self.window)
+            k = torch.tensor([self.tokens_kept(s) for s in plan.lens])
+        else:
+            pages = ctx.pages
+            logits = page_logits(q, pages.min, pages.max, plan, bs, scale)
+            n = logits.shape[-1]
+            kept_lo, kept_hi = self._always_kept_pages(lens, bs)
+            unit = torch.arange(n)
+            n_pages = (lens + bs - 1) // bs
+            eligible = (unit[None, :] >= kept_lo[:, None]) & (unit[None, :] < kept_hi[:, None]) & \
+                       (unit[None, :] < n_pages[:, None])
+            k = torch.tensor([-(-self.tokens_kept(s) // bs) for s in plan.lens])
+        votes = soft_vote(logits, ctx.num_kv_heads)
+        return top_units(votes.cpu(), eligible, k)
+
+    def _always_kept_pages(self, lens: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence: pages ``< lo`` hold sink tokens and pages ``>= hi`` hold window tokens (of
+        the query at position ``len - 1``)."""
+        lo = torch.full_like(lens, -(-self.sink // bs))
+        hi = (lens - self.window).clamp(min=0) // bs
+        return lo, torch.maximum(hi, lo)
+
+    def _selection(self, states: list[dict], plan: BatchPlan, hkv: int, bs: int, device) -> Selection:
+        b = len(states)
+        if self.granularity == "token":
+            width = max(int(s["indices"].shape[-1]) for s in states)
+            idx = torch.zeros(b, hkv, width, dtype=torch.int32)
+            cnt = torch.zeros(b, hkv, dtype=torch.int32)
+            for i, s in enumerate(states):
+                w = s["indices"].shape[-1]
+                idx[i, :, :w], cnt[i] = s["indices"], s["counts"]
+            return Selection.build(b, hkv, granularity="token", indices=idx, counts=cnt, sink=self.sink,
+                                   window=self.window, device=device)
+        # Pages: the chosen ones plus the pages holding sinks and window, as one list per head, so
+        # the selection is page lists only (what an engine's own paged op runs).
+        lens = torch.tensor(plan.lens)
+        lo, hi = self._always_kept_pages(lens, bs)
+        n_pages = (lens + bs - 1) // bs
+        width = int(n_pages.max())
+        unit = torch.arange(width)
+        keep = ((unit[None, :] < lo[:, None]) | (unit[None, :] >= hi[:, None])) & (unit[None, :] < n_pages[:, None])
+        keep = keep[:, None, :].repeat(1, hkv, 1)  # [B, Hkv, P]
+        for i, s in enumerate(states):
+            chosen = s["indices"].long()
+            live = (torch.arange(chosen.shape[-1])[None, :] < s["counts"][:, None]) & (chosen < n_pages[i])
+            heads = torch.arange(hkv)[:, None].expand_as(chosen)
+            keep[i, heads[live], chosen[live]] = True
+        cnt = keep.sum(-1).to(torch.int32)
+        idx = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., : int(cnt.max())].to(torch.int32)
+        return Selection.build(b, hkv, granularity="page", indices=idx, counts=cnt, device=device)
