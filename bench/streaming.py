@@ -124,8 +124,9 @@ def attention_32k(dtype_name: str) -> dict:
     return res
 
 
-def _attention_child(settings) -> dict:
-    """Run attention_32k in a child bound like an engine worker (same threads and binding)."""
+def _attention_child(settings, module: str = "streaming") -> dict:
+    """Run ``bench/<module>.py``'s ``attention_32k`` in a child bound like an engine worker (same
+    threads and binding)."""
     import os
     import subprocess
     import sys
@@ -135,8 +136,8 @@ def _attention_child(settings) -> dict:
     env = child_env(settings)
     cores = settings.bind.split("-")
     env["OMP_NUM_THREADS"] = str(int(cores[-1]) - int(cores[0]) + 1 if len(cores) == 2 else 1)
-    code = ("import json, sys; sys.path.insert(0, 'bench'); import streaming; "
-            f"print(json.dumps(streaming.attention_32k({settings.dtype!r})))")
+    code = (f"import json, sys; sys.path.insert(0, 'bench'); import {module}; "
+            f"print(json.dumps({module}.attention_32k({settings.dtype!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=os.getcwd(),
                           timeout=1800)
     if proc.returncode:

@@ -32,7 +32,7 @@ HEAD_SPLIT = {"method": "head_split", "streaming_fraction": 0.67, "sink": 16, "w
 # TokenSelect at decode: a budget far smaller than the long prompts, no selection cache (so the
 # float32 reference can state the selection exactly). Eight requests of different lengths, all
 # long enough to select, at most three at a time: requests join and leave the batch's rows as
-# others finish, and each is also run alone.
+# others finish (with the cache on, each is also run alone).
 TOKEN_SELECT = {"method": "token_select", "sink": 16, "window": 128, "budget": 192, "reuse_similarity": None}
 SELECT_PROMPTS = [long_prompt(400 + 230 * i, seed=20 + i, key=str(3100 + 7 * i)) for i in range(8)]
 
@@ -57,12 +57,12 @@ ARMS = {
                                        "num_gpu_blocks_override": 48}),
     # A window longer than every prompt, every head's cache kept: every sequence stays dense.
     "head_split_wide": dict(backend="lcx", lcx={**HEAD_SPLIT, "window": 8192, "save_memory": False}),
-    "token_select": dict(backend="lcx", lcx=TOKEN_SELECT, prompts=SELECT_PROMPTS, alone=True,
+    "token_select": dict(backend="lcx", lcx=TOKEN_SELECT, prompts=SELECT_PROMPTS, max_tokens=16,
                          engine={"max_num_seqs": 3}),
     # Page granularity with the selection cache on, the same swaps in and out of the batch.
     "token_select_cached": dict(backend="lcx", lcx={**TOKEN_SELECT, "granularity": "page", "budget": 0.25,
                                                     "reuse_similarity": 0.8},
-                                prompts=SELECT_PROMPTS, alone=True, engine={"max_num_seqs": 3}),
+                                prompts=SELECT_PROMPTS, max_tokens=16, alone=True, engine={"max_num_seqs": 3}),
     # A budget covering every context: decode stays dense, on the engine's own op.
     "token_select_wide": dict(backend="lcx", lcx={**TOKEN_SELECT, "budget": 1.0}),
     # The GPU path's Triton kernel, run by Triton's interpreter inside the real CPU engine: the
