@@ -34,7 +34,7 @@ HEAD_SPLIT = {"method": "head_split", "streaming_fraction": 0.67, "sink": 16, "w
 # long enough to select, at most three at a time: requests join and leave the batch's rows as
 # others finish (with the cache on, each is also run alone).
 TOKEN_SELECT = {"method": "token_select", "sink": 16, "window": 128, "budget": 192, "reuse_similarity": None}
-SELECT_PROMPTS = [long_prompt(400 + 230 * i, seed=20 + i, key=str(3100 + 7 * i)) for i in range(8)]
+SELECT_PROMPTS = [long_prompt(400 + 120 * i, seed=20 + i, key=str(3100 + 7 * i)) for i in range(8)]
 
 ARMS = {
     "stock": dict(),

@@ -73,6 +73,9 @@ def _model(path: str):
     return model.eval()
 
 
+_CACHE: dict[tuple, list[float]] = {}  # the same restriction of the same tokens is computed once a session
+
+
 @torch.no_grad()
 def token_logprobs(path: str, token_ids: list[int], sink: int = 0, window: int | None = None,
                    streaming: torch.Tensor | None = None, select: dict | None = None) -> list[float]:
@@ -80,7 +83,16 @@ def token_logprobs(path: str, token_ids: list[int], sink: int = 0, window: int |
     heads marked in ``streaming`` ``[layers, kv_heads]`` only, when given). ``select``: TokenSelect
     at decode, ``{"from": first selected row, "sink", "window", "k": seq_len -> tokens kept}``
     (rows before ``from``, the prefill, stay dense)."""
+    key = None
+    if select is None:  # a TokenSelect statement holds a function: never cached
+        mask = None if streaming is None else tuple(streaming.flatten().tolist())
+        key = (path, tuple(token_ids), sink, window, mask)
+        if key in _CACHE:
+            return list(_CACHE[key])
     _MASK.update(sink=sink, window=window, streaming=streaming, select=select)
     logits = _model(path)(torch.tensor([token_ids])).logits[0, :-1].float()
     logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0].tolist()
+    out = logp.gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0].tolist()
+    if key is not None:
+        _CACHE[key] = list(out)
+    return out

@@ -19,7 +19,7 @@ def test_a_budget_covering_the_context_is_token_identical_to_dense(arm):
 
 def test_decode_matches_the_reference_selection_teacher_forced(arm, model_path, stock_yardstick):
     """Eight requests, three at a time; every decode step after the first selects 192 of up to
-    2,000 tokens (plus sinks and window).
+    1,300 tokens (plus sinks and window).
     The engine's log-probabilities of its own tokens are compared with the float32 reference model
     that selects the same way at those rows; a kernel that read the wrong tokens, or every token,
     lands far from it (checked against the dense reference on the longest prompt)."""
