@@ -80,7 +80,8 @@ def _batch_timing(llm, prompts: list, max_tokens: int, repeats: int) -> dict:
     """Every prompt at once, decode tokens/s: ``len(prompts) * (max_tokens - 1) / (t_full - t_first)``,
     where both runs find the prompts in the prefix cache (a first run puts them there), so their
     difference is the decode alone rather than the small difference of two long prefills. Medians
-    of ``repeats`` runs. Needs prefix caching on; the method must keep its state correct over
+    of ``repeats`` runs. ``prefill_cold_s`` is that first run (after ``_child``'s own batch it may
+    already find the prompts cached). Needs prefix caching on; the method must keep its state correct over
     cached pages."""
     from vllm import SamplingParams
 
