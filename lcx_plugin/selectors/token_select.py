@@ -99,14 +99,10 @@ class TokenSelect(TopKSelector):
         return self.granularity == "page"
 
     # -- which sequences need a selection -------------------------------------------------------
-    def tokens_kept(self, seq_len: int) -> int:
-        """The budget in tokens at this context length."""
-        return self.budget if isinstance(self.budget, int) else max(1, round(self.budget * seq_len))
-
     def dense_rows(self, plan: BatchPlan) -> list[bool]:
         # Prefill rows are dense (see the module docstring); so is a context the selection would
         # keep whole: sinks + window + budget cover it.
-        return [plan.q_len(b) != 1 or s < self.min_context or s <= self.sink + self.window + self.tokens_kept(s)
+        return [plan.q_len(b) != 1 or s < self.min_context or s <= self.sink + self.window + self.budget_for(s)
                 for b, s in enumerate(plan.lens)]
 
     # -- selection ------------------------------------------------------------------------------
@@ -184,7 +180,7 @@ class TokenSelect(TopKSelector):
             n = logits.shape[-1]
             unit = torch.arange(n)
             eligible = (unit[None, :] >= self.sink) & (unit[None, :] <= lens[:, None] - 1 - self.window)
-            k = torch.tensor([self.tokens_kept(s) for s in plan.lens])
+            k = torch.tensor([self.budget_for(s) for s in plan.lens])
         else:
             pages = ctx.pages
             logits = page_logits(q, pages.min, pages.max, plan, bs, scale)
@@ -194,7 +190,7 @@ class TokenSelect(TopKSelector):
             n_pages = (lens + bs - 1) // bs
             eligible = (unit[None, :] >= kept_lo[:, None]) & (unit[None, :] < kept_hi[:, None]) & \
                        (unit[None, :] < n_pages[:, None])
-            k = torch.tensor([-(-self.tokens_kept(s) // bs) for s in plan.lens])
+            k = torch.tensor([-(-self.budget_for(s) // bs) for s in plan.lens])
         votes = soft_vote(logits, ctx.num_kv_heads)
         return top_units(votes.cpu(), eligible, k)
 

@@ -55,7 +55,7 @@ def expected_tokens(keys, q, sel, hkv):
     group = q.shape[0] // hkv
     logits = torch.einsum("hd,thd->ht", q.double(), keys.repeat_interleave(group, 1)) * D ** -0.5
     votes = torch.softmax(logits, -1).view(hkv, group, s).sum(1)
-    k = sel.tokens_kept(s)
+    k = sel.budget_for(s)
     out = []
     for g in range(hkv):
         ranked = sorted((p for p in range(sel.sink, s - sel.window)), key=lambda p: (-float(votes[g, p]), p))
@@ -75,7 +75,7 @@ def expected_pages(keys, q, sel, hkv):
     votes = torch.softmax(bound, -1).view(hkv, group, n).sum(1)
     lo = -(-sel.sink // BS)
     hi = max(lo, max(0, s - sel.window) // BS)
-    k = -(-sel.tokens_kept(s) // BS)
+    k = -(-sel.budget_for(s) // BS)
     out = []
     for g in range(hkv):
         ranked = sorted(range(lo, min(hi, n)), key=lambda p: (-float(votes[g, p]), p))
@@ -148,7 +148,7 @@ def test_properties(sink, window, budget, granularity, lens, seed):
     plan = BatchPlan.from_lists([1] * len(lens), lens, torch.zeros(len(lens), 30, dtype=torch.int32))
     dense = sel.dense_rows(plan)
     for s, d in zip(lens, dense):
-        assert d == (s <= sink + window + sel.tokens_kept(s))  # a budget covering the context is dense
+        assert d == (s <= sink + window + sel.budget_for(s))  # a budget covering the context is dense
     rows = [b for b, d in enumerate(dense) if not d]
     if not rows:
         return
