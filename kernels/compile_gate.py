@@ -18,6 +18,21 @@ from dataclasses import dataclass
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory per block on sm_90
 
 
+#: Quantized page formats the gate builds: (name, bits, group size; 0 = the whole head).
+QUANT_FORMATS = (("int8-g0", 8, 0), ("int4-g0", 4, 0), ("int4-g32", 4, 32))
+
+
+def quant_constexprs(head_dim: int, bits: int, group: int) -> dict:
+    """The constexprs a quantized format's kernels take (as ``triton_impl.quant_operands`` sets them)."""
+    from .paged import quant
+
+    data = quant.code_bytes(head_dim, bits)
+    return dict(QUANT_BITS=bits, GROUP_SIZE=min(group or head_dim, head_dim), META_AT=data + (data & 1))
+
+
+PLAIN = dict(QUANT_BITS=0, GROUP_SIZE=1, META_AT=0)
+
+
 @dataclass
 class Variant:
     name: str
@@ -48,10 +63,26 @@ def paged_attention_variants() -> list[Variant]:
                 const = dict(
                     NUM_KV_HEADS=8, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16,
                     BLOCK_M=t.BLOCK_M, TILE_N=launch.pop("TILE_N"), SEL_KIND=sel_kind, QUERY_BLOCK=query_block,
-                    FP32_DOT=fp32_dot,
+                    FP32_DOT=fp32_dot, **PLAIN,
                 )
                 sig = dict(base_sig, **{k: "constexpr" for k in const})
                 out.append(Variant(f"paged_attention[d={head_dim},{sel_name},fp32_dot={fp32_dot}]",
+                                   t._paged_attention_kernel, sig, const, launch))
+    # Quantized pages (dequantize-on-load): uint8 key/value byte planes, a bf16 or fp32 query.
+    for head_dim in (64, 128):
+        for fmt, bits, group in QUANT_FORMATS:
+            for sel_kind, sel_name, fp32_dot in ((t.SEL_DENSE, "dense", False), (t.SEL_PAGE, "page", False),
+                                                 (t.SEL_PAGE, "page", True)):
+                launch = t.launch_config(head_dim, fp32_dot, bits)
+                const = dict(
+                    NUM_KV_HEADS=8, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16,
+                    BLOCK_M=t.BLOCK_M, TILE_N=launch.pop("TILE_N"), SEL_KIND=sel_kind, QUERY_BLOCK=0,
+                    FP32_DOT=fp32_dot, **quant_constexprs(head_dim, bits, group),
+                )
+                act = "*fp32" if fp32_dot else "*bf16"
+                sig = dict(base_sig, q_ptr=act, out_ptr=act, k_ptr="*u8", v_ptr="*u8",
+                           **{k: "constexpr" for k in const})
+                out.append(Variant(f"paged_attention[d={head_dim},{fmt},{sel_name},fp32_dot={fp32_dot}]",
                                    t._paged_attention_kernel, sig, const, launch))
     return out
 
@@ -66,12 +97,22 @@ def scoring_variants() -> list[Variant]:
     for head_dim in (64, 128):
         for cache in ("bf16", "fp32"):
             launch = t.token_launch_config(head_dim)
-            const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, TILE_N=launch.pop("TILE_N"))
+            const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, TILE_N=launch.pop("TILE_N"),
+                         **PLAIN)
             sig = {"q_ptr": f"*{cache}", "k_ptr": f"*{cache}", "out_ptr": "*fp32", "block_table_ptr": "*i32",
                    "seq_lens_ptr": "*i32", "scale": "fp32", "out_len": "i32", "pages_per_program": "i32",
                    **{s: "i64" for s in strides + ("stride_kb", "stride_kh", "stride_kt", "stride_kd")},
                    **{k: "constexpr" for k in const}}
             out.append(Variant(f"token_logits[d={head_dim},{cache}]", t._token_logits_kernel, sig, const, launch))
+        for fmt, bits, group in QUANT_FORMATS:  # quantized keys: the uint8 key plane, a bf16 query
+            launch = t.token_launch_config(head_dim)
+            const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, TILE_N=launch.pop("TILE_N"),
+                         **quant_constexprs(head_dim, bits, group))
+            sig = {"q_ptr": "*bf16", "k_ptr": "*u8", "out_ptr": "*fp32", "block_table_ptr": "*i32",
+                   "seq_lens_ptr": "*i32", "scale": "fp32", "out_len": "i32", "pages_per_program": "i32",
+                   **{s: "i64" for s in strides + ("stride_kb", "stride_kh", "stride_kt", "stride_kd")},
+                   **{k: "constexpr" for k in const}}
+            out.append(Variant(f"token_logits[d={head_dim},{fmt}]", t._token_logits_kernel, sig, const, launch))
         launch = t.page_launch_config(head_dim)
         const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, PAGE_TILE=launch.pop("PAGE_TILE"))
         sig = {"q_ptr": "*bf16", "kmin_ptr": "*fp32", "kmax_ptr": "*fp32", "out_ptr": "*fp32",

@@ -25,7 +25,9 @@ from lcx_plugin.selectors.base import Selector
 
 ENV_VAR = "LCX_CONFIG"
 KERNELS = ("auto", "engine", "torch", "triton")
-ENGINE_KEYS = ("method", "kernel")
+ENGINE_KEYS = ("method", "kernel", "kv_format", "kv_group_size")
+#: Storage formats of the paged cache: the engine's own dtype, or quantized pages (kernels/paged/quant.py).
+KV_FORMATS = ("auto", "int8", "int4")
 MAX_CONFIG_BYTES = 1 << 20
 
 __all__ = ["ENV_VAR", "KERNELS", "LcxConfig", "LcxConfigError", "resolve_config"]
@@ -46,14 +48,47 @@ class LcxConfig:
         "triton": lcx's Triton kernel (CUDA; on CPU only under TRITON_INTERPRET=1).
         "torch": lcx's torch twin for everything, over lcx's own page layout.
         "engine": as "auto" on vLLM's CPU build.
+    kv_format: how the paged cache stores keys and values, under every method.
+        "auto": the engine's cache dtype (bf16 for a bf16 model).
+        "int8", "int4": quantized pages, per token and KV head in groups of ``kv_group_size``
+            channels with a bfloat16 scale and zero point each; the engine's page shrinks, so its
+            reported KV capacity grows (about 1.9x and 3.6x at head_dim 64). Quantized pages are
+            read by lcx's kernels only ("auto" takes the torch twin on CPU).
+    kv_group_size: channels per scale group of a quantized format; null (the default) is the
+        whole head, the smallest cache.
     """
 
     selector: Selector = field(default_factory=_default_selector)
     kernel: str = "auto"
+    kv_format: str = "auto"
+    kv_group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
             raise LcxConfigError(f"lcx config: kernel={self.kernel!r} is not one of {list(KERNELS)}")
+        if self.kv_format not in KV_FORMATS:
+            raise LcxConfigError(f"lcx config: kv_format={self.kv_format!r} is not one of {list(KV_FORMATS)}")
+        g = self.kv_group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= 1024):
+            raise LcxConfigError(f"lcx config: kv_group_size={g!r} must be an integer in [1, 1024] or null "
+                                 "(the whole head)")
+        if g is not None and self.kv_format == "auto":
+            raise LcxConfigError("lcx config: kv_group_size applies to quantized pages; set kv_format to "
+                                 "'int8' or 'int4', or drop kv_group_size")
+        if self.kernel == "engine" and self.quantized:
+            raise LcxConfigError(f"lcx config: kernel='engine' is vLLM's CPU op, which cannot read {self.kv_format} "
+                                 "pages; use kernel 'auto' (lcx's torch twin on CPU, Triton on GPUs)")
+
+    @property
+    def quantized(self) -> bool:
+        return self.kv_format != "auto"
+
+    @property
+    def kv_bits(self) -> int | None:
+        return {"int8": 8, "int4": 4}.get(self.kv_format)
+
+    def group_size(self, head_dim: int) -> int:
+        return min(self.kv_group_size or head_dim, head_dim)
 
     @property
     def method(self) -> str:
@@ -71,12 +106,22 @@ class LcxConfig:
         kernel = data.get("kernel", "auto")
         if not isinstance(kernel, str):
             raise LcxConfigError(f"lcx config from {source}: kernel={kernel!r} must be a string, one of {list(KERNELS)}")
+        kv_format = data.get("kv_format", "auto")
+        if not isinstance(kv_format, str):
+            raise LcxConfigError(f"lcx config from {source}: kv_format={kv_format!r} must be a string, one of "
+                                 f"{list(KV_FORMATS)}")
         params = {k: v for k, v in data.items() if k not in ENGINE_KEYS}
         selector = selectors.get(method).from_dict(params, source, ENGINE_KEYS)
-        return cls(selector=selector, kernel=kernel)
+        try:
+            return cls(selector=selector, kernel=kernel, kv_format=kv_format, kv_group_size=data.get("kv_group_size"))
+        except LcxConfigError as e:
+            raise LcxConfigError(str(e).replace("lcx config:", f"lcx config from {source}:", 1)) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "kernel": self.kernel, **self.selector.to_dict()}
+        out = {"method": self.method, "kernel": self.kernel, **self.selector.to_dict()}
+        if self.quantized:
+            out.update(kv_format=self.kv_format, kv_group_size=self.kv_group_size)
+        return out
 
     def describe(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.to_dict().items())

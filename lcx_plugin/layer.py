@@ -11,7 +11,7 @@ selector for a selection over the rest, and runs lcx's kernel family on it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import torch
@@ -207,7 +207,7 @@ class SplitStorage:
         info = core.info
         r_info = LayerInfo(info.index, len(r), info.head_dim, info.model, info.kv_head_offset)
         self.retrieval = LayerCore(core.index, len(r) * group, len(r), core.head_dim, core.scale,
-                                   LcxConfig(selector=inner, kernel=core.config.kernel), core.impl, core.requests,
+                                   replace(core.config, selector=inner), core.impl, core.requests,
                                    r_info)
 
 

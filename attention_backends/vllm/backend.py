@@ -25,7 +25,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from lcx_plugin import machine
 from lcx_plugin.config import LcxConfig, resolve_config
-from lcx_plugin.kernels.paged import BatchPlan, KVFormat, formats
+from lcx_plugin.kernels.paged import BatchPlan, KVFormat, formats, quant
 from lcx_plugin.layer import LayerCore, StepPlan, plan_step, planning_selector
 from lcx_plugin.selectors import LayerInfo
 from lcx_plugin.log import get_logger
@@ -53,11 +53,14 @@ def current_lcx_config() -> LcxConfig:
     return resolve_config(getattr(vllm_config, "additional_config", None) or {})
 
 
-def resolve_kernel(kernel: str, device: torch.device) -> str:
+def resolve_kernel(kernel: str, device: torch.device, quantized: bool = False) -> str:
     """What computes attention: "engine" (vLLM's CPU op for dense work, lcx's torch twin for
-    selections, both over the op's cache), "torch" or "triton" (lcx's own kernel and page layout)."""
+    selections, both over the op's cache), "torch" or "triton" (lcx's own kernel and page layout).
+    Quantized pages are lcx's own layout, which the engine's op cannot read."""
     if kernel == "auto":
-        return "triton" if device.type == "cuda" else "engine"
+        if device.type == "cuda":
+            return "triton"
+        return "torch" if quantized else "engine"
     if kernel == "engine" and device.type != "cpu":
         raise ValueError("lcx config: kernel='engine' is the vLLM CPU build's op; use 'auto' or 'triton' on GPUs")
     return kernel
@@ -120,7 +123,7 @@ class LcxMetadataBuilder(AttentionMetadataBuilder[LcxMetadata]):
                  device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.config = resolve_config(vllm_config.additional_config or {})
-        self.kernel = resolve_kernel(self.config.kernel, device)
+        self.kernel = resolve_kernel(self.config.kernel, device, self.config.quantized)
         model, parallel = vllm_config.model_config, vllm_config.parallel_config
         # Query heads over the KV heads this group's cache holds (fewer than the model's when a
         # head split stores its streaming heads apart).
@@ -196,7 +199,7 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
 
     def _setup(self, layer, kv_cache: torch.Tensor) -> LayerCore:
         if self.core is None:
-            self.kernel = resolve_kernel(self.config.kernel, kv_cache.device)
+            self.kernel = resolve_kernel(self.config.kernel, kv_cache.device, self.config.quantized)
             if self.kernel == "engine":
                 from . import cpu_native
 
@@ -211,6 +214,12 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
                 self.companion = kv_split.companion_name(layer.layer_name)
         return self.core
 
+    def _view(self, cache: torch.Tensor) -> KVFormat:
+        """lcx's view of a cache of this layer: quantized pages, or plain pages of the cache's dtype."""
+        if self.config.quantized:
+            return quant.quantized(cache, self.head_size, self.config.kv_bits, self.config.group_size(self.head_size))
+        return formats.plain(cache)
+
     def _kv(self, kv_cache: torch.Tensor) -> KVFormat:
         """The storage-format view of this layer's cache (rebuilt if the engine rebinds it)."""
         key = kv_cache.data_ptr()
@@ -220,7 +229,7 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
 
                 kv = cpu_native.kv_format(kv_cache, self.isa)
             else:
-                kv = formats.plain(kv_cache)
+                kv = self._view(kv_cache)
             self._format = (key, kv)
         return self._format[1]
 
@@ -251,7 +260,7 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
         context = get_forward_context()
         cache = context.no_compile_layers[self.companion].kv_cache
         if self._stream_format is None or self._stream_format[0] != cache.data_ptr():
-            self._stream_format = (cache.data_ptr(), formats.plain(cache))
+            self._stream_format = (cache.data_ptr(), self._view(cache))
         return self._stream_format[1], context.attn_metadata[self.companion]
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,

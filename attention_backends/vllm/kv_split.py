@@ -1,4 +1,5 @@
-"""Streaming heads that really save memory in vLLM: a companion KV-cache group per layer.
+"""The KV-cache spec hook: streaming heads that really save memory in vLLM (a companion KV-cache
+group per layer), and quantized pages that shrink every page (``kv_format``).
 
 With ``head_split``, each lcx attention layer ``L`` becomes two KV-cache layers for vLLM's cache
 manager:
@@ -238,7 +239,8 @@ class StreamCompanion(AttentionLayerBase):
     attn_type: ClassVar[str] = AttentionType.DECODER
     supports_dcp: ClassVar[bool] = False
 
-    def __init__(self, parent, num_streaming: int, block_size: int, sink: int, window: int) -> None:
+    def __init__(self, parent, num_streaming: int, block_size: int, sink: int, window: int,
+                 cell_bytes: int | None = None) -> None:
         self.layer_name = companion_name(parent.layer_name)
         self.num_kv_heads = num_streaming
         self.num_heads = num_streaming * (parent.num_heads // parent.num_kv_heads)
@@ -249,6 +251,7 @@ class StreamCompanion(AttentionLayerBase):
         self.kv_cache = torch.tensor([])
         self.impl = _NoForward()
         self.block_size, self.sink, self.window = block_size, sink, window
+        self.cell_bytes = cell_bytes  # quantized pages: the packed (slot, head) cell, as the parent's
 
     def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
         self.kv_cache = kv_cache
@@ -259,7 +262,7 @@ class StreamCompanion(AttentionLayerBase):
     def get_kv_cache_spec(self, vllm_config) -> StreamSpec:
         return StreamSpec(block_size=self.block_size, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
                           head_size_v=self.head_size_v, dtype=self.dtype, sliding_window=self.window,
-                          sink_len=self.sink)
+                          sink_len=self.sink, state_content_bytes=self.cell_bytes)
 
 
 # -- wiring into vLLM's Attention layers ---------------------------------------------------------
@@ -275,10 +278,21 @@ def companion_block_size(main_block: int, retrieval: int, streaming: int) -> int
     return size
 
 
+def packed_cell_bytes(config, head_size: int) -> int | None:
+    """Bytes of one (page slot, KV head) cell, keys and values, under a quantized ``kv_format``
+    (vLLM's ``AttentionSpec.state_content_bytes``); None for the engine's own dtype."""
+    if not config.quantized:
+        return None
+    from lcx_plugin.kernels.paged import quant
+
+    return 2 * quant.row_bytes(head_size, config.kv_bits, config.group_size(head_size))
+
+
 def attach(layer, vllm_config) -> None:
-    """Called after an lcx ``Attention`` layer is built: when its method is a head split with
-    streaming heads to store apart, shrink the layer's own spec to its retrieval heads and register
-    the companion. Leaves every other layer as it is."""
+    """Called after an lcx ``Attention`` layer is built. Quantized pages (``kv_format``): the
+    layer's spec declares the packed cell size, so vLLM sizes, counts and allocates smaller
+    pages. A head split with streaming heads to store apart: shrink the layer's spec to its
+    retrieval heads and register the companion. Leaves every other layer as it is."""
     from lcx_plugin.config import resolve_config
     from lcx_plugin.selectors import LayerInfo
 
@@ -287,6 +301,15 @@ def attach(layer, vllm_config) -> None:
     if layer.attn_type != AttentionType.DECODER or layer.kv_sharing_target_layer_name:
         return
     config = resolve_config(vllm_config.additional_config or {})
+    cell = packed_cell_bytes(config, layer.head_size)
+    if cell is not None:
+        packed_spec = layer.get_kv_cache_spec
+
+        def get_packed_spec(vc):
+            spec = packed_spec(vc)
+            return None if spec is None else replace(spec, state_content_bytes=cell)
+
+        layer.get_kv_cache_spec = get_packed_spec
     selector = config.selector
     if selector.name != "head_split" or not selector.save_memory:
         return
@@ -299,7 +322,7 @@ def attach(layer, vllm_config) -> None:
         return  # nothing to store apart (all streaming: use the "streaming" method)
     block = companion_block_size(vllm_config.cache_config.block_size, retrieval, streaming)
     ensure_registered()
-    companion = StreamCompanion(layer, streaming, block, selector.sink, selector.window)
+    companion = StreamCompanion(layer, streaming, block, selector.sink, selector.window, cell)
     context = vllm_config.compilation_config.static_forward_context
     if companion.layer_name in context:
         raise ValueError(f"duplicate layer name {companion.layer_name}")

@@ -52,6 +52,9 @@ class KVFormat:
     k_offset: int = 0
     v_offset: int = 0
 
+    #: Elements as the views hold them (``quant.QuantKVFormat`` packs codes and scales instead).
+    packed = False
+
     def __post_init__(self) -> None:
         for side, t in (("k", self.k), ("v", self.v)):
             if t.dim() != 6:
@@ -88,6 +91,11 @@ class KVFormat:
     @property
     def dtype(self) -> torch.dtype:
         return self.k.dtype
+
+    @property
+    def side_bytes(self) -> int:
+        """Bytes one token of one head takes on one side (keys or values)."""
+        return self.head_dim * self.bits // 8
 
     @property
     def device(self) -> torch.device:
@@ -141,6 +149,17 @@ class KVFormat:
             if dtype is not None:
                 k, v = k.to(dtype), v.to(dtype)
         return k.reshape(*shape, self.block_size, self.head_dim), v.reshape(*shape, self.block_size, self.head_dim)
+
+    def gather_tokens(self, blocks: torch.Tensor, heads: torch.Tensor, offsets: torch.Tensor,
+                      dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of single tokens ``(blocks[i], heads[i], offsets[i])``: ``[*shape, D]``."""
+        out = []
+        for view in (self.k, self.v):
+            t0 = view.shape[3]
+            x = view[blocks, heads, offsets // t0, offsets % t0]  # [*shape, J1, J0]
+            x = x.reshape(*blocks.shape, self.head_dim)
+            out.append(x if dtype is None else x.to(dtype))
+        return out[0], out[1]
 
     def token(self, block: int, head: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One token's key and value, ``[D]`` each (the reference's slow, obvious accessor)."""

@@ -4,6 +4,9 @@ Both launch over ``(sequence, KV head, chunk of pages)``: a program serves the `
 heads that share its KV head, so each key (or page summary) is read once for the whole group.
 Products and sums are float32 (keys are upcast on load), on every device and in the interpreter.
 Positions and pages past a sequence's end are never loaded; their logits are ``-inf``.
+
+Token logits also read quantized pages (``quant.QuantKVFormat``): the key byte plane, dequantized
+on load by the attention kernel's ``dequant_rows`` (constexpr ``QUANT_BITS`` > 0).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import triton.language as tl
 
 from .formats import KVFormat
 from .plan import BatchPlan
+from .triton_impl import dequant_rows, quant_operands
 
 #: Cached tokens per token-logits program; its pages per program is this over the page size.
 TOKENS_PER_PROGRAM = 256
@@ -48,6 +52,9 @@ def _token_logits_kernel(
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
     BLOCK_SIZE: tl.constexpr,  # tokens per page
     TILE_N: tl.constexpr,  # positions per loop step
+    QUANT_BITS: tl.constexpr = 0,  # 0: plain elements; 8 or 4: quantized pages, k_ptr the uint8 key plane
+    GROUP_SIZE: tl.constexpr = 1,  # quantized: channels per scale/zero group (<= HEAD_DIM)
+    META_AT: tl.constexpr = 0,  # quantized: byte offset of the first group's scale in a token row
 ):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     seq = tl.program_id(0)
@@ -68,8 +75,11 @@ def _token_logits_kernel(
         key_ok = (pos < seq_len) & (pos < hi)
         block = tl.load(block_table_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         k_off = block * stride_kb + kv_head * stride_kh + (pos % BLOCK_SIZE).to(tl.int64) * stride_kt
-        k = tl.load(k_ptr + k_off[:, None] + k_dim_off[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        k = k.to(tl.float32)  # [TILE_N, BLOCK_D]
+        if QUANT_BITS == 0:
+            k = tl.load(k_ptr + k_off[:, None] + k_dim_off[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            k = k.to(tl.float32)  # [TILE_N, BLOCK_D]
+        else:
+            k = dequant_rows(k_ptr, k_off, key_ok, HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
         for h in tl.static_range(GROUP):
             q = tl.load(q_row + h * stride_qh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
             s = tl.sum(k * q[None, :], 1)
@@ -134,7 +144,10 @@ def token_logits_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scal
                         pages_per_program: int | None = None) -> torch.Tensor:
     """``out`` ``[B, Hq, L]`` float32, written in place (inputs validated by ``token_logits``).
     ``pages_per_program``: default ``TOKENS_PER_PROGRAM // block_size`` (at least 1)."""
-    k4 = kv.k4
+    if kv.packed:
+        k4, _, qconst = quant_operands(kv)
+    else:
+        k4, qconst = kv.k4, {}
     if k4 is None:
         raise ValueError(f"the Triton scoring kernel reads 4-D strided pages; format {kv.name!r} is tiled "
                          "(its tiles do not merge); use impl='torch'")
@@ -154,7 +167,7 @@ def token_logits_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scal
         stride_kb=k4.stride(0), stride_kh=k4.stride(1), stride_kt=k4.stride(2), stride_kd=k4.stride(3),
         stride_bt=plan.block_table.stride(0),
         GROUP=hq // kv.num_kv_heads, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=bs,
-        **launch,
+        **qconst, **launch,
     )
     return out
 

@@ -32,7 +32,7 @@ def _dense_sequence(q: torch.Tensor, kv: KVFormat, blocks: torch.Tensor, seq_len
     """Causal attention over the whole context: ``q`` ``[Hq, qlen, D]`` float32 -> ``[qlen, Hq, D]``."""
     hkv, n = kv.num_kv_heads, blocks.shape[0]
     first = int(blocks[0])
-    if n == 1 or bool((blocks[1:] - blocks[:-1] == 1).all()):
+    if not kv.packed and (n == 1 or bool((blocks[1:] - blocks[:-1] == 1).all())):
         # A contiguous run of blocks: one pass lays the cells out [Hkv, n, ...] and upcasts, no gather.
         k = kv.k[first: first + n].transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
         v = kv.v[first: first + n].transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
@@ -160,13 +160,8 @@ def _token_row(q: torch.Tensor, kv: KVFormat, row: _TokenRow, scale: float, grou
     """``q`` ``[Hq, 1, D]`` float32 -> ``[1, Hq, D]`` over the row's candidate tokens."""
     hkv, d = kv.num_kv_heads, kv.head_dim
     heads = torch.arange(hkv)[:, None].expand_as(row.blocks)
-    out = []
-    for view in (kv.k, kv.v):
-        t0 = view.shape[3]
-        x = view[row.blocks.to(kv.device), heads.to(kv.device), (row.offsets // t0).to(kv.device),
-                 (row.offsets % t0).to(kv.device)]  # [Hkv, L, J1, J0]
-        out.append(x.reshape(hkv, -1, d).float())
-    k, v = out
+    dev = kv.device
+    k, v = kv.gather_tokens(row.blocks.to(dev), heads.to(dev), row.offsets.to(dev), torch.float32)  # [Hkv, L, D]
     scores = torch.matmul(q.reshape(hkv, group, d), k.transpose(-1, -2)).mul_(scale)  # [Hkv, G, L]
     scores.masked_fill_(~row.live[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)

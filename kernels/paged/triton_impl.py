@@ -12,6 +12,14 @@ Keys and values are read through four strides each (block, head, token, dim), so
 storage format works: lcx's plain pages, vLLM's CUDA ``[blocks, block_size, Hkv, D]`` and
 SGLang's token pool. Key tiles are independent of the page size: each candidate position is
 mapped to (block, offset) through the block table.
+
+Quantized pages (``quant.QuantKVFormat``) go through the same kernel, specialised by the
+constexpr ``QUANT_BITS`` (0: plain elements). Keys and values are then byte planes of the cache
+(strides in bytes), and each tile is dequantized on load (``dequant_rows``): the uint8 codes of
+each token row (int4: two per byte, the even channel in the low nibble, split with
+``tl.interleave``), and each group's bfloat16 scale and zero point, read through a bfloat16
+pointer at the row's even metadata offset, upcast to float32: ``x = zero + code * scale``. The
+cache is never expanded.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import quant
 from .formats import KVFormat
 from .plan import BatchPlan
 from .selection import QUERY_TILE, Selection
@@ -29,28 +38,81 @@ SEL_DENSE, SEL_PAGE, SEL_TOKEN = 0, 1, 2
 BLOCK_M = QUERY_TILE
 
 
-def launch_config(head_dim: int, fp32_dot: bool) -> dict:
-    """TILE_N, warps and pipeline stages per head size and dot precision, chosen with the sm_90
-    compile gate so that no variant spills registers (see kernels/compile_gate.py)."""
+def launch_config(head_dim: int, fp32_dot: bool, quant_bits: int = 0) -> dict:
+    """TILE_N, warps and pipeline stages per head size, dot precision and page kind (``quant_bits``
+    8 or 4: quantized pages, dequantized tile by tile in registers; 0: plain), chosen with the
+    sm_90 compile gate so that no variant spills registers (see kernels/compile_gate.py)."""
     if head_dim <= 64:
-        return {"TILE_N": 16, "num_warps": 4, "num_stages": 3}
-    return {"TILE_N": 16 if fp32_dot else 32, "num_warps": 8, "num_stages": 2}
+        return {"TILE_N": 16, "num_warps": 8 if quant_bits and fp32_dot else 4, "num_stages": 3}
+    return {"TILE_N": 16 if fp32_dot or quant_bits == 8 else 32, "num_warps": 8, "num_stages": 2}
+
+
+@triton.jit
+def dequant_rows(ptr, row_off, row_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUANT_BITS: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, META_AT: tl.constexpr):
+    """Dequantized token rows of one side (keys or values) of quantized pages: ``[N, BLOCK_D]``
+    float32, ``zero + code * scale``; 0 for rows not ``row_ok`` and channels past ``HEAD_DIM``.
+
+    ``ptr + row_off`` (``row_off`` ``[N]``, in bytes) is each row's first byte:
+    ``[codes | pad to even | per group: bf16 scale, bf16 zero]``, ``META_AT`` the (even) offset of
+    the first group's scale. ``GROUP_SIZE`` is at most ``HEAD_DIM`` (one group when equal)."""
+    N: tl.constexpr = row_off.shape[0]
+    rows = ptr + row_off[:, None]  # [N, 1]: each row's first byte
+    if QUANT_BITS == 8:
+        offs_c = tl.arange(0, BLOCK_D)
+        codes = tl.load(rows + offs_c[None, :], mask=row_ok[:, None] & (offs_c < HEAD_DIM)[None, :], other=0)
+    else:
+        # Two codes per byte, the even channel in the low nibble: split and interleave.
+        offs_b = tl.arange(0, BLOCK_D // 2)
+        packed = tl.load(rows + offs_b[None, :], mask=row_ok[:, None] & (offs_b < (HEAD_DIM + 1) // 2)[None, :],
+                         other=0)
+        codes = tl.interleave(packed & 15, packed >> 4)
+    codes = codes.to(tl.float32)
+    if BLOCK_D % GROUP_SIZE == 0:
+        # Groups tile BLOCK_D evenly (GROUP_SIZE a power of two): one scale/zero load per group
+        # and row, broadcast over its channels.
+        NG: tl.constexpr = BLOCK_D // GROUP_SIZE
+        offs_g = tl.arange(0, NG)
+        g_mask = row_ok[:, None] & (offs_g * GROUP_SIZE < HEAD_DIM)[None, :]
+        meta = (rows + META_AT + 4 * offs_g[None, :]).to(tl.pointer_type(tl.bfloat16))  # even byte offsets
+        g_scale = tl.load(meta, mask=g_mask, other=0.0).to(tl.float32)
+        g_zero = tl.load(meta + 1, mask=g_mask, other=0.0).to(tl.float32)
+        x = tl.reshape(codes, (N, NG, GROUP_SIZE)) * g_scale[:, :, None] + g_zero[:, :, None]
+        x = tl.reshape(x, (N, BLOCK_D))
+    else:
+        # Any other group size: each channel reads its group's scale and zero (cached loads).
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        meta = (rows + META_AT + 4 * (offs_d // GROUP_SIZE)[None, :]).to(tl.pointer_type(tl.bfloat16))
+        x = codes * tl.load(meta, mask=mask, other=0.0).to(tl.float32) + tl.load(meta + 1, mask=mask, other=0.0).to(tl.float32)
+    if HEAD_DIM < BLOCK_D:
+        x = tl.where((tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :], x, 0.0)
+    return x
 
 
 @triton.jit
 def _accumulate(q, pos, key_ok, visible, m_i, l_i, acc, seq, kv_head, scale,
                 k_ptr, v_ptr, block_table_ptr, stride_bt,
                 stride_kb, stride_kh, stride_kt, k_dim_off, stride_vb, stride_vh, stride_vt, v_dim_off,
-                d_ok, BLOCK_SIZE: tl.constexpr, FP32_DOT: tl.constexpr):
+                d_ok, BLOCK_SIZE: tl.constexpr, FP32_DOT: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUANT_BITS: tl.constexpr,
+                GROUP_SIZE: tl.constexpr, META_AT: tl.constexpr):
     """One key tile: load K/V at ``pos`` (``[TILE_N]``), mask by ``visible`` (``[BLOCK_M, TILE_N]``),
     and fold it into the running softmax state."""
     block = tl.load(block_table_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
     off = pos % BLOCK_SIZE
-    kv_mask = key_ok[:, None] & d_ok[None, :]
     k_off = block * stride_kb + kv_head * stride_kh + off * stride_kt
     v_off = block * stride_vb + kv_head * stride_vh + off * stride_vt
-    k = tl.load(k_ptr + k_off[:, None] + k_dim_off[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + v_off[:, None] + v_dim_off[None, :], mask=kv_mask, other=0.0)
+    if QUANT_BITS == 0:
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + k_off[:, None] + k_dim_off[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + v_off[:, None] + v_dim_off[None, :], mask=kv_mask, other=0.0)
+    else:
+        k = dequant_rows(k_ptr, k_off, key_ok, HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
+        v = dequant_rows(v_ptr, v_off, key_ok, HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
+        if not FP32_DOT:
+            k = k.to(q.dtype)  # tensor-core inputs in the query's dtype
+            v = v.to(q.dtype)
     if FP32_DOT:
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -102,6 +164,9 @@ def _paged_attention_kernel(
     SEL_KIND: tl.constexpr,  # 0 dense, 1 page lists, 2 token lists
     QUERY_BLOCK: tl.constexpr,  # rows per query block of the lists (0: one list); a multiple of BLOCK_M
     FP32_DOT: tl.constexpr,  # exact fp32 products (interpreter, tests) vs tensor-core inputs
+    QUANT_BITS: tl.constexpr = 0,  # 0: plain elements; 8 or 4: quantized pages, k_ptr/v_ptr uint8 byte planes
+    GROUP_SIZE: tl.constexpr = 1,  # quantized: channels per scale/zero group (<= HEAD_DIM)
+    META_AT: tl.constexpr = 0,  # quantized: byte offset of the first group's scale in a token row
 ):
     tl.static_assert(BLOCK_M >= 16 and TILE_N >= 16 and BLOCK_D >= 16)
     tl.static_assert(QUERY_BLOCK % BLOCK_M == 0)
@@ -130,8 +195,9 @@ def _paged_attention_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if FP32_DOT:
         q = q.to(tl.float32)
-    else:
+    elif QUANT_BITS == 0:
         q = q.to(k_ptr.dtype.element_ty)  # tensor-core inputs, converted once
+    # (quantized pages: the query keeps its own 16-bit dtype; tiles are dequantized to it)
 
     # Offsets along the head dimension fit in 32 bits (D times a page at most): keep them narrow.
     k_dim_off = (offs_d * stride_kd).to(tl.int32)
@@ -160,7 +226,8 @@ def _paged_attention_kernel(
                                         k_ptr, v_ptr, block_table_ptr, stride_bt,
                                         stride_kb, stride_kh, stride_kt, k_dim_off,
                                         stride_vb, stride_vh, stride_vt, v_dim_off,
-                                        d_ok, BLOCK_SIZE, FP32_DOT)
+                                        d_ok, BLOCK_SIZE, FP32_DOT,
+                                        HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
     else:
         # Pass 2a: sinks, positions [0, sink).
         sink_end = tl.minimum(sink, hi_pos + 1)
@@ -172,7 +239,8 @@ def _paged_attention_kernel(
                                         k_ptr, v_ptr, block_table_ptr, stride_bt,
                                         stride_kb, stride_kh, stride_kt, k_dim_off,
                                         stride_vb, stride_vh, stride_vt, v_dim_off,
-                                        d_ok, BLOCK_SIZE, FP32_DOT)
+                                        d_ok, BLOCK_SIZE, FP32_DOT,
+                                        HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
         # Pass 2b: the recent band, (q_pos - window, q_pos] per row, outside the sinks.
         band_lo = tl.maximum(lo_pos - window + 1, sink_end)
         if window == 0:
@@ -185,7 +253,8 @@ def _paged_attention_kernel(
                                         k_ptr, v_ptr, block_table_ptr, stride_bt,
                                         stride_kb, stride_kh, stride_kt, k_dim_off,
                                         stride_vb, stride_vh, stride_vt, v_dim_off,
-                                        d_ok, BLOCK_SIZE, FP32_DOT)
+                                        d_ok, BLOCK_SIZE, FP32_DOT,
+                                        HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
         # Pass 3: the listed pages or tokens of this tile's query block, minus what the window saw.
         qb = 0
         if QUERY_BLOCK > 0:
@@ -209,7 +278,8 @@ def _paged_attention_kernel(
                                         k_ptr, v_ptr, block_table_ptr, stride_bt,
                                         stride_kb, stride_kh, stride_kt, k_dim_off,
                                         stride_vb, stride_vh, stride_vt, v_dim_off,
-                                        d_ok, BLOCK_SIZE, FP32_DOT)
+                                        d_ok, BLOCK_SIZE, FP32_DOT,
+                                        HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -221,11 +291,25 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def quant_operands(kv) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Quantized pages' key and value byte planes (views of ``kv.raw``, ``[num_blocks, Hkv,
+    block_size, R]`` uint8, strides in bytes) and the kernel constexprs that read them."""
+    r = kv.row_bytes
+    data = quant.code_bytes(kv.head_dim, kv.bits)
+    const = dict(QUANT_BITS=kv.bits, GROUP_SIZE=min(kv.group_size, kv.head_dim), META_AT=data + (data & 1))
+    return kv.raw[..., :r], kv.raw[..., r:], const
+
+
 def paged_attention_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
                            selection: Selection | None = None) -> torch.Tensor:
-    k4, v4 = kv.k4, kv.v4
-    if k4 is None or v4 is None:
-        raise ValueError(f"the Triton kernel reads 4-D strided pages; format {kv.name!r} is tiled")
+    if kv.packed:
+        k4, v4, qconst = quant_operands(kv)
+        if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"attention over quantized pages takes a float32/float16/bfloat16 query, got {query.dtype}")
+    else:
+        k4, v4, qconst = kv.k4, kv.v4, {}
+        if k4 is None or v4 is None:
+            raise ValueError(f"the Triton kernel reads 4-D strided pages; format {kv.name!r} is tiled")
     if query.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("query and out must have a unit stride on the head dimension")
     num_seqs, hq = plan.num_seqs, query.shape[1]
@@ -267,6 +351,7 @@ def paged_attention_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, s
         SEL_KIND=sel_kind,
         QUERY_BLOCK=query_block,
         FP32_DOT=fp32_dot,
-        **launch_config(kv.head_dim, fp32_dot),
+        **qconst,
+        **launch_config(kv.head_dim, fp32_dot, qconst.get("QUANT_BITS", 0)),
     )
     return out

@@ -74,6 +74,13 @@ def kv_capacity(vllm_config) -> dict:
         if not cc.num_gpu_blocks:
             return {"tokens": None, "tokens_bf16": None}
         tokens = cc.num_gpu_blocks * cc.block_size
+    from lcx_plugin.config import resolve_config
+
+    lcx = resolve_config(vllm_config.additional_config or {})
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    if lcx.quantized and "lcx" in str(getattr(backend, "name", backend)).lower():
+        # Quantized pages are sized in bytes, whatever the model's dtype: the same at bf16.
+        return {"tokens": tokens, "tokens_bf16": tokens, "dtype": lcx.kv_format}
     dtype = vllm_config.model_config.dtype if cc.cache_dtype == "auto" else getattr(torch, cc.cache_dtype, None)
     size = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 2
     return {"tokens": tokens, "tokens_bf16": tokens * size // 2, "dtype": str(dtype).replace("torch.", "")}

@@ -130,23 +130,23 @@ class TokenSelect(TopKSelector):
         scoring pass (keys, or float32 page minima and maxima; none on a cache hit) plus the
         attention over what was selected; and what dense attention would have read."""
         kv, plan, c = ctx.kv, ctx.plan, ctx.requests.counters
-        elem = kv.bits // 8
+        side = kv.side_bytes  # one token of one head, keys or values
         hkv, d, bs = kv.num_kv_heads, kv.head_dim, kv.block_size
         lens = torch.tensor(plan.lens)
-        dense = int(lens.sum()) * hkv * 2 * d * elem
+        dense = int(lens.sum()) * hkv * 2 * side
         fresh_t = torch.tensor(fresh)
         if self.granularity == "token":
-            scoring = int(lens[fresh_t].sum()) * hkv * d * elem
+            scoring = int(lens[fresh_t].sum()) * hkv * side
             counts = selection.counts[:, :, 0].long()  # [B, Hkv]
             width = selection.indices.shape[-1]
             live = torch.arange(width)[None, None, :] < counts[..., None]
             listed = (live & (selection.indices[:, :, 0].long() < (lens - self.window)[:, None, None])).sum(-1)
             sinks = lens.clamp(max=self.sink)
             window = (lens - sinks).clamp(max=self.window)
-            read = int((listed + (sinks + window)[:, None]).sum()) * 2 * d * elem
+            read = int((listed + (sinks + window)[:, None]).sum()) * 2 * side
         else:
             scoring = int(((lens[fresh_t] + bs - 1) // bs).sum()) * hkv * d * 2 * 4
-            read = int(selection.counts.sum()) * bs * 2 * d * elem
+            read = int(selection.counts.sum()) * bs * 2 * side
         for key, value in (("kv_bytes_dense", dense), ("kv_bytes_scoring", scoring), ("kv_bytes_attention", read)):
             c[key] = c.get(key, 0) + value
 

@@ -34,6 +34,7 @@ HEAD_SPLIT = {"method": "head_split", "streaming_fraction": 0.67, "sink": 16, "w
 # long enough to select, at most three at a time: requests join and leave the batch's rows as
 # others finish (with the cache on, each is also run alone).
 TOKEN_SELECT = {"method": "token_select", "sink": 16, "window": 128, "budget": 192, "reuse_similarity": None}
+QUANT_PROMPTS = [PROMPTS[0], PROMPTS[-1]]
 SELECT_PROMPTS = [long_prompt(400 + 120 * i, seed=20 + i, key=str(3100 + 7 * i)) for i in range(8)]
 
 ARMS = {
@@ -65,6 +66,11 @@ ARMS = {
                                 prompts=SELECT_PROMPTS, max_tokens=16, alone=True, engine={"max_num_seqs": 3}),
     # A budget covering every context: decode stays dense, on the engine's own op.
     "token_select_wide": dict(backend="lcx", lcx={**TOKEN_SELECT, "budget": 1.0}),
+    # Quantized pages (lcx's torch twin reads them), composed with a head split too: a short
+    # prompt and the 1,200-token passkey prompt.
+    "int8": dict(backend="lcx", lcx={"method": "dense", "kv_format": "int8"}, prompts=QUANT_PROMPTS),
+    "int4": dict(backend="lcx", lcx={"method": "dense", "kv_format": "int4"}, prompts=QUANT_PROMPTS),
+    "head_split_int4": dict(backend="lcx", lcx={**HEAD_SPLIT, "kv_format": "int4"}, prompts=QUANT_PROMPTS),
     # The GPU path's Triton kernel, run by Triton's interpreter inside the real CPU engine: the
     # adapter's metadata, cache writes and launch are the ones a GPU fleet runs. Short prompts and
     # few tokens, because the interpreter is slow.

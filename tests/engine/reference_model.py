@@ -12,8 +12,10 @@ import functools
 
 import torch
 
-# window None: dense; streaming: [layers, Hkv] bool; select: a TokenSelect statement (see token_logprobs)
-_MASK = {"sink": 0, "window": None, "streaming": None, "select": None}
+# window None: dense; streaming: [layers, Hkv] bool; select: a TokenSelect statement (see token_logprobs);
+# kv_quant: (bits, group_size) of quantized pages, every key and value read back as stored;
+# kv_noise: relative noise put on keys and values before they are quantized (seeded per layer)
+_MASK = {"sink": 0, "window": None, "streaming": None, "select": None, "kv_quant": None, "kv_noise": 0.0}
 
 
 def _token_select(scores: torch.Tensor, visible: torch.Tensor, group: int) -> torch.Tensor:
@@ -44,6 +46,14 @@ def _token_select(scores: torch.Tensor, visible: torch.Tensor, group: int) -> to
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [B, H, T, D], key/value [B, Hkv, T, D] -> ([B, T, H, D], None), causal + sink/window."""
     group = query.shape[1] // key.shape[1]
+    if _MASK["kv_quant"] is not None:  # the storage format under test: lcx's own quantizer defines it
+        from lcx_plugin.kernels.paged import quant
+
+        bits, size = _MASK["kv_quant"]
+        if _MASK["kv_noise"]:
+            g = torch.Generator().manual_seed(module.layer_idx)
+            key, value = (x * (1 + _MASK["kv_noise"] * torch.randn(x.shape, generator=g)) for x in (key, value))
+        key, value = (quant.decode(quant.encode(x, bits, size), x.shape[-1], bits, size) for x in (key, value))
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     t = query.shape[2]
     scores = (query @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
@@ -78,21 +88,44 @@ _CACHE: dict[tuple, list[float]] = {}  # the same restriction of the same tokens
 
 @torch.no_grad()
 def token_logprobs(path: str, token_ids: list[int], sink: int = 0, window: int | None = None,
-                   streaming: torch.Tensor | None = None, select: dict | None = None) -> list[float]:
+                   streaming: torch.Tensor | None = None, select: dict | None = None,
+                   kv_quant: tuple[int, int] | None = None, kv_noise: float = 0.0) -> list[float]:
     """``out[i]`` = log p(token_ids[i+1] | token_ids[:i+1]) under the restricted attention (on the
     heads marked in ``streaming`` ``[layers, kv_heads]`` only, when given). ``select``: TokenSelect
     at decode, ``{"from": first selected row, "sink", "window", "k": seq_len -> tokens kept}``
-    (rows before ``from``, the prefill, stay dense)."""
+    (rows before ``from``, the prefill, stay dense). ``kv_quant``: every key and value as quantized
+    pages of ``(bits, group_size)`` store it, after relative noise ``kv_noise`` on their inputs (the
+    arithmetic noise of an engine, to measure how much a format amplifies it)."""
     key = None
     if select is None:  # a TokenSelect statement holds a function: never cached
         mask = None if streaming is None else tuple(streaming.flatten().tolist())
-        key = (path, tuple(token_ids), sink, window, mask)
+        key = (path, tuple(token_ids), sink, window, mask, kv_quant, kv_noise)
         if key in _CACHE:
             return list(_CACHE[key])
-    _MASK.update(sink=sink, window=window, streaming=streaming, select=select)
-    logits = _model(path)(torch.tensor([token_ids])).logits[0, :-1].float()
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = _next_token_logp(path, token_ids, sink=sink, window=window, streaming=streaming, select=select,
+                            kv_quant=kv_quant, kv_noise=kv_noise)
     out = logp.gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0].tolist()
     if key is not None:
         _CACHE[key] = list(out)
     return out
+
+
+def _next_token_logp(path: str, token_ids: list[int], **mask) -> torch.Tensor:
+    """``[len - 1, vocab]`` float32: the log-distribution of each next token."""
+    _MASK.update({"sink": 0, "window": None, "streaming": None, "select": None, "kv_quant": None, "kv_noise": 0.0,
+                  **mask})
+    try:
+        logits = _model(path)(torch.tensor([token_ids])).logits[0, :-1].float()
+    finally:
+        _MASK.update(kv_quant=None, select=None, kv_noise=0.0)
+    return torch.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def next_token_kl(path: str, token_ids: list[int], kv_quant: tuple[int, int] | None = None, sink: int = 0,
+                  window: int | None = None, streaming: torch.Tensor | None = None) -> list[float]:
+    """Per position, KL(dense || restricted) of the next-token distribution, in nats; the
+    restriction as in ``token_logprobs`` (quantized pages, and/or sinks + window on some heads)."""
+    p = _next_token_logp(path, token_ids)
+    q = _next_token_logp(path, token_ids, kv_quant=kv_quant, sink=sink, window=window, streaming=streaming)
+    return (p.exp() * (p - q)).sum(-1).tolist()

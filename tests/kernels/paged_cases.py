@@ -5,9 +5,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, formats
+from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, formats, quant
 
 FORMATS = ("plain", "vllm-cpu-vec", "vllm-cpu-amx", "nhd", "token-pool")
+#: Quantized pages: "int<bits>-g<group_size>" (group 0: the whole head).
+QUANT_FORMATS = ("int8-g0", "int4-g0", "int4-g16")
 FOUR_D_FORMATS = ("plain", "vllm-cpu-vec", "nhd", "token-pool")  # what the Triton kernel reads
 
 
@@ -21,7 +23,14 @@ class Problem:
 
 def empty_format(fmt: str, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
                  dtype: torch.dtype, fill: float = float("nan")) -> KVFormat:
-    """A cache in format ``fmt``, every slot holding ``fill``."""
+    """A cache in format ``fmt``, every slot holding ``fill`` (quantized pages: all bytes 0xFF,
+    whose bfloat16 scales read as NaN)."""
+    if fmt.startswith("int"):
+        bits, group = (int(x) for x in fmt[3:].split("-g"))
+        group = group or head_dim
+        r = quant.row_bytes(head_dim, bits, group)
+        buf = torch.full((num_blocks, num_kv_heads, block_size, 2 * r), 255, dtype=torch.uint8)
+        return quant.quantized(buf, head_dim, bits, group)
     if fmt in ("plain", "vllm-cpu-vec", "vllm-cpu-amx"):
         buf = torch.full((num_blocks, num_kv_heads, block_size, 2 * head_dim), fill, dtype=dtype)
         return formats.plain(buf) if fmt == "plain" else formats.vllm_cpu(buf, fmt.rsplit("-", 1)[1])

@@ -33,9 +33,9 @@ def test_additional_config_and_env_inline_and_file(tmp_path):
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({"lcx": {"bogus": 1}}, r"unknown key\(s\) \['bogus'\] for method 'dense'; valid keys are \['kernel', 'method'\]"),
+        ({"lcx": {"bogus": 1}}, r"unknown key\(s\) \['bogus'\] for method 'dense'; valid keys are \['kernel', 'kv_format', 'kv_group_size', 'method'\]"),
         ({"lcx": {"method": "streaming", "windw": 3}},
-         r"unknown key\(s\) \['windw'\] for method 'streaming'; valid keys are \['kernel', 'method', 'min_context', 'sink', 'window'\]"),
+         r"unknown key\(s\) \['windw'\] for method 'streaming'; valid keys are \['kernel', 'kv_format', 'kv_group_size', 'method', 'min_context', 'sink', 'window'\]"),
         ({"lcx": {"method": "magic"}}, r"method='magic' is not one of \['dense', 'head_split', 'streaming'"),
         ({"lcx": {"method": 3}}, r"method=3 must be a string"),
         ({"lcx": {"kernel": 3}}, r"kernel=3 must be a string"),
@@ -48,6 +48,13 @@ def test_additional_config_and_env_inline_and_file(tmp_path):
         ({"lcx": {"method": "streaming", "window": 0}}, r"window=0 must be >= 1"),
         ({"lcx": {"method": "streaming", "sink": -1}}, r"sink=-1 must be >= 0"),
         ({"lcx": {"method": "streaming", "min_context": -5}}, r"min_context=-5 must be >= 0"),
+        ({"lcx": {"kv_format": "int3"}}, r"from --additional-config: kv_format='int3' is not one of \['auto', 'int8', 'int4'\]"),
+        ({"lcx": {"kv_format": 4}}, r"kv_format=4 must be a string"),
+        ({"lcx": {"kv_format": "int4", "kv_group_size": 0}}, r"kv_group_size=0 must be an integer in \[1, 1024\] or null"),
+        ({"lcx": {"kv_format": "int4", "kv_group_size": "64"}}, r"kv_group_size='64' must be an integer"),
+        ({"lcx": {"kv_format": "int4", "kv_group_size": True}}, r"kv_group_size=True must be an integer"),
+        ({"lcx": {"kv_group_size": 32}}, r"kv_group_size applies to quantized pages"),
+        ({"lcx": {"kv_format": "int8", "kernel": "engine"}}, r"kernel='engine' is vLLM's CPU op, which cannot read int8"),
     ],
 )
 def test_bad_values_name_the_problem(raw, message):
@@ -83,3 +90,11 @@ def test_two_sources_that_disagree_are_refused():
         resolve_config({"lcx": {"method": "streaming"}}, environ={ENV_VAR: '{"method": "streaming", "window": 8}'})
     same = resolve_config({"lcx": {"kernel": "torch"}}, environ={ENV_VAR: '{"kernel": "torch"}'})
     assert same.kernel == "torch"
+
+
+def test_quantized_formats_parse_and_round_trip():
+    cfg = resolve_config({"lcx": {"method": "streaming", "kv_format": "int4", "kv_group_size": 32}}, environ={})
+    assert (cfg.quantized, cfg.kv_bits, cfg.group_size(64), cfg.group_size(16)) == (True, 4, 32, 16)
+    assert resolve_config({"lcx": cfg.to_dict()}, environ={}) == cfg
+    plain = resolve_config({"lcx": {"method": "dense"}}, environ={})
+    assert not plain.quantized and "kv_format" not in plain.to_dict()

@@ -1,0 +1,235 @@
+"""Quantized pages: int8 and int4 keys and values with per-token, per-group scales and zero points.
+
+One layer's cache is a byte buffer ``[num_blocks, Hkv, block_size, 2 * R]`` (uint8): per (block,
+head) cell a key plane ``[block_size, R]`` then a value plane ``[block_size, R]``, the same cell
+layout as ``formats.plain`` with a token's row of ``D`` elements replaced by ``R`` bytes:
+
+    [ codes: ceil(D * bits / 8) bytes | pad to an even offset | per group: scale, zero (bf16 each) ]
+
+Each token row of each head is split into groups of ``group_size`` channels (the last one may be
+shorter). A group with minimum ``lo`` and maximum ``hi`` stores ``zero <= lo`` and
+``scale >= (hi - zero) / (2**bits - 1)`` (both rounded outward to bfloat16, whose range covers any
+activation) and codes ``q = round((x - zero) / scale)`` in ``[0, 2**bits - 1]``; it reads back as
+``zero + q * scale``. So every element's round-trip error is at most ``scale / 2`` of its group:
+the analytic bound the tests hold each format to. int4 packs two codes per byte, the even channel
+in the low nibble.
+
+Why per token and not per channel (KIVI quantizes keys per channel): a page fills one token at a
+time during decode, and a per-channel scale over a page would have to be re-fit, and every earlier
+code re-quantized, as each token arrives. Per-token groups are written once and never touched
+again, which is what a paged cache shared by prefix caching and preemption needs.
+``bench/kv_quant.py`` measures both on real keys.
+
+Writing quantizes (``write``); reading dequantizes only what a kernel gathers (``gather``,
+``gather_tokens``, ``token``): the cache is never expanded into a dense copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Storage formats by name: bits per code (None: the cache's own floating dtype).
+BITS = {"auto": None, "int8": 8, "int4": 4}
+_META_BYTES = 4  # scale and zero, bf16 each, per group
+
+
+def code_bytes(head_dim: int, bits: int) -> int:
+    return -(-head_dim * bits // 8)
+
+
+def groups(head_dim: int, group_size: int) -> int:
+    return -(-head_dim // group_size)
+
+
+def row_bytes(head_dim: int, bits: int, group_size: int) -> int:
+    """Bytes one token of one KV head takes on one side (keys or values), scales included."""
+    data = code_bytes(head_dim, bits)
+    return data + (data & 1) + _META_BYTES * groups(head_dim, group_size)
+
+
+def check_params(head_dim: int, bits: int, group_size: int) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"quantized pages hold 4- or 8-bit codes, got bits={bits}")
+    if not 1 <= group_size:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+
+
+def _outward(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """``x`` (float32) rounded to bfloat16 away from the inside of the group's range: the result is
+    >= x when ``up``, <= x otherwise. A nudge of 2**-7 relative before round-to-nearest (whose
+    error is at most 2**-9 relative) guarantees the side."""
+    nudge = x.abs() * 2.0 ** -7 + 1e-30
+    return (x + nudge if up else x - nudge).to(torch.bfloat16)
+
+
+def encode(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """``x`` ``[..., D]`` floating -> ``[..., R]`` uint8 rows (see the module docstring)."""
+    d = x.shape[-1]
+    check_params(d, bits, group_size)
+    ng = groups(d, group_size)
+    lead = x.shape[:-1]
+    xf = x.float()
+    pad = ng * group_size - d
+    if pad:  # the last group's missing channels repeat its first one: no effect on its range
+        xf = torch.cat([xf, xf[..., (ng - 1) * group_size:][..., :1].expand(*lead, pad)], -1)
+    g = xf.view(*lead, ng, group_size)
+    zero = _outward(g.amin(-1), up=False)
+    levels = (1 << bits) - 1
+    scale = _outward((g.amax(-1) - zero.float()) / levels, up=True)
+    zf, sf = zero.float()[..., None], scale.float()[..., None]
+    q = torch.round((g - zf) / torch.where(sf > 0, sf, torch.ones_like(sf))).clamp_(0, levels)
+    q = q.view(*lead, ng * group_size)[..., :d].to(torch.uint8)
+    if bits == 4:
+        if d & 1:
+            q = torch.cat([q, torch.zeros(*lead, 1, dtype=torch.uint8, device=q.device)], -1)
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    data = q.shape[-1]
+    meta = torch.stack([scale, zero], -1).view(*lead, ng * 2).view(torch.uint8)  # [..., ng*4]
+    parts = [q, meta]
+    if data & 1:
+        parts.insert(1, torch.zeros(*lead, 1, dtype=torch.uint8, device=q.device))
+    return torch.cat(parts, -1)
+
+
+def decode(rows: torch.Tensor, head_dim: int, bits: int, group_size: int,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``rows`` ``[..., R]`` uint8 (any strides) -> ``[..., D]`` in ``dtype`` (computed in float32,
+    or float64 when asked for)."""
+    d, ng = head_dim, groups(head_dim, group_size)
+    data = code_bytes(d, bits)
+    meta_at = data + (data & 1)
+    lead = rows.shape[:-1]
+    codes = rows[..., :data]
+    if bits == 4:
+        codes = torch.stack([codes & 15, codes >> 4], -1).reshape(*lead, 2 * data)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    pad = ng * group_size - d
+    q = codes[..., :d].to(work)
+    if pad:
+        q = torch.cat([q, q.new_zeros(*lead, pad)], -1)
+    meta = rows[..., meta_at: meta_at + _META_BYTES * ng].contiguous().view(torch.bfloat16).to(work)
+    meta = meta.view(*lead, ng, 2)
+    x = torch.addcmul(meta[..., 1:2], q.view(*lead, ng, group_size), meta[..., 0:1])
+    return x.view(*lead, ng * group_size)[..., :d].to(dtype)
+
+
+def error_bound(rows: torch.Tensor, head_dim: int, bits: int, group_size: int) -> torch.Tensor:
+    """Per element, the analytic round-trip bound ``scale / 2`` of its group: ``[..., D]`` float32."""
+    ng = groups(head_dim, group_size)
+    data = code_bytes(head_dim, bits)
+    meta_at = data + (data & 1)
+    meta = rows[..., meta_at: meta_at + _META_BYTES * ng].contiguous().view(torch.bfloat16).float()
+    scale = meta.view(*rows.shape[:-1], ng, 2)[..., 0]
+    return (scale / 2).repeat_interleave(group_size, -1)[..., :head_dim]
+
+
+@dataclass(frozen=True)
+class QuantKVFormat:
+    """One layer's quantized pages, over the engine's byte buffer (a view, never a copy).
+
+    Offers what the kernels read through (``gather``, ``gather_tokens``, ``token``, ``write``) with
+    the same meaning as ``KVFormat``'s, returning dequantized values. ``k4``/``v4`` are None: no
+    kernel may read these pages as plain elements."""
+
+    raw: torch.Tensor  # [num_blocks, Hkv, block_size, 2 * R] uint8
+    head_dim: int
+    bits: int
+    group_size: int
+
+    packed = True
+    k4 = None
+    v4 = None
+
+    def __post_init__(self) -> None:
+        check_params(self.head_dim, self.bits, self.group_size)
+        r = row_bytes(self.head_dim, self.bits, self.group_size)
+        if self.raw.dim() != 4 or self.raw.dtype != torch.uint8 or self.raw.shape[-1] != 2 * r:
+            raise ValueError(f"int{self.bits} pages of head_dim {self.head_dim}, group {self.group_size} need a uint8 "
+                             f"cache [num_blocks, Hkv, block_size, {2 * r}], got {self.raw.dtype} {tuple(self.raw.shape)}")
+        if not self.raw.is_contiguous():
+            raise ValueError("the quantized cache must be contiguous")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}-g{self.group_size}"
+
+    @property
+    def row_bytes(self) -> int:
+        return self.raw.shape[-1] // 2
+
+    @property
+    def side_bytes(self) -> int:
+        """Bytes one token of one head takes on one side (keys or values), scales included."""
+        return self.row_bytes
+
+    @property
+    def num_blocks(self) -> int:
+        return self.raw.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.raw.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.raw.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    def _decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return decode(rows, self.head_dim, self.bits, self.group_size, dtype)
+
+    def gather(self, blocks: torch.Tensor, heads: torch.Tensor, dtype: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized keys and values of the cells ``(blocks[i], heads[i])``: ``[*shape, bs, D]``."""
+        shape = blocks.shape
+        nb, hkv, bs, two_r = self.raw.shape
+        idx = blocks.reshape(-1).long() * hkv + heads.reshape(-1).long()
+        cells = self.raw.view(nb * hkv, bs, two_r).index_select(0, idx)  # [n, bs, 2R]
+        r = two_r // 2
+        dtype = dtype or torch.float32
+        k = self._decode(cells[..., :r], dtype)
+        v = self._decode(cells[..., r:], dtype)
+        return k.reshape(*shape, bs, self.head_dim), v.reshape(*shape, bs, self.head_dim)
+
+    def gather_tokens(self, blocks: torch.Tensor, heads: torch.Tensor, offsets: torch.Tensor,
+                      dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized keys and values of single tokens ``(blocks[i], heads[i], offsets[i])``: ``[*shape, D]``."""
+        rows = self.raw[blocks.long(), heads.long(), offsets.long()]  # [*shape, 2R]
+        r, dtype = self.row_bytes, dtype or torch.float32
+        return self._decode(rows[..., :r], dtype), self._decode(rows[..., r:], dtype)
+
+    def token(self, block: int, head: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token's key and value ``[D]``, dequantized in float64 (the reference's accessor)."""
+        row, r = self.raw[block, head, offset], self.row_bytes
+        return self._decode(row[:r], torch.float64), self._decode(row[r:], torch.float64)
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Quantize ``key``/``value`` ``[T, Hkv, D]`` into ``slot = block * block_size + offset``;
+        negative slots (padding) are skipped."""
+        slots = slot_mapping[: key.shape[0]].long()
+        if bool((slots < 0).any()):
+            keep = slots >= 0
+            slots, key, value = slots[keep], key[keep], value[keep]
+        bs, r = self.block_size, self.row_bytes
+        blocks, offsets = slots // bs, slots % bs
+        rows = torch.cat([encode(key, self.bits, self.group_size), encode(value, self.bits, self.group_size)], -1)
+        self.raw[blocks, :, offsets] = rows  # [T, Hkv, 2R]
+
+
+def quantized(kv_cache: torch.Tensor, head_dim: int, bits: int, group_size: int) -> QuantKVFormat:
+    """The quantized view of an engine buffer whose last axis holds a (slot, head) cell's ``2 * R``
+    bytes, in any dtype (vLLM hands the buffer over in the model's dtype): reinterpreted as uint8."""
+    if kv_cache.dim() != 4 or not kv_cache.is_contiguous():
+        raise ValueError(f"a quantized cache must be a contiguous [num_blocks, Hkv, block_size, cell] buffer, "
+                         f"got {tuple(kv_cache.shape)}")
+    return QuantKVFormat(kv_cache.view(torch.uint8), head_dim, bits, group_size)
