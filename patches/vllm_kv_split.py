@@ -1,4 +1,5 @@
-"""Give each lcx layer with a head split a companion KV-cache group for its streaming heads.
+"""Give each lcx layer with a head split a companion KV-cache group for its streaming heads, and
+each lcx layer with quantized pages a packed KV-cache spec.
 
 Replaces: ``Attention.__init__`` (vLLM's attention layer), wrapped; and
 ``Platform.register_custom_kv_cache_specs`` (the current platform's class), chained.

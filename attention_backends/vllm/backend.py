@@ -217,7 +217,9 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
     def _view(self, cache: torch.Tensor) -> KVFormat:
         """lcx's view of a cache of this layer: quantized pages, or plain pages of the cache's dtype."""
         if self.config.quantized:
-            return quant.quantized(cache, self.head_size, self.config.kv_bits, self.config.group_size(self.head_size))
+            bits = self.config.kv_bits
+            return quant.quantized(cache, self.head_size, bits, self.config.group_size(self.head_size),
+                                   quant.rotates_keys(self.head_size, bits))
         return formats.plain(cache)
 
     def _kv(self, kv_cache: torch.Tensor) -> KVFormat:

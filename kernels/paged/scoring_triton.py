@@ -146,6 +146,7 @@ def token_logits_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scal
     ``pages_per_program``: default ``TOKENS_PER_PROGRAM // block_size`` (at least 1)."""
     if kv.packed:
         k4, _, qconst = quant_operands(kv)
+        query = kv.rotate_query(query)  # rotated keys are read as stored: q·k = (H q)·(H k)
     else:
         k4, qconst = kv.k4, {}
     if k4 is None:

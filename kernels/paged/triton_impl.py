@@ -306,6 +306,7 @@ def paged_attention_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, s
         k4, v4, qconst = quant_operands(kv)
         if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"attention over quantized pages takes a float32/float16/bfloat16 query, got {query.dtype}")
+        query = kv.rotate_query(query)  # rotated keys are read as stored: q·k = (H q)·(H k)
     else:
         k4, v4, qconst = kv.k4, kv.v4, {}
         if k4 is None or v4 is None:

@@ -53,7 +53,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         if _MASK["kv_noise"]:
             g = torch.Generator().manual_seed(module.layer_idx)
             key, value = (x * (1 + _MASK["kv_noise"] * torch.randn(x.shape, generator=g)) for x in (key, value))
-        key, value = (quant.decode(quant.encode(x, bits, size), x.shape[-1], bits, size) for x in (key, value))
+        key, value = quant.round_trip(key, value, bits, size, quant.rotates_keys(key.shape[-1], bits))
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     t = query.shape[2]
     scores = (query @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)

@@ -8,8 +8,9 @@ import torch
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, formats, quant
 
 FORMATS = ("plain", "vllm-cpu-vec", "vllm-cpu-amx", "nhd", "token-pool")
-#: Quantized pages: "int<bits>-g<group_size>" (group 0: the whole head).
-QUANT_FORMATS = ("int8-g0", "int4-g0", "int4-g16")
+#: Quantized pages: "int<bits>-g<group_size>[-rot]" (group 0: the whole head; -rot: keys stored
+#: Hadamard-rotated, the int4 default at power-of-two head dims).
+QUANT_FORMATS = ("int8-g0", "int4-g0", "int4-g16", "int4-g0-rot")
 FOUR_D_FORMATS = ("plain", "vllm-cpu-vec", "nhd", "token-pool")  # what the Triton kernel reads
 
 
@@ -26,11 +27,12 @@ def empty_format(fmt: str, num_blocks: int, num_kv_heads: int, block_size: int, 
     """A cache in format ``fmt``, every slot holding ``fill`` (quantized pages: all bytes 0xFF,
     whose bfloat16 scales read as NaN)."""
     if fmt.startswith("int"):
-        bits, group = (int(x) for x in fmt[3:].split("-g"))
+        rotate = fmt.endswith("-rot") and quant.rotates_keys(head_dim, 4)  # odd head dims: not rotated
+        bits, group = (int(x) for x in fmt.removesuffix("-rot")[3:].split("-g"))
         group = group or head_dim
         r = quant.row_bytes(head_dim, bits, group)
         buf = torch.full((num_blocks, num_kv_heads, block_size, 2 * r), 255, dtype=torch.uint8)
-        return quant.quantized(buf, head_dim, bits, group)
+        return quant.quantized(buf, head_dim, bits, group, rotate)
     if fmt in ("plain", "vllm-cpu-vec", "vllm-cpu-amx"):
         buf = torch.full((num_blocks, num_kv_heads, block_size, 2 * head_dim), fill, dtype=dtype)
         return formats.plain(buf) if fmt == "plain" else formats.vllm_cpu(buf, fmt.rsplit("-", 1)[1])

@@ -1,5 +1,6 @@
 """``vllm serve MODEL --attention-backend lcx`` over real HTTP on 127.0.0.1."""
 import os
+import re
 import subprocess
 
 import pytest
@@ -7,7 +8,7 @@ import pytest
 from lcx_plugin.harness.model import prepare
 
 from .conftest import serve_args
-from .vllm_server import free_port, http_json
+from .vllm_server import free_port, http_json, served
 
 pytestmark = pytest.mark.slow
 
@@ -46,4 +47,26 @@ def test_serve_refuses_a_bad_lcx_config_with_one_clear_error():
                           env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "unknown key(s) ['methdo'] for method 'dense'; valid keys are ['kernel', 'method']" in out, out[-3000:]
+    assert "unknown key(s) ['methdo'] for method 'dense'; valid keys are ['kernel', 'kv_format', 'kv_group_size', 'method']" in out, out[-3000:]
+
+
+def _kv_tokens(log: str) -> int:
+    found = re.findall(r"KV cache size: ([\d,]+) tokens", log)
+    assert found, log[-3000:]
+    return int(found[-1].replace(",", ""))
+
+
+def test_serve_with_int8_pages_answers_and_reports_the_larger_capacity(servers, tmp_path):
+    """``kv_format: int8`` through ``vllm serve`` (int4 is the README's serve command, run by
+    tests/docs): a chat answer over quantized pages, and the KV capacity the server logs, against
+    the stock server's at the same VLLM_CPU_KVCACHE_SPACE (a float32 machine's plain pages are
+    twice bf16's, so the ratio there is about twice the bf16 one: held to the bf16 bound either way)."""
+    log_path = tmp_path / "int8.log"
+    with served(serve_args(str(prepare()), free_port(), {"method": "dense", "kv_format": "int8"}), log_path) as url:
+        status, body = http_json(url + "/v1/chat/completions", CHAT)
+        assert status == 200, body
+        assert body["usage"]["completion_tokens"] > 0
+    log = log_path.read_text()
+    assert "lcx attention active: method=dense kernel=torch" in log and "kv_format=int8" in log, log[-3000:]
+    ratio = _kv_tokens(log) / _kv_tokens(servers["logs"]["stock"].read_text())
+    assert ratio >= 1.85, ratio

@@ -98,3 +98,11 @@ def test_quantized_formats_parse_and_round_trip():
     assert resolve_config({"lcx": cfg.to_dict()}, environ={}) == cfg
     plain = resolve_config({"lcx": {"method": "dense"}}, environ={})
     assert not plain.quantized and "kv_format" not in plain.to_dict()
+
+
+def test_cli_lists_the_engine_keys_with_the_methods(capsys):
+    from lcx_plugin.cli import main
+
+    assert main(["config", "--methods"]) == 0
+    out = capsys.readouterr().out
+    assert "token_select:" in out and "kv_format='auto' (one of ['auto', 'int8', 'int4'])" in out, out
