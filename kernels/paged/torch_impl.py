@@ -185,8 +185,10 @@ def _prepare(sel: Selection, plan: BatchPlan, bs: int) -> list[list[_Tile] | _To
         if qlen == 1 and sel.granularity == "token":
             prep.append(_prepare_token_row(sel, b, blocks, seq_len - 1, bs))
             continue
-        prep.append([_prepare_tile(sel, b, blocks, seq_len, seq_len - qlen, range(i, min(i + ROW_TILE, qlen)), bs)
-                     for i in range(0, qlen, ROW_TILE)])
+        # Tiles no taller than a query block, so that a tile gathers one block's list, not the union of several.
+        tile = min(ROW_TILE, sel.query_block) if sel.query_block else ROW_TILE
+        prep.append([_prepare_tile(sel, b, blocks, seq_len, seq_len - qlen, range(i, min(i + tile, qlen)), bs)
+                     for i in range(0, qlen, tile)])
     sel.memo[key] = (plan, prep)
     return prep
 

@@ -36,7 +36,7 @@ def test_additional_config_and_env_inline_and_file(tmp_path):
         ({"lcx": {"bogus": 1}}, r"unknown key\(s\) \['bogus'\] for method 'dense'; valid keys are \['kernel', 'kv_format', 'kv_group_size', 'method'\]"),
         ({"lcx": {"method": "streaming", "windw": 3}},
          r"unknown key\(s\) \['windw'\] for method 'streaming'; valid keys are \['kernel', 'kv_format', 'kv_group_size', 'method', 'min_context', 'sink', 'window'\]"),
-        ({"lcx": {"method": "magic"}}, r"method='magic' is not one of \['dense', 'head_split', 'streaming'"),
+        ({"lcx": {"method": "magic"}}, r"method='magic' is not one of \['dense', 'head_split', 'hip', 'streaming'"),
         ({"lcx": {"method": 3}}, r"method=3 must be a string"),
         ({"lcx": {"kernel": 3}}, r"kernel=3 must be a string"),
         ({"lcx": {"kernel": "cuda"}}, r"kernel='cuda' is not one of"),
