@@ -125,9 +125,28 @@ def scoring_variants() -> list[Variant]:
     return out
 
 
+def hip_search_variants() -> list[Variant]:
+    """HiP's page search (``kernels/paged/hip_search_triton.py``): head sizes 64 and 128, k = 8
+    and 64 pages (chunk vectors of 16 and 128; 64 pages is the default budget at 16-token pages)."""
+    from .paged import hip_search_triton as t
+
+    out = []
+    for head_dim, k in ((64, 8), (128, 64)):
+        launch = t.launch_config(head_dim)
+        const = dict(K=k, BLOCK_M=max(16, 2 * k), HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_R=launch.pop("BLOCK_R"),
+                     CHUNK_TILE=launch.pop("CHUNK_TILE"))
+        sig = {"q_ptr": "*fp32", "c_ptr": "*fp32", "r_ptr": "*fp32", "hi_ptr": "*i32", "scratch_ptr": "*i32",
+               "score_ptr": "*fp32",
+               "pages_ptr": "*i32", "counts_ptr": "*i32", "lo": "i32", "n_rows": "i32", "n_rounds": "i32",
+               **{s: "i64" for s in ("stride_qb", "stride_qh", "stride_qr", "stride_cp", "stride_ch")},
+               **{k_: "constexpr" for k_ in const}}
+        out.append(Variant(f"hip_search[d={head_dim},k={k}]", t._hip_search_kernel, sig, const, launch))
+    return out
+
+
 def all_variants() -> list[Variant]:
     """Every kernel variant the gate builds."""
-    return paged_attention_variants() + scoring_variants()
+    return paged_attention_variants() + scoring_variants() + hip_search_variants()
 
 
 def _ptxas_report(ptx: str, arch: str) -> dict:

@@ -23,7 +23,8 @@ rounds, so a prefill of ``T`` tokens costs ``O(T log T)`` products, not the ``O(
 scan. The search trusts that scores vary smoothly along the context (a chunk whose middle page
 scores low rarely hides the best page); ``hip_recall`` in the tests measures how often that holds.
 
-``search_pages`` is the torch twin (every query block and KV head of one sequence at once);
+``search_pages`` runs the Triton kernel (``hip_search_triton.py``) on CUDA tensors and the torch
+twin here elsewhere (every query block and KV head of one sequence at once);
 ``search_pages_reference`` the same search in float64 with plain loops, the tests' oracle; and
 ``exact_top_pages`` the full scan the search approximates, for recall.
 """
@@ -55,7 +56,7 @@ def _check(rows: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor, lo: i
 
 
 def search_pages(rows: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor, lo: int, hi: torch.Tensor,
-                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 k: int, *, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The hierarchical search for every query block and KV head of one sequence.
 
     rows: ``[NQB, Hkv, R, D]``: query block ``i``'s rows (times the softmax scale or not: the
@@ -66,10 +67,20 @@ def search_pages(rows: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor,
     hi: ``[NQB]`` int64: query block ``i`` may choose pages ``lo <= j < hi[i]``.
     k: pages to choose per (query block, KV head).
 
+    impl: "auto" (Triton on CUDA tensors, this torch twin elsewhere), "triton" or "torch".
+
     Returns ``pages [NQB, Hkv, k]`` int32, ascending in the first ``counts`` entries (``min(k,
     hi - lo)``), and ``counts [NQB, Hkv]`` int32.
     """
     _check(rows, centre, radius, lo, hi, k)
+    if impl == "auto":
+        impl = "triton" if rows.is_cuda else "torch"
+    if impl == "triton":
+        from .hip_search_triton import search_pages_triton
+
+        return search_pages_triton(rows, centre, radius, lo, hi, k)
+    if impl != "torch":
+        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     nqb, hkv, _, _ = rows.shape
     dev = rows.device
     if nqb == 0 or int(hi.max()) <= lo:  # nothing eligible anywhere

@@ -18,16 +18,17 @@ def _bounds(g, pages, hkv, d, smooth):
     return base - torch.rand(pages, hkv, d, generator=g), base + torch.rand(pages, hkv, d, generator=g)
 
 
-@pytest.mark.parametrize("pages,k,lo", [(7, 4, 0), (20, 4, 1), (100, 4, 2), (300, 8, 1), (64, 32, 0)])
+@pytest.mark.parametrize("pages,k,lo", [(7, 4, 0), (20, 4, 1), (100, 4, 2), (300, 8, 1), (64, 32, 0), (50, 3, 1)])
 @pytest.mark.parametrize("smooth", [True, False])
-def test_twin_matches_the_float64_search(pages, k, lo, smooth):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_search_matches_the_float64_search(pages, k, lo, smooth, impl):
     seed = _seed()
     g = torch.Generator().manual_seed(seed)
     nqb, hkv, rows, d = 3, 2, 6, 16
     q = torch.randn(nqb, hkv, rows, d, generator=g)
     kmin, kmax = _bounds(g, pages, hkv, d, smooth)
     hi = torch.tensor([pages, max(lo, pages - 5), lo + 1])  # whole range, most of it, one page
-    got, counts = search_pages(q, *centre_radius(kmin, kmax), lo, hi, k)
+    got, counts = search_pages(q, *centre_radius(kmin, kmax), lo, hi, k, impl=impl)
     want = search_pages_reference(q, kmin, kmax, lo, hi.tolist(), k)
     for i in range(nqb):
         for h in range(hkv):
