@@ -34,7 +34,14 @@ def _engine_written(isa, dtype, nb=6, hkv=3, bs=32, d=64, seed=0):
                                         ("vec16", torch.float32), ("amx", torch.bfloat16)])
 def test_lcx_reads_and_writes_the_ops_packing(isa, dtype):
     seed = _seed()
-    cache, k, v, slots = _engine_written(isa, dtype, seed=seed)
+    try:
+        cache, k, v, slots = _engine_written(isa, dtype, seed=seed)
+    except RuntimeError as e:  # the op is built per ISA: no AMX kernels on a CPU without AMX
+        if "Unsupported CPU attention configuration" not in str(e):
+            raise
+        _own_round_trip(isa, dtype, seed)
+        pytest.skip(f"this machine's vLLM CPU op has no {isa} kernels ({e}); lcx's own {isa} writer and "
+                    "reader were checked against each other only")
     kv = formats.vllm_cpu(cache, isa)
     bs = kv.block_size
     for i in range(0, slots.shape[0], 7):
@@ -53,6 +60,21 @@ def test_lcx_reads_and_writes_the_ops_packing(isa, dtype):
     mine = torch.full_like(cache, float("nan"))
     formats.vllm_cpu(mine, isa).write(k, v, slots)
     assert torch.equal(mine, cache)
+
+
+def _own_round_trip(isa, dtype, seed, nb=6, hkv=3, bs=32, d=64):
+    """Where the op cannot write a packing: lcx's writer for it, read back token by token and by gather."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(nb * bs, hkv, d, generator=g).to(dtype)
+    v = torch.randn(nb * bs, hkv, d, generator=g).to(dtype)
+    slots = torch.randperm(nb * bs, generator=g)
+    kv = formats.vllm_cpu(torch.full((nb, hkv, bs, 2 * d), float("nan"), dtype=dtype), isa)
+    kv.write(k, v, slots)
+    for i in range(slots.shape[0]):
+        kk, vv = kv.token(int(slots[i]) // bs, i % hkv, int(slots[i]) % bs)
+        assert torch.equal(kk, k[i, i % hkv]) and torch.equal(vv, v[i, i % hkv]), f"seed={seed} slot {int(slots[i])}"
+    gk, _ = kv.gather(torch.tensor([[int(slots[0]) // bs]]), torch.tensor([[0]]))
+    assert torch.equal(gk[0, 0, int(slots[0]) % bs], k[0, 0]), f"seed={seed}"
 
 
 def _decode_problem(dtype, seed, lens=(700, 300, 129), hq=9, hkv=3, bs=128, d=64):
