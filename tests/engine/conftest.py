@@ -35,6 +35,12 @@ HEAD_SPLIT = {"method": "head_split", "streaming_fraction": 0.67, "sink": 16, "w
 # others finish (with the cache on, each is also run alone).
 TOKEN_SELECT = {"method": "token_select", "sink": 16, "window": 128, "budget": 192, "reuse_similarity": None}
 QUANT_PROMPTS = [PROMPTS[0], PROMPTS[-1]]
+# HiP in prefill and decode: 3 of the 1,200- and 3,000-token prompts' 128-token pages per query
+# block of 64 rows (and per decode step) beyond sinks and window; a search every decode step, so
+# the float32 reference can state every selection; layer 0 dense. Every prompt is one prefill
+# chunk, so query blocks start at each prompt's first row.
+HIP = {"method": "hip", "sink": 16, "window": 256, "budget": 384, "query_block": 64, "refresh_every": 1,
+       "dense_layers": [0]}
 SELECT_PROMPTS = [long_prompt(400 + 120 * i, seed=20 + i, key=str(3100 + 7 * i)) for i in range(8)]
 
 ARMS = {
@@ -64,6 +70,12 @@ ARMS = {
     "token_select_cached": dict(backend="lcx", lcx={**TOKEN_SELECT, "granularity": "page", "budget": 0.25,
                                                     "reuse_similarity": 0.8},
                                 prompts=SELECT_PROMPTS, max_tokens=16, alone=True, engine={"max_num_seqs": 3}),
+    # HiP against its float32 statement, and each prompt again alone (prefix caching off: the
+    # alone run prefills again, through the same selections).
+    "hip": dict(backend="lcx", lcx=HIP, alone=True,
+                engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False}),
+    # A budget covering every context: every sequence stays dense, on the engine's own op.
+    "hip_wide": dict(backend="lcx", lcx={**HIP, "budget": 1.0}),
     # A budget covering every context: decode stays dense, on the engine's own op.
     "token_select_wide": dict(backend="lcx", lcx={**TOKEN_SELECT, "budget": 1.0}),
     # Quantized pages (lcx's torch twin reads them), composed with a head split too: a short

@@ -15,7 +15,8 @@ import torch
 # window None: dense; streaming: [layers, Hkv] bool; select: a TokenSelect statement (see token_logprobs);
 # kv_quant: (bits, group_size) of quantized pages, every key and value read back as stored;
 # kv_noise: relative noise put on keys and values before they are quantized (seeded per layer)
-_MASK = {"sink": 0, "window": None, "streaming": None, "select": None, "kv_quant": None, "kv_noise": 0.0}
+_MASK = {"sink": 0, "window": None, "streaming": None, "select": None, "kv_quant": None, "kv_noise": 0.0,
+         "hip": None}
 
 
 def _token_select(scores: torch.Tensor, visible: torch.Tensor, group: int) -> torch.Tensor:
@@ -40,6 +41,75 @@ def _token_select(scores: torch.Tensor, visible: torch.Tensor, group: int) -> to
         j = torch.arange(t)
         keep |= ((j < sink) | ((j > i - window) & (j <= i)))[None, :]
         out[0, :, i] = keep.repeat_interleave(group, 0)
+    return out
+
+
+def _hip_pages(bound: list[float], lo: int, hi: int, k: int) -> set[int]:
+    """HiP's tree search over page scores ``bound`` (pages ``lo .. hi-1``): 2k chunks, each scored
+    by its middle page; keep the k best (ties: the earlier chunk), halve them, until single pages."""
+    n, m = max(0, hi - lo), 2 * k
+    chunks = [(lo + j * n // m, lo + (j + 1) * n // m) for j in range(m)]
+    while True:
+        ranked = sorted((j for j, (a, b) in enumerate(chunks) if b > a),
+                        key=lambda j: (-bound[chunks[j][0] + (chunks[j][1] - chunks[j][0] - 1) // 2], j))
+        kept = [chunks[j] for j in ranked[:k]]
+        if all(b - a <= 1 for a, b in kept):
+            return {a for a, _ in kept}
+        chunks = [h for a, b in kept for h in ((a, a + (b - a + 1) // 2), (a + (b - a + 1) // 2, b))]
+
+
+def _hip(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, group: int, layer: int) -> torch.Tensor:
+    # query [1, H, T, D], key [1, H, T, D] (repeated per query head)
+    """HiP as ``_MASK["hip"]`` states it (``sink``, ``window``, ``k`` pages, ``bs`` tokens per
+    page, ``qb`` rows per prefill query block, ``from`` the first decode row, ``dense_layers``;
+    a decode search every step): rows before ``from`` in query blocks of ``qb``, each choosing
+    among the pages wholly before its first row's window; each later row alone, choosing among
+    the pages before its window's first page, and seeing whole sink and window pages. Pages are
+    scored by ``max over rows and group heads of sum_d max(q_d min_d, q_d max_d)`` of the page's
+    key minima and maxima. ``visible`` [T, T] -> [H, T, T]."""
+    cfg = _MASK["hip"]
+    key = key[:, ::group]  # the KV heads (``key`` arrives repeated for each query head)
+    t, hkv = query.shape[2], key.shape[1]
+    out = visible[None].expand(query.shape[1], t, t).clone()
+    bs, sink, window, k, qb = cfg["bs"], cfg["sink"], cfg["window"], cfg["k"], cfg["qb"]
+    dense_up_to = sink + window + k * bs  # a context this short is kept whole: dense
+    if layer in cfg["dense_layers"]:
+        return out
+    pages = -(-t // bs)
+    lo = -(-sink // bs)
+    keys = torch.nn.functional.pad(key[0], (0, 0, 0, pages * bs - t), value=float("nan")).view(hkv, pages, bs, -1)
+    kmin, kmax = keys.nan_to_num(float("inf")).amin(2), keys.nan_to_num(float("-inf")).amax(2)  # [Hkv, P, D]
+    page_of = torch.arange(t) // bs
+    j = torch.arange(t)
+
+    def chosen(rows: torch.Tensor, g: int, hi: int) -> torch.Tensor:
+        """rows [R, D] -> [P] bool: the pages the search keeps."""
+        b = torch.maximum(rows[:, None, :] * kmin[g][None], rows[:, None, :] * kmax[g][None]).sum(-1).amax(0)
+        mask = torch.zeros(pages, dtype=torch.bool)
+        mask[sorted(_hip_pages(b.tolist(), lo, hi, k))] = True
+        return mask
+
+    start = cfg["from"]
+    if start > dense_up_to:
+        for r0 in range(0, start, qb):
+            r1 = min(r0 + qb, start)
+            hi = max(lo, -(-max(0, r0 - window + 1) // bs))
+            i = torch.arange(r0, r1)[:, None]
+            for g in range(hkv):
+                heads = slice(g * group, (g + 1) * group)
+                listed = chosen(query[0, heads, r0:r1].reshape(-1, query.shape[-1]), g, hi)[page_of]
+                out[heads, r0:r1] &= ((j[None] < sink) | (j[None] > i - window) | listed[None])[None]
+    for i in range(start, t):
+        s = i + 1
+        if s <= dense_up_to:
+            continue
+        hi = max(lo, min(-(-s // bs), max(0, s - window) // bs))
+        for g in range(hkv):
+            heads = slice(g * group, (g + 1) * group)
+            mask = chosen(query[0, heads, i], g, hi)
+            mask[:lo] = True
+            mask[hi:] = True
+            out[heads, i] &= mask[page_of][None]
     return out
 
 
@@ -69,6 +139,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
             visible = torch.where(heads, windowed, visible)
     if _MASK["select"] is not None:
         visible = _token_select(scores, visible[None, None].expand(1, scores.shape[1], t, t), group)
+    if _MASK["hip"] is not None:
+        visible = _hip(query, key, visible, group, module.layer_idx)[None]
     scores = scores.masked_fill(~visible, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ value
     return out.transpose(1, 2).contiguous(), None
@@ -89,21 +161,22 @@ _CACHE: dict[tuple, list[float]] = {}  # the same restriction of the same tokens
 @torch.no_grad()
 def token_logprobs(path: str, token_ids: list[int], sink: int = 0, window: int | None = None,
                    streaming: torch.Tensor | None = None, select: dict | None = None,
-                   kv_quant: tuple[int, int] | None = None, kv_noise: float = 0.0) -> list[float]:
+                   kv_quant: tuple[int, int] | None = None, kv_noise: float = 0.0, hip: dict | None = None) -> list[float]:
     """``out[i]`` = log p(token_ids[i+1] | token_ids[:i+1]) under the restricted attention (on the
     heads marked in ``streaming`` ``[layers, kv_heads]`` only, when given). ``select``: TokenSelect
     at decode, ``{"from": first selected row, "sink", "window", "k": seq_len -> tokens kept}``
     (rows before ``from``, the prefill, stay dense). ``kv_quant``: every key and value as quantized
     pages of ``(bits, group_size)`` store it, after relative noise ``kv_noise`` on their inputs (the
-    arithmetic noise of an engine, to measure how much a format amplifies it)."""
+    arithmetic noise of an engine, to measure how much a format amplifies it). ``hip``: HiP's
+    selection (see ``_hip``)."""
     key = None
-    if select is None:  # a TokenSelect statement holds a function: never cached
+    if select is None and hip is None:  # a TokenSelect statement holds a function: never cached
         mask = None if streaming is None else tuple(streaming.flatten().tolist())
         key = (path, tuple(token_ids), sink, window, mask, kv_quant, kv_noise)
         if key in _CACHE:
             return list(_CACHE[key])
     logp = _next_token_logp(path, token_ids, sink=sink, window=window, streaming=streaming, select=select,
-                            kv_quant=kv_quant, kv_noise=kv_noise)
+                            kv_quant=kv_quant, kv_noise=kv_noise, hip=hip)
     out = logp.gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0].tolist()
     if key is not None:
         _CACHE[key] = list(out)
@@ -113,11 +186,11 @@ def token_logprobs(path: str, token_ids: list[int], sink: int = 0, window: int |
 def _next_token_logp(path: str, token_ids: list[int], **mask) -> torch.Tensor:
     """``[len - 1, vocab]`` float32: the log-distribution of each next token."""
     _MASK.update({"sink": 0, "window": None, "streaming": None, "select": None, "kv_quant": None, "kv_noise": 0.0,
-                  **mask})
+                  "hip": None, **mask})
     try:
         logits = _model(path)(torch.tensor([token_ids])).logits[0, :-1].float()
     finally:
-        _MASK.update(kv_quant=None, select=None, kv_noise=0.0)
+        _MASK.update(kv_quant=None, select=None, kv_noise=0.0, hip=None)
     return torch.log_softmax(logits, dim=-1)
 
 

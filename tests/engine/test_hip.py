@@ -1,0 +1,71 @@
+"""HiP in the real engine: token-identical to stock when the budget covers every context; prefill and
+decode teacher-forced against the float32 reference model that states HiP's selection; each prompt
+batched and alone alike; the search counted."""
+import pytest
+
+from .conftest import HIP, PROMPTS, gap, whole, within
+from .reference_model import token_logprobs
+
+pytestmark = pytest.mark.slow
+
+PAGE = 128  # the CPU engine's page size
+
+
+def test_a_budget_covering_the_context_is_token_identical_to_stock(arm):
+    stock, _ = arm("stock")
+    wide, log = arm("hip_wide")
+    assert "lcx attention active: method=hip" in log, log[-3000:]
+    assert wide["token_ids"] == stock["token_ids"]
+    assert wide["prompt_logprobs"] == stock["prompt_logprobs"]
+
+
+def _reference(model_path, ids, generated):
+    spec = {"sink": HIP["sink"], "window": HIP["window"], "k": HIP["budget"] // PAGE, "bs": PAGE,
+            "qb": HIP["query_block"], "dense_layers": HIP["dense_layers"], "from": len(ids)}
+    return token_logprobs(model_path, ids + generated, hip=spec)
+
+
+def test_prefill_and_decode_match_the_reference_selection_teacher_forced(arm, model_path, stock_yardstick):
+    """Prompt log-probabilities (every prompt row under HiP's query-block selections) and decode
+    log-probabilities (a fresh search each step) against the float32 model restricted the same
+    way, within stock's own distance to the dense reference (stated slack in ``within``); a kernel
+    that read the wrong pages, or every page, lands far from it (checked against the dense
+    reference on the longest prompt)."""
+    lcx, _ = arm("hip")
+    gaps = []
+    for i, ids in enumerate(lcx["prompt_token_ids"]):
+        ref = _reference(model_path, ids, lcx["token_ids"][i])
+        got = lcx["prompt_logprobs"][i][1:] + lcx["logprobs"][i]
+        gaps.append(gap(got, ref))
+    yard = whole(stock_yardstick)
+    assert within(whole(gaps), yard), (gaps, yard)
+    longest = max(range(len(PROMPTS)), key=lambda i: len(lcx["prompt_token_ids"][i]))
+    ids = lcx["prompt_token_ids"][longest]
+    dense = token_logprobs(model_path, ids + lcx["token_ids"][longest])
+    got = lcx["prompt_logprobs"][longest][1:] + lcx["logprobs"][longest]
+    assert gap(got, dense)["mean"] > gaps[longest]["mean"], "the selection made no difference"
+
+
+def test_each_prompt_batched_gets_what_it_gets_alone(arm, stock_yardstick):
+    """The same prompts batched and each alone: selections are per sequence and per query block,
+    so a block table tail or a page list that crossed sequences would show as nats."""
+    lcx, _ = arm("hip")
+    yard = whole(stock_yardstick)
+    limit = {"mean": 2 * yard["mean"] + 0.02, "p99": 2 * yard["p99"] + 0.1}
+    compared = 0
+    for i in range(len(PROMPTS)):
+        d = gap(lcx["prompt_logprobs"][i][1:], lcx["alone"]["prompt_logprobs"][i][1:])
+        assert d["mean"] <= limit["mean"] and d["p99"] <= limit["p99"], (i, d, limit)
+        if lcx["token_ids"][i] == lcx["alone"]["token_ids"][i]:
+            d = gap(lcx["logprobs"][i], lcx["alone"]["logprobs"][i])
+            assert d["mean"] <= limit["mean"] and d["p99"] <= limit["p99"], (i, d, limit)
+            compared += 1
+    assert compared >= len(PROMPTS) - 2, compared
+
+
+def test_the_search_runs_and_attends_to_a_fraction(arm):
+    lcx, log = arm("hip")
+    assert "lcx attention active: method=hip" in log, log[-2000:]
+    c = lcx["lcx_counters"]
+    assert c["hip_searches"] > 0 and c.get("hip_reuses", 0) == 0, c  # refresh_every=1: a search every step
+    assert 0 < c["hip_pages_attended"] < c["hip_pages_held"], c
