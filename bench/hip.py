@@ -223,6 +223,11 @@ def plot(res: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     ax = axes[1]
+    if "dense" not in res:
+        ax.text(0.5, 0.5, "accuracy not measured in this run\n(--skip-accuracy)", ha="center", va="center")
+        ax.set_axis_off()
+        fig.savefig(path, dpi=120)
+        return
     names = list(res["dense"]["acc_by_length"])
     for i, (label, r) in enumerate((("dense", res["dense"]), ("HiP", res["hip"]))):
         ax.bar([j + 0.4 * i for j in range(len(names))], [r["acc_by_length"][k] for k in names], 0.4, label=label)
@@ -243,6 +248,8 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/hip.json")
+    ap.add_argument("--skip-accuracy", action="store_true",
+                    help="measure (a)-(c) only (the accuracy runs take the longest: 144 long prompts)")
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,29 +257,32 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     model = str(prepare())
     settings = choose()
-    samples = _accuracy_prompts(AutoTokenizer.from_pretrained(model))
+    samples = [] if args.skip_accuracy else _accuracy_prompts(AutoTokenizer.from_pretrained(model))
     res: dict = {"config": HIP, "settings": {"bind": settings.bind, "dtype": settings.dtype}}
-    with Progress(5, "bench hip") as p:
+    with Progress(3 if args.skip_accuracy else 5, "bench hip") as p:
         res["prefill"] = _child(settings, "prefill_scaling")
         p.advance(note=f"prefill at 32k: {res['prefill']['lengths']['32768']['speedup']:.1f}x")
         res["attention_32k"] = _child(settings, "attention_32k")
         p.advance(note="decode attention at 32k")
         res["ttft_7k"] = _ttft(model, settings, log_dir)
         p.advance(note="ttft at 7k")
-        for name, kw in (("dense", {"backend": "lcx", "lcx": {"method": "dense"}}), ("hip", {"backend": "lcx", "lcx": HIP})):
+        arms = () if args.skip_accuracy else (("dense", {"backend": "lcx", "lcx": {"method": "dense"}}),
+                                              ("hip", {"backend": "lcx", "lcx": HIP}))
+        for name, kw in arms:
             res[name] = _accuracy(name, kw, samples, model, settings, log_dir)
             p.advance(note=f"accuracy {name} {res[name]['acc']:.2f}")
+    acc = {} if args.skip_accuracy else {"dense_acc": res["dense"]["acc"], "acc": res["hip"]["acc"]}
     res.update({
         "prefill_speedup": {t: v["speedup"] for t, v in res["prefill"]["lengths"].items()},
         "prefill_slope": res["prefill"]["hip_slope"], "dense_slope": res["prefill"]["dense_slope"],
         "ttft_ratio_7k": res["ttft_7k"]["hip"]["ttft_s"] / res["ttft_7k"]["stock"]["ttft_s"],
         "decode_attn_speedup_32k": res["attention_32k"]["speedup"]["hip_search_every_step"],
         "decode_attn_speedup_32k_reuse": res["attention_32k"]["speedup"]["hip_reuse"],
-        "dense_acc": res["dense"]["acc"], "acc": res["hip"]["acc"],
+        "dense_acc": None, "acc": None, **acc,
     })
     out.write_text(json.dumps(res, indent=1))
     plot(res, out.with_suffix(".png"))
-    print(json.dumps({k: res[k] for k in ("prefill_speedup", "prefill_slope", "dense_slope", "ttft_ratio_7k",
+    print(json.dumps({k: res.get(k) for k in ("prefill_speedup", "prefill_slope", "dense_slope", "ttft_ratio_7k",
                                           "decode_attn_speedup_32k", "dense_acc", "acc")}, indent=1))
     return 0
 

@@ -87,6 +87,7 @@ class _Tile:
     blocks: torch.Tensor  # [Hkv, n_sel] physical blocks to gather (padding repeats a real page)
     mask: torch.Tensor | None  # [Hkv, rows, n_sel * bs] bool; None: nothing selected
     tail: torch.Tensor | None  # [Hkv, n_sel * bs] bool: gathered slots past the sequence's end
+    every_row_sees_one: bool = False  # every (head, row) of the mask has a candidate
 
 
 def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, first_pos: int, rows: range,
@@ -123,7 +124,8 @@ def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, fi
     past_end = pos >= seq_len
     live = (torch.arange(n_sel)[None, :] < counts[:, None]).repeat_interleave(bs, 1) & ~past_end
     mask = keep & live[:, None, :] & (pos[:, None, :] <= q_pos[None, :, None])  # [Hkv, rows, L]
-    return _Tile(rows.start, len(rows), blocks[order], mask, past_end if bool(past_end.any()) else None)
+    return _Tile(rows.start, len(rows), blocks[order], mask, past_end if bool(past_end.any()) else None,
+                 bool(mask.any(-1).all()))
 
 
 @dataclass
@@ -201,6 +203,18 @@ def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, gro
     n_sel = tile.blocks.shape[1]
     heads = torch.arange(hkv)[:, None].expand(hkv, n_sel)
     k, v = kv.gather(tile.blocks.to(kv.device), heads.to(kv.device), torch.float32)  # [Hkv, n_sel, bs, D]
+    if tile.every_row_sees_one:
+        # Every row has a candidate: the fused SDPA kernel with the tile's mask. The unwritten tail
+        # of a last page may hold anything, NaN included, which a mask does not cancel in a product:
+        # its keys and values are zeroed first.
+        vf, kf = v.reshape(hkv, -1, d), k.reshape(hkv, -1, d)
+        if tile.tail is not None:
+            vf = vf.masked_fill(tile.tail[..., None], 0.0)
+            kf = kf.masked_fill(tile.tail[..., None], 0.0)
+        mask = tile.mask.to(kv.device)[:, None].expand(hkv, group, rows, kf.shape[1]).reshape(1, hkv * group, rows, -1)
+        o = F.scaled_dot_product_attention(q[None], kf[None], vf[None], attn_mask=mask, scale=scale,
+                                           enable_gqa=group > 1)[0]  # [Hq, rows, D]
+        return o.transpose(0, 1)
     # Scores per KV head for its group of query heads, page by page: [Hkv, G*rows, n_sel*bs].
     scores = torch.matmul(q.reshape(hkv, 1, group * rows, d), k.transpose(-1, -2))  # [Hkv, n_sel, G*rows, bs]
     scores = scores.permute(0, 2, 1, 3).reshape(hkv, group, rows, -1)
