@@ -153,24 +153,6 @@ def attention_32k(dtype_name: str) -> dict:
     return res
 
 
-def _child(settings, fn: str) -> dict:
-    """Run ``fn`` of this module in a child bound like an engine worker."""
-    import os
-    import subprocess
-
-    from lcx_plugin.harness.launcher import child_env
-
-    env = child_env(settings)
-    cores = settings.bind.split("-")
-    env["OMP_NUM_THREADS"] = str(int(cores[-1]) - int(cores[0]) + 1 if len(cores) == 2 else 1)
-    code = f"import json, sys; sys.path.insert(0, 'bench'); import hip; print(json.dumps(hip.{fn}({settings.dtype!r})))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=os.getcwd(),
-                          timeout=3600)
-    if proc.returncode:
-        raise RuntimeError(f"bench hip {fn} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _ttft(model, settings, log_dir) -> dict:
     from lcx_plugin.harness.batch import ArmSpec, run_arm
     from lcx_plugin.harness.prompts import long_prompt
@@ -260,9 +242,9 @@ def main() -> int:
     samples = [] if args.skip_accuracy else _accuracy_prompts(AutoTokenizer.from_pretrained(model))
     res: dict = {"config": HIP, "settings": {"bind": settings.bind, "dtype": settings.dtype}}
     with Progress(3 if args.skip_accuracy else 5, "bench hip") as p:
-        res["prefill"] = _child(settings, "prefill_scaling")
+        res["prefill"] = _attention_child(settings, "hip", "prefill_scaling", timeout=3600)
         p.advance(note=f"prefill at 32k: {res['prefill']['lengths']['32768']['speedup']:.1f}x")
-        res["attention_32k"] = _child(settings, "attention_32k")
+        res["attention_32k"] = _attention_child(settings, "hip")
         p.advance(note="decode attention at 32k")
         res["ttft_7k"] = _ttft(model, settings, log_dir)
         p.advance(note="ttft at 7k")

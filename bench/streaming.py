@@ -124,9 +124,9 @@ def attention_32k(dtype_name: str) -> dict:
     return res
 
 
-def _attention_child(settings, module: str = "streaming") -> dict:
-    """Run ``bench/<module>.py``'s ``attention_32k`` in a child bound like an engine worker (same
-    threads and binding)."""
+def _attention_child(settings, module: str = "streaming", fn: str = "attention_32k", timeout: float = 1800) -> dict:
+    """Run ``bench/<module>.py``'s ``fn`` (default ``attention_32k``) in a child bound like an engine
+    worker (same threads and binding)."""
     import os
     import subprocess
     import sys
@@ -137,11 +137,11 @@ def _attention_child(settings, module: str = "streaming") -> dict:
     cores = settings.bind.split("-")
     env["OMP_NUM_THREADS"] = str(int(cores[-1]) - int(cores[0]) + 1 if len(cores) == 2 else 1)
     code = (f"import json, sys; sys.path.insert(0, 'bench'); import {module}; "
-            f"print(json.dumps({module}.attention_32k({settings.dtype!r})))")
+            f"print(json.dumps({module}.{fn}({settings.dtype!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=os.getcwd(),
-                          timeout=1800)
+                          timeout=timeout)
     if proc.returncode:
-        raise RuntimeError(proc.stderr[-3000:])
+        raise RuntimeError(f"bench {module} {fn} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -36,6 +36,15 @@ def _int_tensor(x, b: int, h: int, device, dtype=torch.int32) -> torch.Tensor:
     return torch.full((b, h), x, dtype=dtype, device=device)
 
 
+def lists_from_mask(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keep`` ``[..., N]`` bool -> the kept units as ascending lists: ``indices [..., K]`` int32
+    (K = the most kept anywhere; entries past the count are unspecified) and ``counts [...]`` int32."""
+    counts = keep.sum(-1).to(torch.int32)
+    width = int(counts.max()) if counts.numel() else 0
+    idx = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :width]
+    return idx.to(torch.int32), counts
+
+
 @dataclass(frozen=True)
 class Selection:
     """Per-(sequence, KV head [, query block]) candidate keys; see the module docstring.

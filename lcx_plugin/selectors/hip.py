@@ -31,7 +31,7 @@ import torch
 from lcx_plugin.head_patterns import ModelShape
 from lcx_plugin.kernels.paged import BatchPlan, Selection
 from lcx_plugin.kernels.paged.hip_search import centre_radius, search_pages
-from lcx_plugin.kernels.paged.selection import QUERY_TILE
+from lcx_plugin.kernels.paged.selection import QUERY_TILE, lists_from_mask
 
 from . import register
 from .base import SelectContext, TopKSelector, require
@@ -178,8 +178,7 @@ class HiP(TopKSelector):
         chosen, live = state["pages"].long(), torch.arange(state["pages"].shape[1])[None, :] < state["counts"][:, None]
         heads = torch.arange(hkv)[:, None].expand_as(chosen)
         keep[heads[live], chosen[live]] = True
-        cnt = keep.sum(-1).to(torch.int32)
-        idx = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, : int(cnt.max())].to(torch.int32)
+        idx, cnt = lists_from_mask(keep)
         counters["hip_pages_attended"] = counters.get("hip_pages_attended", 0) + int(cnt.sum())
         counters["hip_pages_held"] = counters.get("hip_pages_held", 0) + n_pages * hkv
         return idx[:, None, :], cnt[:, None]

@@ -33,6 +33,7 @@ import torch
 
 from lcx_plugin.kernels.paged import BatchPlan, Selection
 from lcx_plugin.kernels.paged.scoring import page_logits, token_logits
+from lcx_plugin.kernels.paged.selection import lists_from_mask
 
 from . import register
 from .base import SelectContext, TopKSelector, require
@@ -226,6 +227,5 @@ class TokenSelect(TopKSelector):
             live = (torch.arange(chosen.shape[-1])[None, :] < s["counts"][:, None]) & (chosen < n_pages[i])
             heads = torch.arange(hkv)[:, None].expand_as(chosen)
             keep[i, heads[live], chosen[live]] = True
-        cnt = keep.sum(-1).to(torch.int32)
-        idx = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., : int(cnt.max())].to(torch.int32)
+        idx, cnt = lists_from_mask(keep)
         return Selection.build(b, hkv, granularity="page", indices=idx, counts=cnt, device=device)
