@@ -108,6 +108,14 @@ class Selector(ABC):
     name: ClassVar[str] = ""
     needs_page_summaries: ClassVar[bool] = False  # per-page key min/max/mean, written with the cache
     needs_request_state: ClassVar[bool] = False  # per-request state, dropped on finish/preemption
+    #: Parameters under which the method selects on contexts of a few hundred tokens: the
+    #: reliability matrix (tests/reliability) runs every registered method with them, so a new
+    #: method is covered there as soon as it says how to make it work on short prompts.
+    short_context_example: ClassVar[dict[str, Any] | None] = None
+    #: True when a prefill chunk's selection depends on where the scheduler cut the chunks (HiP's
+    #: query blocks tile each chunk's rows), so chunked prefill is not position-for-position whole
+    #: prefill; the reliability matrix then judges prompts by their mean gap.
+    selection_follows_chunks: ClassVar[bool] = False
 
     @classmethod
     def params(cls) -> list[dataclasses.Field]:

@@ -15,6 +15,7 @@ class Dense(Selector):
     where lcx drives the engine's own op (vLLM CPU)."""
 
     name: ClassVar[str] = "dense"
+    short_context_example: ClassVar[dict] = {}
 
     def select(self, ctx: SelectContext) -> None:
         return None

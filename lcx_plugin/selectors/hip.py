@@ -57,6 +57,8 @@ class HiP(TopKSelector):
     """
 
     name: ClassVar[str] = "hip"
+    short_context_example: ClassVar[dict] = {"sink": 16, "window": 128, "budget": 256, "dense_layers": [0]}
+    selection_follows_chunks: ClassVar[bool] = True
     needs_page_summaries: ClassVar[bool] = True
     needs_request_state: ClassVar[bool] = True
 

@@ -27,6 +27,7 @@ class Streaming(WindowedSelector):
     """
 
     name: ClassVar[str] = "streaming"
+    short_context_example: ClassVar[dict] = {"sink": 16, "window": 128}
 
     def select(self, ctx: SelectContext) -> Selection:
         return self.shared_window_selection(ctx)

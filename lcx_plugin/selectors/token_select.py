@@ -79,6 +79,7 @@ class TokenSelect(TopKSelector):
     """
 
     name: ClassVar[str] = "token_select"
+    short_context_example: ClassVar[dict] = {"sink": 16, "window": 128, "budget": 128}
     needs_request_state: ClassVar[bool] = True
 
     sink: int = 64

@@ -51,11 +51,11 @@ ARMS = {
     "twin": dict(backend="lcx", lcx={"method": "dense", "kernel": "torch"}),
     # A window longer than every prompt: every sequence stays dense.
     "streaming_wide": dict(backend="lcx", lcx={"method": "streaming", "sink": 64, "window": 8192}),
-    # A window far shorter than the long prompts, chunked prefill, and each prompt also run alone.
-    "streaming": dict(backend="lcx", lcx=STREAMING, engine=CHUNKED, alone=True),
-    # Head split, default engine settings (one prefill chunk far longer than the window; prefix
-    # caching on: each prompt is run again alone after the batch, over a warm cache).
-    "head_split": dict(backend="lcx", lcx=HEAD_SPLIT, alone=True),
+    # A window far shorter than the long prompts, chunked prefill. (Batched against alone, prefix
+    # caching and preemption, for every method: tests/reliability.)
+    "streaming": dict(backend="lcx", lcx=STREAMING, engine=CHUNKED),
+    # Head split, default engine settings (one prefill chunk far longer than the window).
+    "head_split": dict(backend="lcx", lcx=HEAD_SPLIT),
     # Chunked prefill, prefix caching off, and a cache so small that requests are preempted and
     # recomputed (all nine prompts: with fewer, the scheduler admits them one after another and
     # never has to preempt).
@@ -69,11 +69,9 @@ ARMS = {
     # Page granularity with the selection cache on, the same swaps in and out of the batch.
     "token_select_cached": dict(backend="lcx", lcx={**TOKEN_SELECT, "granularity": "page", "budget": 0.25,
                                                     "reuse_similarity": 0.8},
-                                prompts=SELECT_PROMPTS, max_tokens=16, alone=True, engine={"max_num_seqs": 3}),
-    # HiP against its float32 statement, and each prompt again alone (prefix caching off: the
-    # alone run prefills again, through the same selections).
-    "hip": dict(backend="lcx", lcx=HIP, alone=True,
-                engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False}),
+                                prompts=SELECT_PROMPTS, max_tokens=16, engine={"max_num_seqs": 3}),
+    # HiP against its float32 statement.
+    "hip": dict(backend="lcx", lcx=HIP, engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False}),
     # A budget covering every context: every sequence stays dense, on the engine's own op.
     "hip_wide": dict(backend="lcx", lcx={**HIP, "budget": 1.0}),
     # A budget covering every context: decode stays dense, on the engine's own op.

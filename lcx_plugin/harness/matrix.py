@@ -1,0 +1,130 @@
+"""The reliability matrix: stock and every registered method, each on two engines (at ease and
+under pressure, see ``reliability.py``), judged by one function, ``evaluate``, that the tests and
+the report (``bench/reliability.py``) share.
+
+Dense lcx must equal stock exactly. Every row must match its own run at ease teacher-forced: prompt
+log-probabilities and every generated step's log-probability within ``tol`` nats, flips only at
+near-ties (``compare.decode_agreement``). The tolerances grow with the stock engine's own batching
+noise on the machine (float32 or bf16), measured in the same run.
+
+A method whose prefill selection follows the scheduler's chunks (``Selector.selection_follows_chunks``:
+HiP's query blocks tile each chunk's rows) cannot match whole prefill position by position under
+chunked prefill; its prompt is judged by the mean gap and its decode with a wider tolerance (both
+stated below, with what was measured).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from lcx_plugin import selectors
+
+from .compare import decode_agreement, problems, prompt_gap
+from .reliability import PAGE, MatrixJob, run_matrix_engine, shared_tokens
+
+#: Four mixed lengths, from under one page to nine pages: the shortest stays dense under every
+#: example config, the others select. Each ends 8 tokens before a page boundary, so every request
+#: needs a new page while it decodes, and the small cache must preempt.
+LENGTHS = tuple(pages * PAGE + PAGE - 8 for pages in (0, 3, 5, 8))
+COPIES = 3
+#: A flip of the greedy token is accepted where both runs rank the two tokens within this many nats
+#: (plus the noise term): selections that see a recomputed or batched context slightly differently
+#: flip near-ties (token_select flipped one at 0.12 nats in float32); reading another request's KV,
+#: or losing part of one's own, makes confident differences of nats.
+TIE = 0.25
+#: Chunk-following methods (HiP): prompt log-probabilities within this mean gap (measured: at most
+#: 0.08 nats per prompt, float32), decode steps and flips within this many nats (measured: 0.29).
+CHUNKED_MEAN, CHUNKED_TOL = 0.15, 0.6
+
+
+def rows() -> list[str]:
+    return ["stock", *selectors.names()]
+
+
+def row_config(row: str) -> tuple[str | None, dict | None]:
+    """``(backend, lcx config)`` of a row: stock, or the method with its ``short_context_example``."""
+    if row == "stock":
+        return None, None
+    example = selectors.get(row).short_context_example
+    if example is None:
+        raise ValueError(f"method {row!r} declares no short_context_example: the matrix cannot run it")
+    return "lcx", {"method": row, **example}
+
+
+@functools.cache
+def prompt_ids(model: str) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from .prompts import long_prompt
+
+    tok = AutoTokenizer.from_pretrained(model)
+    out = []
+    for i, n in enumerate(LENGTHS):
+        ids = tok(long_prompt(n + 100, seed=40 + i, key=str(2200 + 37 * i)))["input_ids"]
+        cut = len(ids) - n  # filler dropped after the first 16 tokens: the length exactly n
+        assert cut >= 0, (len(ids), n)
+        out.append(ids[:16] + ids[16 + cut:])
+    return out
+
+
+def run_row(row: str, model: str, log_dir: str | Path, copies: int = COPIES) -> tuple[dict, dict]:
+    """The row's two engines: ``(at ease, pressured)``."""
+    backend, lcx = row_config(row)
+    out = []
+    for pressured in (False, True):
+        job = MatrixJob(model=model, prompts=prompt_ids(model), backend=backend, lcx=lcx, pressured=pressured,
+                        copies=copies)
+        log = Path(log_dir) / f"{row}-{'pressured' if pressured else 'easy'}.log"
+        out.append(run_matrix_engine(job, log_path=str(log)))
+        log.with_suffix(".json").write_text(json.dumps(out[-1]))  # beside its log, for a failing test's reader
+    return out[0], out[1]
+
+
+def noise(stock_easy: dict, stock_pressured: dict) -> float:
+    """The stock engine's largest prompt log-probability difference, batched under pressure against
+    alone at ease (float32: about 5e-5 nats)."""
+    pairs = zip(stock_pressured["tf_batched"]["prompt_logprobs"], stock_easy["tf_alone"]["prompt_logprobs"])
+    return max(prompt_gap(a, b)["max"] for a, b in pairs)
+
+
+def evaluate(row: str, easy: dict, pressured: dict, noise_nats: float, prompts: list[list[int]]) -> dict:
+    """Figures and problems of one row (``problems`` empty: the row passes)."""
+    chunky = row != "stock" and selectors.get(row).selection_follows_chunks
+    tol = (CHUNKED_TOL if chunky else 0.01) + 4 * noise_nats
+    tie = (CHUNKED_TOL if chunky else TIE) + 4 * noise_nats
+    found: list[str] = []
+    base = easy["tf_alone"]
+    gaps = [prompt_gap(a, b) for a, b in zip(pressured["tf_batched"]["prompt_logprobs"], base["prompt_logprobs"])]
+    for i, g in enumerate(gaps):
+        if chunky:
+            if g.get("length") or g["mean"] > CHUNKED_MEAN + 4 * noise_nats:
+                found.append(f"prompt {i} batched, chunked: mean log-probability gap {g['mean']:.4g} nats "
+                             f"(at most {CHUNKED_MEAN + 4 * noise_nats:.4g})")
+        else:
+            found += [f"prompt {i} batched, chunked: {p}" for p in problems(g, None, tol, tie)]
+    runs = {"batched, chunked, preempted": (pressured["batched"], lambda j: j % len(prompts)),
+            "batched with prompt log-probabilities": (pressured["tf_batched"], lambda j: j),
+            "alone over a warm prefix cache": (easy["cached_alone"], lambda j: j)}
+    decode_gap, flips, compared = 0.0, 0, 0
+    for what, (run, prompt_of) in runs.items():
+        for j, (tokens, top) in enumerate(zip(run["token_ids"], run["top"])):
+            i = prompt_of(j)
+            d = decode_agreement(tokens, top, base["token_ids"][i], base["top"][i])
+            decode_gap, flips, compared = max(decode_gap, d["max_gap"]), flips + (d["flip"] is not None), compared + 1
+            found += [f"request {j} (prompt {i}), {what}: {p}" for p in problems(None, d, tol, tie)]
+    expected_full = [(len(p) - 1) // PAGE * PAGE for p in prompts]
+    expected_partial = [shared_tokens(p, 2) for p in prompts]
+    if easy["cached_alone"]["cached"] != expected_full:
+        found.append(f"full prefix-cache hits {easy['cached_alone']['cached']}, expected {expected_full}")
+    if easy["partial"]["cached"] != expected_partial:
+        found.append(f"partial prefix-cache hits {easy['partial']['cached']}, expected {expected_partial}")
+    if pressured["preempted_in_batch"] == 0:
+        found.append("the small cache forced no preemption")
+    return {"row": row, "config": row_config(row)[1], "requests": compared + len(prompts) * 2,
+            "preemptions": pressured["preemptions"], "prefix_cached_tokens": sum(pressured["batched"]["cached"])
+            + sum(easy["cached_alone"]["cached"]) + sum(easy["partial"]["cached"]),
+            "prompt_gap_max": max(g["max"] for g in gaps), "prompt_gap_mean_max": max(g["mean"] for g in gaps),
+            "decode_gap_max": decode_gap, "flips": flips, "continuations_compared": compared,
+            "tolerance": {"tol": tol, "tie": tie, "noise": noise_nats, "chunk_following": chunky},
+            "problems": found}

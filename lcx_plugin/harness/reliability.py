@@ -1,0 +1,128 @@
+"""The reliability matrix's engine runs: one method under pressure against the same method at ease.
+
+    python -m lcx_plugin.harness.reliability JOB.json OUT.json   (a child; see ``run_matrix_engine``)
+
+Two engines per method, each in its own child process:
+
+* **at ease** (``EASY``): whole prefill, a roomy cache, prefix caching on. Each prompt runs alone
+  with prompt log-probabilities (the teacher-forced baseline), then alone again (full prefix-cache
+  hits), then as a variant that shares only its first blocks with it (partial hits).
+* **pressured** (``PRESSURED``): prefill chunks of 384 tokens mixed with decode steps, a cache so
+  small that the scheduler preempts and recomputes, prefix caching on, and the prompts batched
+  ``copies`` times in one call (copies find each other's blocks in the cache); then the prompts
+  once more, batched, with prompt log-probabilities (those read no cache).
+
+Every phase records tokens, the top-2 log-probabilities of every generated step (so a flipped token
+can be checked for a near-tie), prompt log-probabilities where asked, and the engine's own count of
+prefix-cache hits per request. ``compare.py`` holds the checkers.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .launcher import engine_args, kv_capacity, run_child
+from .settings import RunSettings, choose
+
+#: vLLM's CPU engine's page (block) size; prefix-cache hits come in whole pages.
+PAGE = 128
+EASY = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "max_num_batched_tokens": 8192,
+        "max_model_len": 2048}
+# 12 pages of 128 tokens (11 usable): the four prompts (1 + 4 + 6 + 9 pages once decoding) cannot
+# all be resident, so the scheduler preempts; every prompt alone still fits. Chunks of 384 tokens.
+PRESSURED = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "max_num_batched_tokens": 384,
+             "max_num_seqs": 16, "max_model_len": 1280, "num_gpu_blocks_override": 12}
+
+
+@dataclass
+class MatrixJob:
+    model: str
+    prompts: list[list[int]]  # token ids: the partial-hit variants are cut on page boundaries
+    backend: str | None = None
+    lcx: dict | None = None
+    pressured: bool = False
+    copies: int = 10
+    max_tokens: int = 16
+    shared_pages: int = 2  # partial-hit variants keep this many of the prompt's first pages
+    engine: dict = field(default_factory=dict)  # on top of EASY / PRESSURED
+
+
+def _steps(entries) -> list[dict[int, float]]:
+    """Per generated step, ``{token_id: logprob}`` for the returned candidates (top-2 plus the chosen)."""
+    return [{int(t): float(lp.logprob) for t, lp in e.items()} for e in entries]
+
+
+def _outputs(outs, with_prompt: bool) -> dict:
+    res = {"token_ids": [list(o.outputs[0].token_ids) for o in outs],
+           "top": [_steps(o.outputs[0].logprobs) for o in outs],
+           "cached": [int(o.num_cached_tokens or 0) for o in outs]}
+    if with_prompt:
+        res["prompt_logprobs"] = [[None if e is None else next(iter(e.values())).logprob for e in o.prompt_logprobs]
+                                  for o in outs]
+    return res
+
+
+def _partial(prompts: list[list[int]], pages: int) -> list[list[int]]:
+    """Prompt i's first ``pages`` pages (or all of its whole pages, if fewer), then the last 150
+    tokens of the next prompt: a prefix-cache hit of exactly those pages when prompt i is cached."""
+    return [p[:shared_tokens(p, pages)] + prompts[(i + 1) % len(prompts)][-150:] for i, p in enumerate(prompts)]
+
+
+def shared_tokens(prompt: list[int], pages: int) -> int:
+    """How many tokens of ``prompt`` a partial-hit variant shares with it (whole pages)."""
+    return min(pages, len(prompt) // PAGE) * PAGE
+
+
+def _child(job: dict, settings: dict, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    from .batch import _count_preemptions, _lcx_counters
+
+    run = RunSettings(**settings)
+    engine = {**(PRESSURED if job["pressured"] else EASY), **job["engine"]}
+    llm = LLM(**engine_args(job["model"], job["backend"], job["lcx"], engine, run))
+    preempted = _count_preemptions(llm)
+    prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
+
+    def params(with_prompt: bool) -> Any:
+        return SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True, logprobs=2,
+                              prompt_logprobs=0 if with_prompt else None)
+
+    def alone(ps, with_prompt):
+        return _outputs([llm.generate([p], params(with_prompt), use_tqdm=False)[0] for p in ps], with_prompt)
+
+    result: dict = {"engine": engine, "kv_capacity": kv_capacity(llm.llm_engine.vllm_config)}
+    if job["pressured"]:
+        # Interleaved (p0, p1, p2, p3, p0, ...): requests of different prompts prefill and decode
+        # side by side, so their pages compete and the scheduler must preempt.
+        batch = [p for _ in range(job["copies"]) for p in prompts]
+        result["batched"] = _outputs(llm.generate(batch, params(False), use_tqdm=False), False)
+        result["preempted_in_batch"] = len(preempted)
+        result["tf_batched"] = _outputs(llm.generate(prompts, params(True), use_tqdm=False), True)
+    else:
+        result["tf_alone"] = alone(prompts, True)
+        result["cached_alone"] = alone(prompts, False)
+        variants = _partial(job["prompts"], job["shared_pages"])
+        result["partial"] = alone([{"prompt_token_ids": v} for v in variants], False)
+        result["partial_prompts"] = variants
+    result["preemptions"] = len(preempted)
+    result["lcx_counters"] = _lcx_counters()
+    Path(out_path).write_text(json.dumps(result))
+
+
+def run_matrix_engine(job: MatrixJob, log_path: str | None = None, settings: RunSettings | None = None,
+                      timeout: float = 1800) -> dict:
+    """One engine of the matrix in a child process (engine core in that process, as ``run_arm``)."""
+    settings = settings or choose()
+    payload = {"job": asdict(job), "settings": asdict(settings)}
+    what = f"reliability engine {job.lcx or 'stock'} ({'pressured' if job.pressured else 'at ease'})"
+    return run_child("lcx_plugin.harness.reliability", payload, what, log_path=log_path, settings=settings,
+                     extra_env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, timeout=timeout)
+
+
+if __name__ == "__main__":
+    data = json.loads(Path(sys.argv[1]).read_text())
+    _child(data["job"], data["settings"], sys.argv[2])

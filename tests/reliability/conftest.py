@@ -1,0 +1,22 @@
+"""The reliability matrix's engines (``lcx_plugin/harness/matrix.py``): stock and every registered
+method, each on one engine at ease and one under pressure, run once per test session."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from lcx_plugin.harness import matrix
+from lcx_plugin.harness.model import prepare
+
+
+@functools.cache
+def _row(row: str, log_dir: str) -> tuple[dict, dict]:
+    return matrix.run_row(row, str(prepare()), log_dir)
+
+
+@pytest.fixture(scope="session")
+def engines(tmp_path_factory):
+    """``engines(row) -> (at ease, pressured)`` results."""
+    log_dir = str(tmp_path_factory.mktemp("reliability-logs"))
+    return lambda row: _row(row, log_dir)

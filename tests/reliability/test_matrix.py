@@ -1,0 +1,37 @@
+"""The reliability matrix over stock and every registered method (``lcx_plugin/harness/matrix.py``):
+batched six times against each prompt alone, chunked prefill against whole prefill, a cache so
+small that the scheduler preempts and recomputes, and prefix-cache hits (full and partial) as the
+engine itself counts them. Dense lcx equals stock exactly under every condition; every row matches
+its own run at ease teacher-forced, within tolerances scaled by the stock engine's own noise."""
+import pytest
+
+from lcx_plugin import selectors
+from lcx_plugin.harness import matrix
+from lcx_plugin.harness.model import prepare
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_method_declares_a_short_context_example():
+    missing = [n for n in selectors.names() if selectors.get(n).short_context_example is None]
+    assert not missing, f"methods without a short_context_example (the matrix cannot run them): {missing}"
+
+
+@pytest.fixture(scope="module")
+def noise(engines):
+    return matrix.noise(*engines("stock"))
+
+
+@pytest.mark.parametrize("row", matrix.rows())
+def test_under_pressure_each_request_gets_what_it_gets_alone_at_ease(engines, noise, row):
+    easy, pressured = engines(row)
+    result = matrix.evaluate(row, easy, pressured, noise, matrix.prompt_ids(str(prepare())))
+    assert not result["problems"], "\n".join(result["problems"])
+    assert result["continuations_compared"] == len(matrix.LENGTHS) * (matrix.COPIES + 2)
+
+
+def test_dense_lcx_equals_stock_under_every_condition(engines):
+    for s, d in zip(engines("stock"), engines("dense")):
+        for key in ("tf_alone", "cached_alone", "partial", "batched", "tf_batched", "preemptions"):
+            if key in s:
+                assert d[key] == s[key], key
