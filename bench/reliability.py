@@ -29,14 +29,24 @@ def _fuzz() -> dict:
         m = re.match(r"^(tests/\S+::\S+):", line.strip())
         if m:
             current = m.group(1).split("::", 1)[1]
-        m = re.search(r"(\d+) passing examples?, (\d+) failing examples?", line)
+        m = re.search(r"(\d+) passing, (\d+) failing", line)  # one line per phase (generate, shrink, ...)
         if m and current:
-            tests[current] = {"passing": int(m.group(1)), "failing": int(m.group(2))}
+            t = tests.setdefault(current, {"passing": 0, "failing": 0})
+            t["passing"] += int(m.group(1))
+            t["failing"] += int(m.group(2))
     summary = (proc.stdout.strip().splitlines() or [""])[-1]
     return {"returncode": proc.returncode, "summary": summary, "tests": tests}
 
 
+def _commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    return f"{head} (with uncommitted changes)" if dirty.strip() else head
+
+
 def _markdown(res: dict) -> str:
+    from lcx_plugin.harness import matrix
+
     m = res["machine"]
     lines = [
         "# Reliability report",
@@ -59,23 +69,30 @@ def _markdown(res: dict) -> str:
         "the greedy token only at a near-tie (both runs rank the two tokens within `tie`). `noise` is the",
         "stock engine's own largest prompt log-probability change under pressure on this machine.",
         "",
-        "| row | requests | preemptions | prefix-cached tokens | prompt gap max / mean (nats) | decode gap max (nats) | flips at near-ties | tol / tie (nats) | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | requests | preemptions | prefix-cached tokens | prompt gap max / mean (nats) | decode gap max (nats) | flips at near-ties | resumed | tolerance / tie / after preemption (nats) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         t = r["tolerance"]
         verdict = "pass" if not r["problems"] else "FAIL: " + "; ".join(r["problems"][:3])
         lines.append(f"| {r['row']} | {r['requests']} | {r['preemptions']} | {r['prefix_cached_tokens']} | "
                      f"{r['prompt_gap_max']:.2g} / {r['prompt_gap_mean_max']:.2g} | {r['decode_gap_max']:.2g} | "
-                     f"{r['flips']} of {r['continuations_compared']} | {t['tol']:.3g} / {t['tie']:.3g} | {verdict} |")
+                     f"{r['flips']} of {r['continuations_compared']} | {r['continuations_resumed']} | "
+                     f"{t['tol']:.3g} / {t['tie']:.3g} / {t['after_preemption']:.3g} | {verdict} |")
     lines += [
         "",
         f"Dense lcx against stock under every condition: {'identical' if res['dense_equals_stock'] else 'DIFFERENT'}",
         "(tokens, log-probabilities, prefix-cache counts, preemptions).",
         "",
+        "A preempted request is recomputed from the start, its generated tokens prefilled as prompt; a method",
+        "whose prefill attends differently from its decode (top-k methods: TokenSelect prefills dense, HiP",
+        f"searches per query block) then holds other keys for those tokens, so from the step a request was",
+        f"preempted at, such methods are held to {matrix.RECOMPUTE_TOL} nats (`resumed`: continuations so judged).",
         "Methods whose prefill selection follows the scheduler's chunks (HiP: its query blocks tile each",
-        "chunk's rows) are judged by the mean prompt gap and a wider decode tolerance: chunked prefill",
-        "gives them other, equally valid selections, not the whole prefill's.",
+        "chunk's rows) get other, equally valid selections under chunked prefill, not the whole prefill's,",
+        "so their pressured engine prefills whole prompts and keeps every other pressure. A head split whose",
+        "streaming heads are stored apart never reports a prefix-cache hit (documented in \"Head split\"),",
+        "so its expected hits are 0.",
         "",
         "## Fuzz",
         "",
@@ -119,8 +136,8 @@ def main() -> int:
     prompts = matrix.prompt_ids(model)
     evaluated = [matrix.evaluate(row, *runs[row], noise, prompts) for row in rows]
     same = all(runs["dense"][k][key] == runs["stock"][k][key] for k in (0, 1) for key in runs["stock"][k]
-               if key not in ("engine", "kv_capacity", "lcx_counters"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+               if key not in ("engine", "kv_capacity", "lcx_counters", "preempted"))
+    commit = _commit()
     res = {"machine": machine_record(choose()), "commit": commit, "copies": args.copies, "rows": evaluated,
            "lengths": list(matrix.LENGTHS), "pressured": PRESSURED,
            "dense_equals_stock": same, "fuzz": fuzz, "wall_s": time.time() - t0,

@@ -56,7 +56,7 @@ def _steps(entries) -> list[dict[int, float]]:
 
 
 def _outputs(outs, with_prompt: bool) -> dict:
-    res = {"token_ids": [list(o.outputs[0].token_ids) for o in outs],
+    res = {"request_ids": [o.request_id for o in outs], "token_ids": [list(o.outputs[0].token_ids) for o in outs],
            "top": [_steps(o.outputs[0].logprobs) for o in outs],
            "cached": [int(o.num_cached_tokens or 0) for o in outs]}
     if with_prompt:
@@ -76,15 +76,31 @@ def shared_tokens(prompt: list[int], pages: int) -> int:
     return min(pages, len(prompt) // PAGE) * PAGE
 
 
+def _record_preemptions(llm) -> list[list]:
+    """``[request id, tokens it had generated]`` for every preemption (the engine core runs in this
+    process): a preempted request is recomputed from the start, its generated tokens as prompt."""
+    seen: list[list] = []
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    original = scheduler._preempt_request
+
+    def preempt(request, *args, **kwargs):
+        # The id the caller sees: the engine appends "-" and a random suffix to it internally.
+        seen.append([request.request_id.rsplit("-", 1)[0], request.num_output_tokens])
+        return original(request, *args, **kwargs)
+
+    scheduler._preempt_request = preempt
+    return seen
+
+
 def _child(job: dict, settings: dict, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
-    from .batch import _count_preemptions, _lcx_counters
+    from .batch import _lcx_counters
 
     run = RunSettings(**settings)
     engine = {**(PRESSURED if job["pressured"] else EASY), **job["engine"]}
     llm = LLM(**engine_args(job["model"], job["backend"], job["lcx"], engine, run))
-    preempted = _count_preemptions(llm)
+    preempted = _record_preemptions(llm)
     prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
 
     def params(with_prompt: bool) -> Any:
@@ -109,6 +125,7 @@ def _child(job: dict, settings: dict, out_path: str) -> None:
         result["partial"] = alone([{"prompt_token_ids": v} for v in variants], False)
         result["partial_prompts"] = variants
     result["preemptions"] = len(preempted)
+    result["preempted"] = preempted
     result["lcx_counters"] = _lcx_counters()
     Path(out_path).write_text(json.dumps(result))
 

@@ -163,6 +163,11 @@ class Selector(ABC):
         loaded by a loader module, never with pickle); handed to ``select`` as ``ctx.layer_data``."""
         return None
 
+    def prefix_cache_hits(self) -> bool:
+        """Whether the engine's prefix cache can serve this method's prompts (a head split whose
+        streaming heads are stored apart keeps only sinks + window pages: never a hit)."""
+        return True
+
     def dense_rows(self, plan: BatchPlan) -> list[bool]:
         """Per sequence: True when it needs no selection this step (the default: all dense)."""
         return [True] * plan.num_seqs

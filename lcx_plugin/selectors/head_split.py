@@ -92,6 +92,9 @@ class HeadSplit(WindowedSelector):
         require(bool(self.pattern), "lcx config: pattern must be a file path or \"auto\"")
         require(not isinstance(self.retrieval, HeadSplit), "lcx config: head_split cannot nest another head_split")
 
+    def prefix_cache_hits(self) -> bool:
+        return not self.save_memory  # stored apart: the streaming group never reports a hit (kv_split)
+
     # -- the pattern ---------------------------------------------------------------------------
     def pattern_path(self, model: ModelShape) -> str:
         if self.pattern != "auto":
