@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 
 from lcx_plugin import selectors
-from lcx_plugin.selectors import TopKSelector
 from lcx_plugin.config import LcxConfig
+from lcx_plugin.selectors import TopKSelector
 
 from .compare import decode_agreement, problems, prompt_gap
 from .reliability import PAGE, MatrixJob, run_matrix_engine, shared_tokens
@@ -31,8 +31,9 @@ LENGTHS = tuple(pages * PAGE + PAGE - 8 for pages in (0, 3, 5, 8))
 COPIES = 3
 #: A flip of the greedy token is accepted where both runs rank the two tokens within this many nats
 #: (plus the noise term): selections that see a recomputed or batched context slightly differently
-#: flip near-ties (token_select flipped one at 0.12 nats in float32); reading another request's KV,
-#: or losing part of one's own, makes confident differences of nats.
+#: flip near-ties (token_select flipped one at 0.12 nats, float32, in an earlier, longer version of
+#: this matrix); reading another request's KV, or losing part of one's own, makes confident
+#: differences of nats.
 TIE = 0.25
 #: A preempted request is recomputed from the start, its generated tokens prefilled as prompt. A
 #: method whose prefill attends differently from its decode (TopKSelector: TokenSelect prefills
