@@ -19,6 +19,7 @@ import torch
 from lcx_plugin.config import LcxConfig
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, paged_attention
 from lcx_plugin.kernels.paged.window import window_attention
+from lcx_plugin.metrics import Metrics
 from lcx_plugin.selectors import LayerInfo, SelectContext, Selector
 from lcx_plugin.selectors.dense import Dense
 from lcx_plugin.state import PageSummaries, RequestStates
@@ -101,6 +102,7 @@ class LayerCore:
         self.info = info or LayerInfo.single(index, num_kv_heads, head_dim)
         self.layer_data = self.selector.prepare_layer(self.info)
         self.split: SplitStorage | None = None
+        self.metrics: Metrics | None = None  # the process's lcx metrics, when the adapter records them
 
     def store_apart(self) -> "SplitStorage":
         """For an adapter that keeps a head split's streaming heads in storage of their own (only
@@ -132,6 +134,8 @@ class LayerCore:
             self._dense(query, kv, step, out, dense_kernel)
         if step.sparse is not None:
             self._sparse(query, kv, step, out, page_kernel)
+        if self.metrics is not None:
+            self.metrics.counters(self.requests.counters)
         return out
 
     def _dense(self, query, kv, step: StepPlan, out, dense_kernel) -> None:
@@ -144,6 +148,8 @@ class LayerCore:
             paged_attention(q, kv, step.dense, self.scale, o, impl=self.impl)
         if rows is not None:
             out.index_copy_(0, rows, o)
+        if self.metrics is not None:
+            self.metrics.attention(step.dense, self.num_kv_heads)
 
     def write_split(self, kv_retrieval: KVFormat, kv_streaming: KVFormat, key: torch.Tensor, value: torch.Tensor,
                     slots_retrieval: torch.Tensor, slots_streaming: torch.Tensor,
@@ -171,6 +177,10 @@ class LayerCore:
                          key.index_select(1, sp.s_kv), value.index_select(1, sp.s_kv))
         out.index_copy_(1, sp.r_q, out_r)
         out.index_copy_(1, sp.s_q, out_s)
+        if self.metrics is not None:
+            kept = self.selector.sink + self.selector.window
+            self.metrics.attention(step.batch, len(sp.s_kv),
+                                   attended=len(sp.s_kv) * sum(min(n, kept) for n in step.batch.lens))
         return out
 
     def _sparse(self, query, kv, step: StepPlan, out, page_kernel) -> None:
@@ -188,6 +198,8 @@ class LayerCore:
             paged_attention(q, kv, step.sparse, self.scale, o, selection, impl=self.impl)
         if rows is not None:
             out.index_copy_(0, rows, o)
+        if self.metrics is not None:
+            self.metrics.attention(step.sparse, self.num_kv_heads, selection, kv.block_size)
 
 
 class SplitStorage:
@@ -209,6 +221,7 @@ class SplitStorage:
         self.retrieval = LayerCore(core.index, len(r) * group, len(r), core.head_dim, core.scale,
                                    replace(core.config, selector=inner), core.impl, core.requests,
                                    r_info)
+        self.retrieval.metrics = core.metrics
 
 
 def planning_selector(selector: Selector, stored_apart: bool) -> Selector:

@@ -23,7 +23,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from lcx_plugin import machine
+from lcx_plugin import machine, metrics
 from lcx_plugin.config import LcxConfig, resolve_config
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, formats, quant
 from lcx_plugin.layer import LayerCore, StepPlan, plan_step, planning_selector
@@ -153,8 +153,11 @@ class LcxMetadataBuilder(AttentionMetadataBuilder[LcxMetadata]):
         seq_lens_host = m.seq_lens if m.seq_lens.device.type == "cpu" else m.seq_lens.cpu()
         batch = BatchPlan(m.query_start_loc, m.seq_lens, m.block_table_tensor,
                           tuple(m.query_start_loc_cpu.tolist()), tuple(seq_lens_host.tolist()))
-        return LcxMetadata(m.num_actual_tokens,
-                           plan_step(self.selector, batch, self._request_ids(m.num_reqs), self.dense_engine_data))
+        step = plan_step(self.selector, batch, self._request_ids(m.num_reqs), self.dense_engine_data)
+        recorder = metrics.worker_metrics(self.config)
+        if recorder is not None:
+            recorder.step(step, self.selector.dense_reason)
+        return LcxMetadata(m.num_actual_tokens, step)
 
     @staticmethod
     def _request_ids(num_reqs: int) -> tuple[str, ...]:
@@ -209,6 +212,12 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
             info = LayerInfo(index, self.num_kv_heads, self.head_size, *self.placement)
             self.core = LayerCore(index, self.num_heads, self.num_kv_heads, self.head_size, self.scale, self.config,
                                   impl, REQUESTS, info)
+            self.core.metrics = recorder = metrics.worker_metrics(self.config)
+            if recorder is not None:
+                kv = self._kv(kv_cache)
+                fmt = self.config.kv_format if self.config.quantized else str(kv_cache.dtype).removeprefix("torch.")
+                recorder.layer_bytes(index, fmt, kv_cache.numel() * kv_cache.element_size()
+                                     / (kv.num_blocks * kv.block_size))
             if getattr(layer, "lcx_split", None) is not None:  # streaming heads in a companion cache
                 self.core.store_apart()
                 self.companion = kv_split.companion_name(layer.layer_name)

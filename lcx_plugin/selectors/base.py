@@ -172,6 +172,11 @@ class Selector(ABC):
         """Per sequence: True when it needs no selection this step (the default: all dense)."""
         return [True] * plan.num_seqs
 
+    def dense_reason(self, q_len: int, seq_len: int) -> str:
+        """Why ``dense_rows`` left a sequence of this step dense: the reason label of the
+        ``lcx_dense_fallbacks`` series (a context too short to select from, by default)."""
+        return "short_context"
+
     @abstractmethod
     def select(self, ctx: SelectContext) -> Selection | None:
         """The selection for the sequences of ``ctx.plan`` (None: dense)."""

@@ -107,6 +107,9 @@ class TokenSelect(TopKSelector):
         return [plan.q_len(b) != 1 or s < self.min_context or s <= self.sink + self.window + self.budget_for(s)
                 for b, s in enumerate(plan.lens)]
 
+    def dense_reason(self, q_len: int, seq_len: int) -> str:
+        return "prefill" if q_len != 1 else "short_context"
+
     # -- selection ------------------------------------------------------------------------------
     def select(self, ctx: SelectContext) -> Selection:
         plan = ctx.plan
