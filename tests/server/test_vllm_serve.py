@@ -70,3 +70,40 @@ def test_serve_with_int8_pages_answers_and_reports_the_larger_capacity(servers, 
     assert "lcx attention active: method=dense kernel=torch" in log and "kv_format=int8" in log, log[-3000:]
     ratio = _kv_tokens(log) / _kv_tokens(servers["logs"]["stock"].read_text())
     assert ratio >= 1.85, ratio
+
+
+def _post_raw(url: str, data: bytes) -> int:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+BAD_REQUESTS = {
+    "empty prompt": {"model": "smollm2", "prompt": "", "max_tokens": 4},
+    "empty token list": {"model": "smollm2", "prompt": [], "max_tokens": 4},
+    "out-of-vocabulary token ids": {"model": "smollm2", "prompt": [5, 49152 + 7, 11], "max_tokens": 4},
+    "negative token id": {"model": "smollm2", "prompt": [5, -3], "max_tokens": 4},
+    "too long": {"model": "smollm2", "prompt": [7] * 2100, "max_tokens": 4},
+    "negative max_tokens": {"model": "smollm2", "prompt": "Hi", "max_tokens": -1},
+}
+
+
+def test_bad_requests_get_the_same_4xx_from_lcx_as_from_stock(servers):
+    """Each bad request gets the stock server's status from the lcx server, never a 5xx, and the
+    lcx server answers a good request afterwards."""
+    seen = {}
+    for name in ("stock", "lcx"):
+        codes = {case: http_json(servers[name] + "/v1/completions", body)[0] for case, body in BAD_REQUESTS.items()}
+        codes["malformed JSON"] = _post_raw(servers[name] + "/v1/completions", b'{"model": "smollm2", "prompt": ')
+        seen[name] = codes
+    assert seen["lcx"] == seen["stock"], seen
+    assert all(code < 500 for code in seen["lcx"].values()), seen
+    assert all(400 <= code < 500 for case, code in seen["lcx"].items() if case != "empty prompt"), seen
+    status, body = http_json(servers["lcx"] + "/v1/completions", {"model": "smollm2", "prompt": "Hi", "max_tokens": 4})
+    assert status == 200 and body["usage"]["completion_tokens"] > 0, body
