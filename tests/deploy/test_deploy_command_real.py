@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from lcx_plugin.harness.model import prepare
-from tests.server.vllm_server import free_port, http_json, served
+from lcx_plugin.harness.server import free_port, http_json, served
 
 pytestmark = pytest.mark.slow
 

@@ -1,24 +1,12 @@
 """Two real ``vllm serve`` processes shared by the server tests: stock, and lcx (dense)."""
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 
 import pytest
 
 from lcx_plugin.harness.model import prepare
-
-from .vllm_server import free_port, served, vllm_executable
-
-MAX_MODEL_LEN = "2048"
-
-
-def serve_args(model: str, port: int, lcx: dict | None) -> list[str]:
-    args = [vllm_executable(), "serve", model, "--enforce-eager", "--max-model-len", MAX_MODEL_LEN,
-            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2"]
-    if lcx is not None:
-        args += ["--attention-backend", "lcx", "--additional-config", json.dumps({"lcx": lcx})]
-    return args
+from lcx_plugin.harness.server import free_port, serve_args, served
 
 
 @pytest.fixture(scope="session")

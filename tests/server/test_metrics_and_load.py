@@ -13,8 +13,7 @@ from lcx_plugin.harness.load import mixed_lengths, problems, run_load, token_pro
 from lcx_plugin.harness.model import prepare
 from lcx_plugin.metrics import config_hash
 
-from .conftest import serve_args
-from .vllm_server import free_port, http_json, served
+from lcx_plugin.harness.server import free_port, http_json, serve_args, served
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,7 @@ import pytest
 
 from lcx_plugin.harness.model import prepare
 
-from .conftest import serve_args
-from .vllm_server import free_port, http_json, served
+from lcx_plugin.harness.server import free_port, http_json, serve_args, served
 
 pytestmark = pytest.mark.slow
 

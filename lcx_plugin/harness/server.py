@@ -1,4 +1,4 @@
-"""Start and stop a real ``vllm serve`` process on 127.0.0.1 for tests."""
+"""Start and stop a real ``vllm serve`` process on 127.0.0.1 (tests and benchmarks)."""
 from __future__ import annotations
 
 import json
@@ -36,6 +36,18 @@ def http_json(url: str, payload: dict | None = None, timeout: float = 120) -> tu
             return r.status, json.loads(body) if body else {}
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
+
+
+def serve_args(model: str, port: int, lcx: dict | None, max_model_len: int = 2048,
+               served_name: str = "smollm2", dtype: str | None = None) -> list[str]:
+    """``vllm serve`` on 127.0.0.1:``port``, with lcx (``lcx`` its config) or stock (``None``)."""
+    args = [vllm_executable(), "serve", model, "--enforce-eager", "--max-model-len", str(max_model_len),
+            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name]
+    if dtype is not None:
+        args += ["--dtype", dtype]
+    if lcx is not None:
+        args += ["--attention-backend", "lcx", "--additional-config", json.dumps({"lcx": lcx})]
+    return args
 
 
 @contextmanager
