@@ -100,17 +100,7 @@ class Metrics:
         self._seen: dict[str, int] = {}
         self._layer_bytes: dict[int, tuple[str, float]] = {}
 
-    def step(self, step: "StepPlan", dense_reason) -> None:
-        """Once per engine step: dense fallbacks of a selecting method (``dense_reason(q_len,
-        seq_len)`` names each), from the step's plan."""
-        if self.method == "dense":
-            return
-        reasons: dict[str, int] = {}
-        plan = step.batch
-        for b, dense in enumerate(step.dense_rows):
-            if dense:
-                reason = dense_reason(plan.q_len(b), plan.lens[b])
-                reasons[reason] = reasons.get(reason, 0) + 1
+    def fallbacks(self, reasons: dict[str, int]) -> None:
         for reason, n in reasons.items():
             self._fallbacks.labels(self.method, reason).inc(n)
 
@@ -144,6 +134,29 @@ class Metrics:
 
 _metrics: Metrics | None = None
 _checked = False
+_logged_reasons: set[str] = set()
+
+
+def dense_fallbacks(step: "StepPlan", selector, recorder: Metrics | None) -> dict[str, int]:
+    """Once per engine step: the sequences a selecting method left dense, counted by reason
+    (``selector.dense_reason``); each reason logged the first time it occurs in the process."""
+    if selector.name == "dense" or not any(step.dense_rows):
+        return {}
+    reasons: dict[str, int] = {}
+    plan = step.batch
+    for b, dense in enumerate(step.dense_rows):
+        if dense:
+            reason = selector.dense_reason(plan.q_len(b), plan.lens[b])
+            reasons[reason] = reasons.get(reason, 0) + 1
+    for reason in reasons.keys() - _logged_reasons:
+        _logged_reasons.add(reason)
+        get_logger().info("lcx: dense fallback: method %s serves sequences dense when %s (logged once; counted in "
+                          "lcx_dense_fallbacks_total)", selector.name,
+                          {"short_context": "the context is too short to select from",
+                           "prefill": "they prefill"}.get(reason, reason))
+    if recorder is not None:
+        recorder.fallbacks(reasons)
+    return reasons
 
 
 def worker_metrics(config: "LcxConfig") -> Metrics | None:

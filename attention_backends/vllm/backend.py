@@ -154,9 +154,7 @@ class LcxMetadataBuilder(AttentionMetadataBuilder[LcxMetadata]):
         batch = BatchPlan(m.query_start_loc, m.seq_lens, m.block_table_tensor,
                           tuple(m.query_start_loc_cpu.tolist()), tuple(seq_lens_host.tolist()))
         step = plan_step(self.selector, batch, self._request_ids(m.num_reqs), self.dense_engine_data)
-        recorder = metrics.worker_metrics(self.config)
-        if recorder is not None:
-            recorder.step(step, self.selector.dense_reason)
+        metrics.dense_fallbacks(step, self.selector, metrics.worker_metrics(self.config))
         return LcxMetadata(m.num_actual_tokens, step)
 
     @staticmethod

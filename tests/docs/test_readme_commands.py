@@ -92,7 +92,12 @@ def check_bench(cmd: str) -> None:
     assert "usage:" in out
 
 
-def check_serve(cmd: str) -> None:
+def check_serve_metrics(cmd: str) -> None:
+    """As ``check_serve``; then the server's /metrics carries lcx's series."""
+    check_serve(cmd, metrics=True)
+
+
+def check_serve(cmd: str, metrics: bool = False) -> None:
     """Start the server exactly as written (it listens on vLLM's default port 8000), ask it for a
     completion, stop it."""
     import socket
@@ -120,6 +125,10 @@ def check_serve(cmd: str) -> None:
                                                                     "max_tokens": 4}).encode())
         with urllib.request.urlopen(req, timeout=120) as r:
             assert r.status == 200
+        if metrics:
+            with urllib.request.urlopen("http://127.0.0.1:8000/metrics", timeout=30) as r:
+                text = r.read().decode()
+            assert "lcx_kv_tokens_held_total{" in text and "lcx_config_info{" in text, text[-2000:]
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=60)
@@ -165,6 +174,7 @@ CHECKS = [
     (r"^\./lcx test\b", check_test_command),
     (r"^\./lcx bench\b", check_bench),
     (r"^\./lcx vllm serve\b", check_serve),
+    (r"^env PROMETHEUS_MULTIPROC_DIR=.+? \./lcx vllm serve\b", check_serve_metrics),
     (r"^(\./)?lcx ab\b", check_lcx_ab),
     (r"^\./lcx (config|machine|model)\b", check_as_written),
     (r"^\./lcx calibrate\b", check_calibrate),

@@ -43,14 +43,14 @@ from prometheus_client import CollectorRegistry, multiprocess
 from lcx_plugin.config import LcxConfig
 from lcx_plugin.kernels.paged import BatchPlan, Selection
 from lcx_plugin.layer import StepPlan
-from lcx_plugin.metrics import Metrics, config_hash
+from lcx_plugin.metrics import Metrics, config_hash, dense_fallbacks
 import torch
 
 config = LcxConfig.from_dict({"method": "streaming", "sink": 4, "window": 8})
 m = Metrics(config)
 plan = BatchPlan.from_lists([1, 1], [30, 10], torch.zeros(2, 2, dtype=torch.int32))
 m.attention(plan, 3, Selection.build(2, 3, sink=4, window=8))  # held 40*3, attended (12 + 10)*3
-m.step(StepPlan(plan, ("a", "b"), [False, True]), config.selector.dense_reason)
+assert dense_fallbacks(StepPlan(plan, ("a", "b"), [False, True]), config.selector, m) == {"short_context": 1}
 m.counters({"selection_lookups": 5, "selection_hits": 2})
 m.counters({"selection_lookups": 7, "selection_hits": 3, "hip_searches": 1})
 m.layer_bytes(0, "bfloat16", 100.0)
@@ -81,3 +81,17 @@ def test_series_reach_a_multiprocess_registry_with_the_values_recorded(tmp_path)
     info = json.dumps({"hash": got["hash"], "kernel": "auto", "kv_format": "auto", "method": "streaming"},
                       sort_keys=True)
     assert s["lcx_config_info" + info] == 1
+
+
+def test_dense_fallbacks_are_counted_by_reason_and_a_dense_method_has_none(caplog):
+    from lcx_plugin.config import LcxConfig
+    from lcx_plugin.layer import StepPlan
+    from lcx_plugin.metrics import dense_fallbacks
+
+    selector = LcxConfig.from_dict({"method": "token_select", "sink": 4, "window": 8, "budget": 8}).selector
+    plan = BatchPlan.from_lists([5, 1, 1], [5, 12, 400], torch.zeros(3, 4, dtype=torch.int32))
+    step = StepPlan(plan, ("a", "b", "c"), selector.dense_rows(plan))
+    assert step.dense_rows == [True, True, False]
+    assert dense_fallbacks(step, selector, None) == {"prefill": 1, "short_context": 1}
+    dense = LcxConfig.from_dict({"method": "dense"}).selector
+    assert dense_fallbacks(StepPlan(plan, ("a", "b", "c"), [True] * 3), dense, None) == {}
