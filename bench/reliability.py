@@ -135,8 +135,7 @@ def main() -> int:
     noise = matrix.noise(*runs["stock"])
     prompts = matrix.prompt_ids(model)
     evaluated = [matrix.evaluate(row, *runs[row], noise, prompts) for row in rows]
-    same = all(runs["dense"][k][key] == runs["stock"][k][key] for k in (0, 1) for key in runs["stock"][k]
-               if key not in ("engine", "kv_capacity", "lcx_counters", "preempted"))
+    same = not matrix.differences(runs["stock"], runs["dense"])
     commit = _commit()
     res = {"machine": machine_record(choose()), "commit": commit, "copies": args.copies, "rows": evaluated,
            "lengths": list(matrix.LENGTHS), "pressured": PRESSURED,

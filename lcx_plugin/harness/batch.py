@@ -52,15 +52,18 @@ def _add_logprobs(result: dict, outs, spec: dict) -> None:
         result["logprobs"] = [_token_logprobs(o.outputs[0].logprobs) for o in outs]
 
 
-def _count_preemptions(llm) -> list[str]:
-    """A list that collects the id of every request the scheduler preempts (the engine core runs in
-    this process: see ``run_arm``). vLLM logs no line for a preemption, so tests read this."""
-    seen: list[str] = []
+def watch_preemptions(llm) -> list[list]:
+    """A list that collects ``[request id, tokens it had generated]`` for every request the
+    scheduler preempts (the engine core runs in this process: see ``run_arm``). vLLM logs no line
+    for a preemption, so tests read this. A preempted request is recomputed from the start, its
+    generated tokens as prompt."""
+    seen: list[list] = []
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     original = scheduler._preempt_request
 
     def preempt(request, *args, **kwargs):
-        seen.append(request.request_id)
+        # The id the caller sees: the engine appends "-" and a random suffix to it internally.
+        seen.append([request.request_id.rsplit("-", 1)[0], request.num_output_tokens])
         return original(request, *args, **kwargs)
 
     scheduler._preempt_request = preempt
@@ -110,7 +113,7 @@ def _child(spec: dict, settings: dict, out_path: str) -> None:
     t0 = time.perf_counter()
     llm = LLM(**engine_args(spec["model"], spec.get("backend"), spec.get("lcx"), spec.get("engine"), run))
     startup_s = time.perf_counter() - t0
-    preemptions = _count_preemptions(llm)
+    preemptions = watch_preemptions(llm)
     prompts = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in spec["prompts"]]
     greedy = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
                             prompt_logprobs=0 if spec.get("prompt_logprobs") else None,

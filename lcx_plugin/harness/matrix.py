@@ -113,6 +113,16 @@ def noise(stock_easy: dict, stock_pressured: dict) -> float:
     return max(prompt_gap(a, b)["max"] for a, b in pairs)
 
 
+#: What one engine run records that must be identical for two dense-equivalent rows.
+IDENTICAL = ("tf_alone", "cached_alone", "partial", "batched", "tf_batched", "preemptions")
+
+
+def differences(a: tuple[dict, dict], b: tuple[dict, dict]) -> list[str]:
+    """Where two rows' runs ``(at ease, pressured)`` differ (empty: identical in every phase)."""
+    return [f"{'pressured' if i else 'at ease'}: {key}" for i, (x, y) in enumerate(zip(a, b))
+            for key in IDENTICAL if key in x and x[key] != y.get(key)]
+
+
 def evaluate(row: str, easy: dict, pressured: dict, noise_nats: float, prompts: list[list[int]]) -> dict:
     """Figures and problems of one row (``problems`` empty: the row passes)."""
     cls = None if row == "stock" else selectors.get(row)
@@ -143,7 +153,7 @@ def evaluate(row: str, easy: dict, pressured: dict, noise_nats: float, prompts: 
                           for p in problems(None, whole, *after)]
     hits = row == "stock" or LcxConfig.from_dict(row_config(row)[1]).selector.prefix_cache_hits()
     expected_full = [(len(p) - 1) // PAGE * PAGE if hits else 0 for p in prompts]
-    expected_partial = [shared_tokens(p, 2) if hits else 0 for p in prompts]
+    expected_partial = [shared_tokens(p, easy["shared_pages"]) if hits else 0 for p in prompts]
     if easy["cached_alone"]["cached"] != expected_full:
         found.append(f"full prefix-cache hits {easy['cached_alone']['cached']}, expected {expected_full}")
     if easy["partial"]["cached"] != expected_partial:

@@ -76,31 +76,15 @@ def shared_tokens(prompt: list[int], pages: int) -> int:
     return min(pages, len(prompt) // PAGE) * PAGE
 
 
-def _record_preemptions(llm) -> list[list]:
-    """``[request id, tokens it had generated]`` for every preemption (the engine core runs in this
-    process): a preempted request is recomputed from the start, its generated tokens as prompt."""
-    seen: list[list] = []
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    original = scheduler._preempt_request
-
-    def preempt(request, *args, **kwargs):
-        # The id the caller sees: the engine appends "-" and a random suffix to it internally.
-        seen.append([request.request_id.rsplit("-", 1)[0], request.num_output_tokens])
-        return original(request, *args, **kwargs)
-
-    scheduler._preempt_request = preempt
-    return seen
-
-
 def _child(job: dict, settings: dict, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
-    from .batch import _lcx_counters
+    from .batch import _lcx_counters, watch_preemptions
 
     run = RunSettings(**settings)
     engine = {**(PRESSURED if job["pressured"] else EASY), **job["engine"]}
     llm = LLM(**engine_args(job["model"], job["backend"], job["lcx"], engine, run))
-    preempted = _record_preemptions(llm)
+    preempted = watch_preemptions(llm)
     prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
 
     def params(with_prompt: bool) -> Any:
@@ -124,6 +108,7 @@ def _child(job: dict, settings: dict, out_path: str) -> None:
         variants = _partial(job["prompts"], job["shared_pages"])
         result["partial"] = alone([{"prompt_token_ids": v} for v in variants], False)
         result["partial_prompts"] = variants
+        result["shared_pages"] = job["shared_pages"]
     result["preemptions"] = len(preempted)
     result["preempted"] = preempted
     result["lcx_counters"] = _lcx_counters()

@@ -56,3 +56,18 @@ def test_the_engine_tests_gap_and_within_fail_on_a_corrupted_run():
         corrupted[i] -= 2.0  # lets 1 in 100 through by design: bf16 flips single positions)
     assert not within(gap(corrupted, ref), yard)
     assert not within(gap([x + 0.05 for x in ref], ref), yard)  # everything a little off: the mean
+
+
+def test_differences_names_each_phase_that_differs():
+    import copy
+
+    from lcx_plugin.harness import matrix
+
+    easy = {"tf_alone": {"token_ids": [[1, 2]]}, "cached_alone": {"cached": [128]}, "partial": {"cached": [256]}}
+    pressured = {"batched": {"token_ids": [[1, 2]]}, "tf_batched": {"token_ids": [[1, 2]]}, "preemptions": 3}
+    same = copy.deepcopy((easy, pressured))
+    assert matrix.differences((easy, pressured), same) == []
+    other = copy.deepcopy((easy, pressured))
+    other[0]["partial"]["cached"] = [128]
+    other[1]["preemptions"] = 4
+    assert matrix.differences((easy, pressured), other) == ["at ease: partial", "pressured: preemptions"]

@@ -51,8 +51,29 @@ async def _bounded(coros, concurrency: int, on_done=None):
     return [r for _, r in sorted(results, key=lambda x: x[0])]
 
 
+async def _in_groups(streamer: Streamer, samples: list[Sample], concurrency: int, on_done=None) -> list:
+    """Every sample, at most ``concurrency`` in flight; the samples of one ``group`` (a
+    conversation's turns) one after another, in list order, so each turn finds the previous
+    turn's prompt in the prefix cache."""
+    sem = asyncio.Semaphore(concurrency)
+    outs: list = [None] * len(samples)
+    groups: dict = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(("group", s.group) if s.group is not None else ("one", i), []).append(i)
+
+    async def run(indices):
+        for i in indices:
+            async with sem:
+                outs[i] = await timed_request(streamer, samples[i].prompt, samples[i].max_tokens)
+            if on_done:
+                on_done()
+
+    await asyncio.gather(*(run(ix) for ix in groups.values()))
+    return outs
+
+
 async def accuracy_phase(streamer: Streamer, samples: list[Sample], concurrency: int = 2, on_done=None) -> list[dict]:
-    outs = await _bounded([timed_request(streamer, s.prompt, s.max_tokens) for s in samples], concurrency, on_done)
+    outs = await _in_groups(streamer, samples, concurrency, on_done)
     rows = []
     for s, (text, timing) in zip(samples, outs):
         sc = score(s, text)
@@ -60,6 +81,7 @@ async def accuracy_phase(streamer: Streamer, samples: list[Sample], concurrency:
             "task": s.task, "target_tokens": s.target_tokens, "depth": s.depth, "seed": s.seed,
             "prompt_tokens": s.prompt_tokens, "answers": list(s.answers), "output": text,
             "exact": sc.exact, "score": sc.partial, "found": list(sc.found), "ttft_s": timing.ttft_s,
+            "turn": s.turn,
         })
     return rows
 

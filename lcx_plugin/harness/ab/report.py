@@ -6,12 +6,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from .stats import mcnemar, paired_bootstrap_diff, percentile_with_ci, wilson_interval
+from .tasks import SHARED_CONTEXT_TASKS
 
 PERCENTILES = (50, 90, 99)
 
 
 def _paired(a_rows, b_rows):
-    key = lambda r: (r["task"], r["target_tokens"], r["depth"], r["seed"])  # noqa: E731
+    key = lambda r: (r["task"], r["target_tokens"], r["depth"], r["seed"], r.get("turn", 0))  # noqa: E731
     b_by = {key(r): r for r in b_rows}
     pairs = [(r, b_by[key(r)]) for r in a_rows if key(r) in b_by]
     if len(pairs) != len(a_rows) or len(pairs) != len(b_rows):
@@ -46,9 +47,11 @@ def _latency(load: dict) -> dict:
 
 def summarize(a: dict, b: dict, setup: dict) -> dict:
     pairs = _paired(a["samples"], b["samples"])
-    groups = defaultdict(list)
+    groups, turns = defaultdict(list), defaultdict(list)
     for p in pairs:
         groups[(p[0]["task"], p[0]["target_tokens"])].append(p)
+        if p[0]["task"] in SHARED_CONTEXT_TASKS:
+            turns[(p[0]["task"], p[0]["target_tokens"], p[0].get("turn", 0))].append(p)
     cells = defaultdict(lambda: {"A": [], "B": []})
     for ra, rb in pairs:
         k = (ra["task"], ra["target_tokens"], ra["depth"])
@@ -61,6 +64,7 @@ def summarize(a: dict, b: dict, setup: dict) -> dict:
         "accuracy": {
             "overall": _compare(pairs),
             "by_task_length": [{"task": t, "length": n, **_compare(ps)} for (t, n), ps in sorted(groups.items())],
+            "by_turn": [{"task": t, "length": n, "turn": k, **_compare(ps)} for (t, n, k), ps in sorted(turns.items())],
             "cells": [{"task": t, "length": n, "depth": d, "A": sum(v["A"]) / len(v["A"]), "B": sum(v["B"]) / len(v["B"])}
                       for (t, n, d), v in sorted(cells.items())],
         },
@@ -95,6 +99,14 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {row['task']} | {row['length']} | {row['n']} | {cells[0]} | {cells[1]} | "
                      f"{row['mcnemar']['p_value']:.3g} | {bs['diff']:+.2f} [{bs['low']:+.2f}, {bs['high']:+.2f}] | "
                      f"{row['A']['mean_score']:.2f} / {row['B']['mean_score']:.2f} |")
+    if acc.get("by_turn"):
+        lines += ["", "Shared-context tasks, per question (`multiturn`: turn t's prompt extends turn t-1's; "
+                  "`sharedctx`: one request per question over the same context):", "",
+                  f"| task | length | turn | n | A = {la}: exact | B = {lb}: exact | McNemar p |", "|---|---|---|---|---|---|---|"]
+        for row in acc["by_turn"]:
+            lines.append(f"| {row['task']} | {row['length']} | {row['turn'] + 1} | {row['n']} | "
+                         f"{row['A']['exact'] / row['n']:.2f} | {row['B']['exact'] / row['n']:.2f} | "
+                         f"{row['mcnemar']['p_value']:.3g} |")
     lines += ["", "| arm | TTFT p50 s | TTFT p90 s | TTFT p99 s | TPOT p50 ms | output tok/s | KV capacity at bf16 (tokens) |",
               "|---|---|---|---|---|---|---|"]
     for side, label in (("A", la), ("B", lb)):

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .arms import Arm, ArmSpecError, Job, run_arm
-from .tasks import TASKS, build_grid, generate
+from .tasks import KNOWN_TASKS, TASKS, build_grid, generate
 
 DEFAULTS = {
     "tasks": ",".join(TASKS), "lengths": "1024,4096", "depths": "0.1,0.5,0.9", "samples": 1,
@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arm-b", default="lcx", help="same forms as --arm-a")
     p.add_argument("--model", default=None, help="model dir for engine arms (default: the embedded SmolLM2)")
     p.add_argument("--tokenizer", default=None, help="tokenizer used to fit prompts (default: --model)")
-    p.add_argument("--tasks", default=DEFAULTS["tasks"], help=f"comma list of {list(TASKS)}")
+    p.add_argument("--tasks", default=DEFAULTS["tasks"], help=f"comma list of {list(KNOWN_TASKS)} (default: the first {len(TASKS)}; multiturn and "
+                   "sharedctx ask several questions over one prefix-cached context)")
     p.add_argument("--lengths", default=DEFAULTS["lengths"], help="context lengths in tokens, comma list")
     p.add_argument("--depths", default=DEFAULTS["depths"], help="needle depths in [0,1], comma list")
     p.add_argument("--samples", type=int, default=DEFAULTS["samples"], help="samples per (task, length, depth) cell")
@@ -59,15 +60,19 @@ def _dry_run(args, arms, tasks, lengths, depths, console) -> int:
 
     try:
         for task in tasks:
-            if task not in TASKS:
-                raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+            if task not in KNOWN_TASKS:
+                raise ValueError(f"unknown task {task!r}; expected one of {KNOWN_TASKS}")
         if any(not 0.0 <= d <= 1.0 for d in depths):
             raise ValueError(f"depths {depths} must lie in [0, 1]")
         _check_lengths_fit(tasks, lengths, args.max_model_len)
     except ValueError as e:
         console.print(f"[red]lcx ab: error:[/] {e}")
         return 2
-    n = len(tasks) * len(lengths) * len(depths) * args.samples
+    from .shared_context import QUESTIONS
+    from .tasks import SHARED_CONTEXT_TASKS
+
+    per_length = [QUESTIONS if t in SHARED_CONTEXT_TASKS else len(depths) for t in tasks]
+    n = sum(per_length) * len(lengths) * args.samples
     console.print(f"dry run: arms A={arms[0].label} ({arms[0].kind}), B={arms[1].label} ({arms[1].kind}); "
                   f"{n} accuracy prompts, {args.load_requests} load requests; lengths {lengths} fit "
                   f"max_model_len {args.max_model_len}; report {args.out}")

@@ -29,9 +29,13 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 TASKS = ("passkey", "multikey", "multivalue", "vartrack", "cwe")
+#: Several questions over one context (``shared_context.py``); asked for by name, not in the default set.
+SHARED_CONTEXT_TASKS = ("multiturn", "sharedctx")
+KNOWN_TASKS = TASKS + SHARED_CONTEXT_TASKS
 
 #: Generation budget (new tokens) that each task's answer needs.
-MAX_TOKENS = {"passkey": 16, "multikey": 24, "multivalue": 64, "vartrack": 48, "cwe": 64}
+MAX_TOKENS = {"passkey": 16, "multikey": 24, "multivalue": 64, "vartrack": 48, "cwe": 64, "multiturn": 24,
+              "sharedctx": 24}
 
 MULTIKEY_KEYS = 4  # one asked key + three distractors
 NUMERIC_DISTRACTORS = 3  # filler sentences carrying a number shaped like the answer
@@ -76,6 +80,8 @@ class Sample:
     prompt_tokens: int
     context_span: tuple[int, int]
     distractors: tuple[str, ...] = ()
+    turn: int = 0  # the question's index in a shared-context task (0 otherwise)
+    group: int | None = None  # samples of one group run one after another, in order (a conversation)
 
 
 @dataclass(frozen=True)
@@ -389,8 +395,8 @@ def _fit(build: Callable[[int], _Layout], count: Callable[[str], int], task: str
 # --------------------------------------------------------------------------- public API
 
 def _check_task(task: object) -> str:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if task not in KNOWN_TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {KNOWN_TASKS}")
     return task  # type: ignore[return-value]
 
 
@@ -423,6 +429,8 @@ def generate(task: str, target_tokens: int, depth: float, seed: int, tokenizer: 
     def count(text: str) -> int:
         return len(tokenizer.encode(text))
 
+    if task in SHARED_CONTEXT_TASKS:
+        raise ValueError(f"task {task!r} has several samples per context: use shared_context.conversation")
     if task == "cwe":
         layout, tokens = _fit(lambda n: _cwe_layout(seed, n), count, task, target_tokens, MIN_CWE_ENTRIES)
     else:
@@ -467,7 +475,9 @@ def build_grid(tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[fl
     """The cartesian grid ``tasks x lengths x depths x range(samples_per_cell)``, in that nesting
     order, each sample with its own ``derive_seed``. Same arguments give an identical list.
 
-    ``cwe`` ignores depth, so its cells differ only by seed. With ``max_context`` set, every length
+    ``cwe`` ignores depth, so its cells differ only by seed. A shared-context task ignores depth too
+    and gives ``samples_per_cell`` contexts per length, each as its questions' samples, in order.
+    With ``max_context`` set, every length
     must leave room for the prompt tolerance and the largest answer budget among ``tasks``;
     otherwise ``ValueError`` reports the largest usable length.
     """
@@ -483,12 +493,24 @@ def build_grid(tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[fl
     _check_positive_int("samples_per_cell", samples_per_cell)
     if max_context is not None:
         _check_lengths_fit(tasks, lengths, _check_positive_int("max_context", max_context))
-    return [generate(task, length, depth, derive_seed(seed, task, length, depth, i), tokenizer)
-            for task in tasks for length in lengths for depth in depths for i in range(samples_per_cell)]
+    from .shared_context import conversation
+
+    out: list[Sample] = []
+    for task in tasks:
+        for length in lengths:
+            if task in SHARED_CONTEXT_TASKS:
+                for i in range(samples_per_cell):
+                    out += conversation(task, length, derive_seed(seed, task, length, 0.0, i), tokenizer)
+                continue
+            out += [generate(task, length, depth, derive_seed(seed, task, length, depth, i), tokenizer)
+                    for depth in depths for i in range(samples_per_cell)]
+    return out
 
 
 def _check_lengths_fit(tasks: Sequence[str], lengths: Sequence[int], max_context: int) -> None:
-    answer = max(MAX_TOKENS[t] for t in tasks)
+    from .shared_context import EXTRA_PROMPT_TOKENS
+
+    answer = max(MAX_TOKENS[t] + EXTRA_PROMPT_TOKENS.get(t, 0) for t in tasks)
     usable = max_usable_length(max_context, answer)
     too_long = [n for n in lengths if n > usable]
     if too_long:
@@ -499,7 +521,8 @@ def _check_lengths_fit(tasks: Sequence[str], lengths: Sequence[int], max_context
 
 #: What an answer looks like, per task: any such token in an output is a candidate answer.
 #: (cwe's candidates are the list's own words, in ``Sample.distractors`` and ``answers``.)
-ANSWER_SHAPES = {"passkey": r"\d{5}", "multikey": r"\d{7}", "multivalue": r"\d{7}", "vartrack": r"[A-Z]{5}"}
+ANSWER_SHAPES = {"passkey": r"\d{5}", "multikey": r"\d{7}", "multivalue": r"\d{7}", "vartrack": r"[A-Z]{5}",
+                 "multiturn": r"\d{7}", "sharedctx": r"\d{7}"}
 
 
 @dataclass(frozen=True)
