@@ -1,6 +1,6 @@
 """Shared-context tasks (``lcx ab``'s ``multiturn`` and ``sharedctx``) for stock and every method.
 
-    ./lcx bench shared_context                 # 24 contexts per task at 2,048 tokens; bench/results/shared_context.{json,png}
+    ./lcx bench shared_context                 # 24 contexts per task at 1,024 tokens; bench/results/shared_context.{json,png}
     ./lcx bench shared_context --contexts 4 --rows stock,streaming   # a quick look
 
 One in-process engine per row (prefix caching on, as vLLM's default), the same prompts for every
@@ -9,7 +9,7 @@ row (``lcx_plugin/harness/ab/shared_context.py``): a context with six facts, fou
 run on cached KV; ``sharedctx``: the four questions as four requests over the same context. Strict
 scoring (any other fact's value is wrong). Every method row is paired with stock
 (``lcx ab``'s report: exact rates, McNemar p) per task and turn. Each method keeps about a quarter
-of a 2,048-token context (``CONFIGS``).
+of a 1,024-token context (``CONFIGS``).
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 CONFIGS = {
     "dense": {"method": "dense"},
-    "streaming": {"method": "streaming", "sink": 64, "window": 448},
-    "head_split": {"method": "head_split", "streaming_fraction": 0.5, "sink": 64, "window": 448},
-    "token_select": {"method": "token_select", "sink": 64, "window": 192, "budget": 256},
-    "hip": {"method": "hip", "sink": 64, "window": 192, "budget": 256, "dense_layers": [0]},
+    "streaming": {"method": "streaming", "sink": 64, "window": 192},
+    "head_split": {"method": "head_split", "streaming_fraction": 0.5, "sink": 64, "window": 192},
+    "token_select": {"method": "token_select", "sink": 32, "window": 96, "budget": 128},
+    "hip": {"method": "hip", "sink": 32, "window": 96, "budget": 128, "dense_layers": [0]},
 }
 
 
@@ -65,7 +65,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=int, default=24, help="contexts (conversations) per task")
-    ap.add_argument("--length", type=int, default=2048, help="context tokens of the first prompt")
+    ap.add_argument("--length", type=int, default=1024, help="context tokens of the first prompt")
     ap.add_argument("--rows", default=None, help="comma-separated subset of: stock," + ",".join(CONFIGS))
     ap.add_argument("--concurrency", type=int, default=4, help="requests in flight (a conversation's turns in order)")
     ap.add_argument("--out", default="bench/results/shared_context.json")

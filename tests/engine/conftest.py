@@ -56,20 +56,10 @@ ARMS = {
     "streaming": dict(backend="lcx", lcx=STREAMING, engine=CHUNKED),
     # Head split, default engine settings (one prefill chunk far longer than the window).
     "head_split": dict(backend="lcx", lcx=HEAD_SPLIT),
-    # Chunked prefill, prefix caching off, and a cache so small that requests are preempted and
-    # recomputed (all nine prompts: with fewer, the scheduler admits them one after another and
-    # never has to preempt).
-    "head_split_chunked": dict(backend="lcx", lcx=HEAD_SPLIT,
-                               engine={**CHUNKED, "enable_prefix_caching": False, "max_model_len": 4096,
-                                       "num_gpu_blocks_override": 48}),
     # A window longer than every prompt, every head's cache kept: every sequence stays dense.
     "head_split_wide": dict(backend="lcx", lcx={**HEAD_SPLIT, "window": 8192, "save_memory": False}),
     "token_select": dict(backend="lcx", lcx=TOKEN_SELECT, prompts=SELECT_PROMPTS, max_tokens=16,
                          engine={"max_num_seqs": 3}),
-    # Page granularity with the selection cache on, the same swaps in and out of the batch.
-    "token_select_cached": dict(backend="lcx", lcx={**TOKEN_SELECT, "granularity": "page", "budget": 0.25,
-                                                    "reuse_similarity": 0.8},
-                                prompts=SELECT_PROMPTS, max_tokens=16, engine={"max_num_seqs": 3}),
     # HiP against its float32 statement.
     "hip": dict(backend="lcx", lcx=HIP, engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False}),
     # A budget covering every context: every sequence stays dense, on the engine's own op.

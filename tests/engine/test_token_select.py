@@ -38,12 +38,9 @@ def test_decode_matches_the_reference_selection_teacher_forced(arm, model_path, 
     assert gap(lcx["logprobs"][-1][1:], dense[len(ids):])["mean"] > decode[-1]["mean"], "selection made no difference"
 
 
-def test_the_selection_cache_is_used_and_counted(arm):
-    cached, log = arm("token_select_cached")
-    assert "lcx attention active: method=token_select" in log, log[-2000:]
-    counters = cached["lcx_counters"]
-    assert counters["selection_lookups"] > 0
-    rate = counters.get("selection_hits", 0) / counters["selection_lookups"]
-    assert 0.0 < rate < 1.0, counters
+def test_without_reuse_the_selection_cache_never_hits(arm):
+    """``reuse_similarity: null``: every decode step selects afresh. (With reuse on, the cache is
+    used and counted under batching, chunking and preemption: tests/reliability.)"""
     plain, _ = arm("token_select")
-    assert plain["lcx_counters"].get("selection_hits", 0) == 0  # reuse_similarity null: never reused
+    assert plain["lcx_counters"]["selection_lookups"] > 0
+    assert plain["lcx_counters"].get("selection_hits", 0) == 0
