@@ -82,11 +82,9 @@ def conversation(task: str, target_tokens: int, seed: int, tokenizer: Tokenizer)
     text = layout.prompt[len(HEADER): layout.context_span[1]]
     samples, history = [], ""
     for turn, i in enumerate(asked):
-        prompt = f"{HEADER}{text}\n\n{history}{_question(keys[i])}"
+        prompt = f"{HEADER}{text}\n\n{history}{_question(keys[i])}"  # history stays empty for sharedctx
         if task == "multiturn":
             history += f"{_question(keys[i])} {values[i]}.\n\n"
-        else:
-            prompt = f"{HEADER}{text}\n\n{_question(keys[i])}"
         wrong = tuple(v for j, v in enumerate(values) if j != i) + filler_numbers
         samples.append(Sample(
             task=task, target_tokens=target_tokens, depth=round(depths[i], 4), seed=seed, prompt=prompt,
