@@ -6,7 +6,8 @@
 For stock and every registered method (``lcx_plugin/harness/matrix.py``): one engine at ease and
 one under pressure (chunked prefill, a cache so small that the scheduler preempts, prefix caching,
 the four prompts batched ``--copies`` times), judged by the same ``matrix.evaluate`` the tests use;
-then the fuzz tests (``tests/reliability/test_fuzz.py``) with hypothesis's statistics. Every
+the at-ease engine again split over ``matrix.TP_RANKS`` tensor-parallel ranks
+(``matrix.evaluate_tensor_parallel``); then the fuzz tests (``tests/reliability/test_fuzz.py``) with hypothesis's statistics. Every
 figure in the report is measured in that run.
 """
 from __future__ import annotations
@@ -94,6 +95,28 @@ def _markdown(res: dict) -> str:
         "streaming heads are stored apart never reports a prefix-cache hit (documented in \"Head split\"),",
         "so its expected hits are 0.",
         "",
+        f"## Tensor parallelism: {res['tensor_parallel']['ranks']} ranks against one process",
+        "",
+        "Each row's at-ease engine again with `tensor_parallel_size="
+        f"{res['tensor_parallel']['ranks']}` (CPU worker processes; the embedded model's 9 query and 3 KV heads",
+        "split over 3 ranks, one KV head each, not over 2), the four prompts batched once with prompt",
+        "log-probabilities, compared teacher-forced with the row's own run alone in one process. `noise` is",
+        f"stock's own change when split: {res['tensor_parallel']['noise']:.2g} nats (the ranks' partial sums are",
+        "reduced in another order).",
+        "",
+        "| row | requests | prompt gap max (nats) | decode gap max (nats) | flips at near-ties | tolerance / tie (nats) | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["tensor_parallel"]["rows"]:
+        t = r["tolerance"]
+        verdict = "pass" if not r["problems"] else "FAIL: " + "; ".join(r["problems"][:3])
+        lines.append(f"| {r['row']} | {r['requests']} | {r['prompt_gap_max']:.2g} | {r['decode_gap_max']:.2g} | "
+                     f"{r['flips']} | {t['tol']:.3g} / {t['tie']:.3g} | {verdict} |")
+    lines += [
+        "",
+        "Dense lcx against stock, both split: "
+        f"{'identical' if res['tensor_parallel']['dense_equals_stock'] else 'DIFFERENT'} (tokens and log-probabilities).",
+        "",
         "## Fuzz",
         "",
         f"`tests/reliability/test_fuzz.py`: {res['fuzz']['summary']}",
@@ -126,22 +149,30 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     rows = matrix.rows()
     runs = {}
-    with Progress(len(rows) + 1, "bench reliability") as p:
+    tp_runs = {}
+    with Progress(2 * len(rows) + 1, "bench reliability") as p:
         for row in rows:
             runs[row] = matrix.run_row(row, model, log_dir, copies=args.copies)
             p.advance(note=row)
+            tp_runs[row] = matrix.run_tensor_parallel(row, model, log_dir)
+            p.advance(note=f"{row}, tensor_parallel_size={matrix.TP_RANKS}")
         fuzz = _fuzz()
         p.advance(note="fuzz")
     noise = matrix.noise(*runs["stock"])
     prompts = matrix.prompt_ids(model)
     evaluated = [matrix.evaluate(row, *runs[row], noise, prompts) for row in rows]
     same = not matrix.differences(runs["stock"], runs["dense"])
+    tp_noise = matrix.tensor_parallel_noise(runs["stock"][0], tp_runs["stock"])
+    tp = {"ranks": matrix.TP_RANKS, "noise": tp_noise,
+          "rows": [matrix.evaluate_tensor_parallel(row, runs[row][0], tp_runs[row], tp_noise) for row in rows],
+          "dense_equals_stock": tp_runs["dense"]["tf_batched"] == tp_runs["stock"]["tf_batched"]}
     commit = _commit()
     res = {"machine": machine_record(choose()), "commit": commit, "copies": args.copies, "rows": evaluated,
            "lengths": list(matrix.LENGTHS), "pressured": PRESSURED,
-           "dense_equals_stock": same, "fuzz": fuzz, "wall_s": time.time() - t0,
-           "totals": {"requests": sum(r["requests"] for r in evaluated),
-                      "errors": sum(len(r["problems"]) for r in evaluated) + (not same) + (fuzz["returncode"] != 0),
+           "dense_equals_stock": same, "tensor_parallel": tp, "fuzz": fuzz, "wall_s": time.time() - t0,
+           "totals": {"requests": sum(r["requests"] for r in evaluated + tp["rows"]),
+                      "errors": sum(len(r["problems"]) for r in evaluated + tp["rows"]) + (not same)
+                      + (not tp["dense_equals_stock"]) + (fuzz["returncode"] != 0),
                       "preemptions": sum(r["preemptions"] for r in evaluated),
                       "fuzz_cases": sum(t["passing"] + t["failing"] for t in fuzz["tests"].values())}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import torch
 
 from .formats import KVFormat
 from .plan import BatchPlan
+from .rope import Rope
 from .selection import Selection
 
 Impl = Literal["auto", "triton", "torch"]
@@ -36,6 +37,7 @@ def paged_attention(
     selection: Selection | None = None,
     *,
     impl: Impl = "auto",
+    rope: Rope | None = None,  # compacted positions: re-rotate what each row reads (torch twin)
 ) -> torch.Tensor:
     """Causal attention of each sequence's new query tokens over its paged context.
 
@@ -43,16 +45,23 @@ def paged_attention(
     cached positions ``<=`` its own, restricted to ``selection`` when one is given (see
     ``Selection``). Covers prefill, chunked prefill or prefix reuse, decode and ragged mixtures of
     them, with GQA. ``impl="auto"`` takes Triton on CUDA tensors and the torch twin elsewhere.
+
+    With ``rope``, each row's candidates are read at compacted positions (sinks, then listed
+    tokens, then the window, in order, the query last; see ``torch_impl``): the model's RoPE is
+    re-applied to the cached keys, so query-key distances stay within the tokens attended.
     """
     _check(query, kv, plan, out, selection)
     if impl == "auto":
         impl = "triton" if query.is_cuda else "torch"
     if impl == "triton":
+        if rope is not None and selection is not None:
+            raise NotImplementedError("compacted positions run on the torch twin (impl='torch'); "
+                                      "the Triton kernel does not re-rotate keys yet")
         from .triton_impl import paged_attention_triton
 
         return paged_attention_triton(query, kv, plan, scale, out, selection)
     if impl == "torch":
         from .torch_impl import paged_attention_torch
 
-        return paged_attention_torch(query, kv, plan, scale, out, selection)
+        return paged_attention_torch(query, kv, plan, scale, out, selection, rope)
     raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")

@@ -8,9 +8,19 @@ selected: a decode step over sinks + a window reads sinks + window, never the wh
 long prefill under a selection is cut into row tiles, each gathering only its own band of pages.
 A decode row under token lists gathers exactly its candidate tokens (sinks, window and the
 listed positions), so a top-k of scattered tokens costs k tokens, not every page they touch.
+
+**Compacted positions** (``rope`` given): each row's candidates are read as if they sat side by
+side, the query right after its window, so no query-key distance exceeds the number of tokens
+attended. A candidate at ``p_j`` seen from the row at ``p_i`` is rotated by the number of
+non-candidates between them, ``g_ij``. The window is contiguous, so only keys before a row's window
+move, and there ``g_ij = u(p_i - window) - u(p_j)`` with ``u(x)`` the positions ``<= x`` that are
+neither sinks nor listed: the rotation splits into one per row and one per key, two more matmuls
+(``_compact_scores``). Pairs with ``g_ij = 0`` keep the plain product, so a selection that moves
+nothing is exactly the uncompacted attention.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +28,7 @@ import torch.nn.functional as F
 
 from .formats import KVFormat
 from .plan import BatchPlan
+from .rope import Rope
 from .selection import Selection
 
 #: Query rows per tile when a selection limits what each row sees (dense prefill is one tile).
@@ -88,10 +99,14 @@ class _Tile:
     mask: torch.Tensor | None  # [Hkv, rows, n_sel * bs] bool; None: nothing selected
     tail: torch.Tensor | None  # [Hkv, n_sel * bs] bool: gathered slots past the sequence's end
     every_row_sees_one: bool = False  # every (head, row) of the mask has a candidate
+    # Compacted positions (``_compaction``): pairs that move, and the row and key rotations.
+    far: torch.Tensor | None = None  # [Hkv, rows, L] bool
+    row_shift: torch.Tensor | None = None  # [Hkv, rows] int64: u(p_i - window)
+    key_shift: torch.Tensor | None = None  # [Hkv, L] int64: u(p_j)
 
 
 def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, first_pos: int, rows: range,
-                  bs: int) -> _Tile:
+                  bs: int, compact: bool = False) -> _Tile:
     hkv = sel.counts.shape[1]
     lo_pos, hi_pos = first_pos + rows.start, first_pos + rows.stop - 1  # positions of the tile's rows
     n_pages = hi_pos // bs + 1
@@ -115,17 +130,42 @@ def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, fi
     q_pos = torch.arange(lo_pos, hi_pos + 1)
     keep = (pos[:, None, :] < sink[:, None, None]) | (pos[:, None, :] > q_pos[None, :, None] - window[:, None, None])
     keep |= dense[:, None, None]
+    listed = torch.zeros(hkv, len(rows), pos.shape[1], dtype=torch.bool)
     if has_lists:
         if sel.query_block == 0:
-            keep |= _listed_tokens(sel, b, 0, pos, bs)[:, None, :]
+            listed |= _listed_tokens(sel, b, 0, pos, bs)[:, None, :]
         else:
             per_qb = torch.stack([_listed_tokens(sel, b, qb, pos, bs) for qb in qbs], 1)  # [Hkv, nqb, L]
-            keep |= per_qb[:, torch.tensor([sel.query_block_of(i) - qbs.start for i in rows])]
+            listed |= per_qb[:, torch.tensor([sel.query_block_of(i) - qbs.start for i in rows])]
+    keep |= listed
     past_end = pos >= seq_len
     live = (torch.arange(n_sel)[None, :] < counts[:, None]).repeat_interleave(bs, 1) & ~past_end
     mask = keep & live[:, None, :] & (pos[:, None, :] <= q_pos[None, :, None])  # [Hkv, rows, L]
-    return _Tile(rows.start, len(rows), blocks[order], mask, past_end if bool(past_end.any()) else None,
+    tile = _Tile(rows.start, len(rows), blocks[order], mask, past_end if bool(past_end.any()) else None,
                  bool(mask.any(-1).all()))
+    if compact:
+        held = (pos[:, None, :] < sink[:, None, None]) | listed  # sinks and listed tokens, per row
+        tile.far, tile.row_shift, tile.key_shift = _compaction(held & live[:, None, :], pos, q_pos, window, dense,
+                                                              mask)
+    return tile
+
+
+def _compaction(held: torch.Tensor, pos: torch.Tensor, q_pos: torch.Tensor, window: torch.Tensor,
+                dense: torch.Tensor, mask: torch.Tensor):
+    """Rotations of compacted positions for one tile (see the module docstring). ``held``
+    ``[Hkv, rows, L]``: the gathered positions that are sinks or listed for each row (one list per
+    tile: a tile never spans query blocks, so every row holds the same ones)."""
+    if bool((window[~dense] < 1).any()):
+        raise ValueError("compacted positions need a window of at least 1 (each query attends to itself)")
+    held = held[:, 0]  # [Hkv, L]
+    rank = held.cumsum(1)  # held positions <= pos[j]
+    key_shift = pos + 1 - rank  # u(p_j)
+    edge = q_pos[None, :] - window[:, None]  # [Hkv, rows]: the last position before each row's window
+    held_to_edge = (held[:, None, :] & (pos[:, None, :] <= edge[:, :, None])).sum(-1)
+    row_shift = edge + 1 - held_to_edge  # u(p_i - window)
+    far = mask & (pos[:, None, :] <= edge[:, :, None]) & (row_shift[:, :, None] != key_shift[:, None, :])
+    far &= ~dense[:, None, None]
+    return far, row_shift, key_shift
 
 
 @dataclass
@@ -135,6 +175,7 @@ class _TokenRow:
     blocks: torch.Tensor  # [Hkv, L] physical block of each candidate (padding: the first one)
     offsets: torch.Tensor  # [Hkv, L] offset in the block
     live: torch.Tensor  # [Hkv, L] bool
+    gap: torch.Tensor  # [Hkv, L] int64: non-candidates between each candidate and the query
 
 
 def _prepare_token_row(sel: Selection, b: int, blocks: torch.Tensor, pos: int, bs: int) -> _TokenRow:
@@ -144,9 +185,12 @@ def _prepare_token_row(sel: Selection, b: int, blocks: torch.Tensor, pos: int, b
     width = max(1, max(len(c) for c in per_head))
     positions = torch.zeros(hkv, width, dtype=torch.int64)
     live = torch.zeros(hkv, width, dtype=torch.bool)
+    gap = torch.zeros(hkv, width, dtype=torch.int64)
     for g, c in enumerate(per_head):
         positions[g, : len(c)], live[g, : len(c)] = c, True
-    return _TokenRow(blocks[positions // bs], positions % bs, live)
+        if len(c) and int(c[-1]) == pos:  # the query is its own last candidate (a window >= 1)
+            gap[g, : len(c)] = (pos - c) - torch.arange(len(c) - 1, -1, -1)
+    return _TokenRow(blocks[positions // bs], positions % bs, live, gap)
 
 
 def _token_candidates(sel: Selection, b: int, g: int, pos: int) -> torch.Tensor:
@@ -158,12 +202,17 @@ def _token_candidates(sel: Selection, b: int, g: int, pos: int) -> torch.Tensor:
     return torch.unique(torch.cat(parts))
 
 
-def _token_row(q: torch.Tensor, kv: KVFormat, row: _TokenRow, scale: float, group: int) -> torch.Tensor:
+def _token_row(q: torch.Tensor, kv: KVFormat, row: _TokenRow, scale: float, group: int,
+               rope: Rope | None = None) -> torch.Tensor:
     """``q`` ``[Hq, 1, D]`` float32 -> ``[1, Hq, D]`` over the row's candidate tokens."""
     hkv, d = kv.num_kv_heads, kv.head_dim
     heads = torch.arange(hkv)[:, None].expand_as(row.blocks)
     dev = kv.device
     k, v = kv.gather_tokens(row.blocks.to(dev), heads.to(dev), row.offsets.to(dev), torch.float32)  # [Hkv, L, D]
+    if rope is not None:
+        moved = (row.gap != 0).to(dev)
+        if bool(moved.any()):
+            k = torch.where(moved[..., None], rope.rotate(k, row.gap.to(dev)), k)
     scores = torch.matmul(q.reshape(hkv, group, d), k.transpose(-1, -2)).mul_(scale)  # [Hkv, G, L]
     scores.masked_fill_(~row.live[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
@@ -171,9 +220,9 @@ def _token_row(q: torch.Tensor, kv: KVFormat, row: _TokenRow, scale: float, grou
     return torch.matmul(probs, v).reshape(1, hkv * group, d)
 
 
-def _prepare(sel: Selection, plan: BatchPlan, bs: int) -> list[list[_Tile] | _TokenRow | None]:
+def _prepare(sel: Selection, plan: BatchPlan, bs: int, compact: bool = False) -> list[list[_Tile] | _TokenRow | None]:
     """Per sequence, its row tiles (None: every head dense). Memoised on the selection."""
-    key = ("torch", bs)
+    key = ("torch", bs, compact)
     hit = sel.memo.get(key)
     if hit is not None and hit[0] is plan:
         return hit[1]
@@ -189,13 +238,28 @@ def _prepare(sel: Selection, plan: BatchPlan, bs: int) -> list[list[_Tile] | _To
             continue
         # Tiles no taller than a query block, so that a tile gathers one block's list, not the union of several.
         tile = min(ROW_TILE, sel.query_block) if sel.query_block else ROW_TILE
-        prep.append([_prepare_tile(sel, b, blocks, seq_len, seq_len - qlen, range(i, min(i + tile, qlen)), bs)
-                     for i in range(0, qlen, tile)])
+        if compact and sel.query_block:  # one list per tile (``_compaction``): tiles inside query blocks
+            tile = math.gcd(sel.query_block, ROW_TILE)
+        prep.append([_prepare_tile(sel, b, blocks, seq_len, seq_len - qlen, range(i, min(i + tile, qlen)), bs,
+                                   compact) for i in range(0, qlen, tile)])
     sel.memo[key] = (plan, prep)
     return prep
 
 
-def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, group: int) -> torch.Tensor:
+def _compact_scores(q: torch.Tensor, k: torch.Tensor, tile: _Tile, rope: Rope, group: int) -> torch.Tensor:
+    """Scores at compacted positions: ``q`` ``[Hkv, G, rows, D]``, ``k`` ``[Hkv, L, D]`` ->
+    ``[Hkv, G, rows, L]`` (unscaled). A pair that moves by ``g = row_shift - key_shift`` is
+    ``q R(g) k = (R(-row_shift) q) . (R(-key_shift) k)``; the others are the plain product."""
+    near = torch.matmul(q, k[:, None].transpose(-1, -2))
+    dev = q.device
+    q_far = rope.rotate(q, -tile.row_shift.to(dev)[:, None, :].expand(-1, group, -1))
+    k_far = rope.rotate(k, -tile.key_shift.to(dev))
+    far = torch.matmul(q_far, k_far[:, None].transpose(-1, -2))
+    return torch.where(tile.far.to(dev)[:, None], far, near)
+
+
+def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, group: int,
+                   rope: Rope | None = None) -> torch.Tensor:
     """One row tile: ``q`` ``[Hq, rows, D]`` float32 -> ``[rows, Hq, D]``."""
     hkv, d, rows = kv.num_kv_heads, kv.head_dim, tile.rows
     if tile.mask is None:
@@ -203,6 +267,16 @@ def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, gro
     n_sel = tile.blocks.shape[1]
     heads = torch.arange(hkv)[:, None].expand(hkv, n_sel)
     k, v = kv.gather(tile.blocks.to(kv.device), heads.to(kv.device), torch.float32)  # [Hkv, n_sel, bs, D]
+    if rope is not None and tile.far is not None and bool(tile.far.any()):  # otherwise nothing moves
+        vf, kf = v.reshape(hkv, -1, d), k.reshape(hkv, -1, d)
+        if tile.tail is not None:  # the unwritten tail of a last page may hold anything, NaN included
+            vf = vf.masked_fill(tile.tail[..., None], 0.0)
+            kf = kf.masked_fill(tile.tail[..., None], 0.0)
+        scores = _compact_scores(q.reshape(hkv, group, rows, d), kf, tile, rope, group).mul_(scale)
+        scores.masked_fill_(~tile.mask.to(q.device)[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+        o = torch.matmul(probs.reshape(hkv, group * rows, -1), vf)
+        return o.reshape(hkv * group, rows, d).transpose(0, 1)
     if tile.every_row_sees_one:
         # Every row has a candidate: the fused SDPA kernel with the tile's mask. The unwritten tail
         # of a last page may hold anything, NaN included, which a mask does not cancel in a product:
@@ -228,11 +302,11 @@ def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, gro
 
 
 def paged_attention_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
-                          selection: Selection | None = None) -> torch.Tensor:
+                          selection: Selection | None = None, rope: Rope | None = None) -> torch.Tensor:
     hq = query.shape[1]
     group = hq // kv.num_kv_heads
     bs = kv.block_size
-    prep = _prepare(selection, plan, bs) if selection is not None else None
+    prep = _prepare(selection, plan, bs, rope is not None) if selection is not None else None
     for b in range(plan.num_seqs):
         start, qlen, seq_len = plan.starts[b], plan.q_len(b), plan.lens[b]
         if qlen == 0:
@@ -242,8 +316,9 @@ def paged_attention_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, sc
             blocks = plan.block_table[b, : -(-seq_len // bs)].long()
             o = _dense_sequence(q, kv, blocks, seq_len, scale, group)
         elif isinstance(prep[b], _TokenRow):
-            o = _token_row(q, kv, prep[b], scale, group)
+            o = _token_row(q, kv, prep[b], scale, group, rope)
         else:
-            o = torch.cat([_selected_tile(q[:, t.start: t.start + t.rows], kv, t, scale, group) for t in prep[b]])
+            o = torch.cat([_selected_tile(q[:, t.start: t.start + t.rows], kv, t, scale, group, rope)
+                           for t in prep[b]])
         out[start: start + qlen] = o.to(out.dtype)
     return out

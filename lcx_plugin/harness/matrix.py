@@ -113,6 +113,48 @@ def noise(stock_easy: dict, stock_pressured: dict) -> float:
     return max(prompt_gap(a, b)["max"] for a, b in pairs)
 
 
+#: Ranks of the tensor-parallel engine: the embedded model's 9 query and 3 KV heads split over 3
+#: (one KV head and its 3 query heads per rank), not over 2.
+TP_RANKS = 3
+
+
+def run_tensor_parallel(row: str, model: str, log_dir: str | Path, ranks: int = TP_RANKS) -> dict:
+    """The row's at-ease engine split over ``ranks`` worker processes (``reliability.TENSOR_PARALLEL``)."""
+    backend, lcx = row_config(row)
+    job = MatrixJob(model=model, prompts=prompt_ids(model), backend=backend, lcx=lcx, tensor_parallel=ranks)
+    log = Path(log_dir) / f"{row}-tp{ranks}.log"
+    out = run_matrix_engine(job, log_path=str(log))
+    log.with_suffix(".json").write_text(json.dumps(out))
+    return out
+
+
+def tensor_parallel_noise(stock_easy: dict, stock_tp: dict) -> float:
+    """The stock engine's largest prompt log-probability difference split over ranks against one
+    process: the ranks' partial sums are reduced in another order (float32: about 4e-5 nats)."""
+    pairs = zip(stock_tp["tf_batched"]["prompt_logprobs"], stock_easy["tf_alone"]["prompt_logprobs"])
+    return max(prompt_gap(a, b)["max"] for a, b in pairs)
+
+
+def evaluate_tensor_parallel(row: str, easy: dict, tp: dict, noise_nats: float) -> dict:
+    """A row split over ranks against the same row in one process, teacher-forced: prompt
+    log-probabilities and every generated step within ``tol``, flips only at near-ties."""
+    tol, tie = 0.01 + 4 * noise_nats, TIE + 4 * noise_nats
+    base, run = easy["tf_alone"], tp["tf_batched"]
+    found: list[str] = []
+    gaps, decode_gap, flips = [], 0.0, 0
+    for i, (a, b) in enumerate(zip(run["prompt_logprobs"], base["prompt_logprobs"])):
+        gaps.append(prompt_gap(a, b))
+        d = decode_agreement(run["token_ids"][i], run["top"][i], base["token_ids"][i], base["top"][i])
+        decode_gap, flips = max(decode_gap, d["max_gap"]), flips + (d["flip"] is not None)
+        found += [f"prompt {i} under tensor_parallel_size={tp['engine']['tensor_parallel_size']}: {p}"
+                  for p in problems(gaps[-1], d, tol, tie)]
+    if len(run["token_ids"]) != len(base["token_ids"]):
+        found.append(f"{len(run['token_ids'])} outputs for {len(base['token_ids'])} prompts")
+    return {"row": row, "ranks": tp["engine"]["tensor_parallel_size"], "requests": len(run["token_ids"]),
+            "prompt_gap_max": max((g["max"] for g in gaps), default=0.0), "decode_gap_max": decode_gap, "flips": flips,
+            "tolerance": {"tol": tol, "tie": tie, "noise": noise_nats}, "problems": found}
+
+
 #: What one engine run records that must be identical for two dense-equivalent rows.
 IDENTICAL = ("tf_alone", "cached_alone", "partial", "batched", "tf_batched", "preemptions")
 

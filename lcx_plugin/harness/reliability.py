@@ -7,6 +7,8 @@ Two engines per method, each in its own child process:
 * **at ease** (``EASY``): whole prefill, a roomy cache, prefix caching on. Each prompt runs alone
   with prompt log-probabilities (the teacher-forced baseline), then alone again (full prefix-cache
   hits), then as a variant that shares only its first blocks with it (partial hits).
+* **tensor-parallel** (``TENSOR_PARALLEL``, when ``tensor_parallel`` > 1): the at-ease engine
+  split over that many CPU worker processes, the prompts batched once with prompt log-probabilities.
 * **pressured** (``PRESSURED``): prefill chunks of 384 tokens mixed with decode steps, a cache so
   small that the scheduler preempts and recomputes, prefix caching on, and the prompts batched
   ``copies`` times in one call (copies find each other's blocks in the cache); then the prompts
@@ -35,6 +37,9 @@ EASY = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "max_num_
 # all be resident, so the scheduler preempts; every prompt alone still fits. Chunks of 384 tokens.
 PRESSURED = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "max_num_batched_tokens": 384,
              "max_num_seqs": 16, "max_model_len": 1280, "num_gpu_blocks_override": 12}
+#: The tensor-parallel engine: at ease, split over worker processes. The embedded model's 9 query
+#: and 3 KV heads split over 3 ranks (one KV head each), not over 2.
+TENSOR_PARALLEL = {**EASY, "distributed_executor_backend": "mp"}
 
 
 @dataclass
@@ -47,7 +52,8 @@ class MatrixJob:
     copies: int = 10
     max_tokens: int = 16
     shared_pages: int = 2  # partial-hit variants keep this many of the prompt's first pages
-    engine: dict = field(default_factory=dict)  # on top of EASY / PRESSURED
+    engine: dict = field(default_factory=dict)  # on top of EASY / PRESSURED / TENSOR_PARALLEL
+    tensor_parallel: int = 1  # > 1: the tensor-parallel engine (``pressured`` must be off)
 
 
 def _steps(entries) -> list[dict[int, float]]:
@@ -82,7 +88,9 @@ def _child(job: dict, settings: dict, out_path: str) -> None:
     from .batch import _lcx_counters, watch_preemptions
 
     run = RunSettings(**settings)
-    engine = {**(PRESSURED if job["pressured"] else EASY), **job["engine"]}
+    tp = job.get("tensor_parallel", 1)
+    base = PRESSURED if job["pressured"] else {**TENSOR_PARALLEL, "tensor_parallel_size": tp} if tp > 1 else EASY
+    engine = {**base, **job["engine"]}
     llm = LLM(**engine_args(job["model"], job["backend"], job["lcx"], engine, run))
     preempted = watch_preemptions(llm)
     prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
@@ -95,7 +103,9 @@ def _child(job: dict, settings: dict, out_path: str) -> None:
         return _outputs([llm.generate([p], params(with_prompt), use_tqdm=False)[0] for p in ps], with_prompt)
 
     result: dict = {"engine": engine, "kv_capacity": kv_capacity(llm.llm_engine.vllm_config)}
-    if job["pressured"]:
+    if tp > 1:
+        result["tf_batched"] = _outputs(llm.generate(prompts, params(True), use_tqdm=False), True)
+    elif job["pressured"]:
         # Interleaved (p0, p1, p2, p3, p0, ...): requests of different prompts prefill and decode
         # side by side, so their pages compete and the scheduler must preempt.
         batch = [p for _ in range(job["copies"]) for p in prompts]
@@ -118,9 +128,13 @@ def _child(job: dict, settings: dict, out_path: str) -> None:
 def run_matrix_engine(job: MatrixJob, log_path: str | None = None, settings: RunSettings | None = None,
                       timeout: float = 1800) -> dict:
     """One engine of the matrix in a child process (engine core in that process, as ``run_arm``)."""
-    settings = settings or choose()
+    if job.tensor_parallel > 1 and job.pressured:
+        raise ValueError("the tensor-parallel engine runs at ease only")
+    settings = (settings or choose()).for_ranks(job.tensor_parallel)
     payload = {"job": asdict(job), "settings": asdict(settings)}
-    what = f"reliability engine {job.lcx or 'stock'} ({'pressured' if job.pressured else 'at ease'})"
+    mode = "pressured" if job.pressured else f"tensor_parallel_size={job.tensor_parallel}" if job.tensor_parallel > 1 \
+        else "at ease"
+    what = f"reliability engine {job.lcx or 'stock'} ({mode})"
     return run_child("lcx_plugin.harness.reliability", payload, what, log_path=log_path, settings=settings,
                      extra_env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, timeout=timeout)
 

@@ -35,6 +35,22 @@ class RunSettings:
     def env(self) -> dict[str, str]:
         return {"VLLM_CPU_OMP_THREADS_BIND": self.bind}
 
+    def for_ranks(self, ranks: int, cores: int | None = None) -> "RunSettings":
+        """The settings for ``ranks`` CPU workers (tensor parallelism). vLLM binds one CPU list per
+        rank (lists separated by ``|``) and, left to ``auto``, refuses more ranks than NUMA nodes.
+        Each rank gets its own cores where there are enough; otherwise ranks share cores round
+        robin (3 ranks on 2 cores: ``0|1|0``). A ``|``-list or ``nobind`` given by the user is kept."""
+        if ranks <= 1 or "|" in self.bind or self.bind == "nobind":
+            return self
+        cores = cores or cpu_info().cores
+        if cores >= ranks:
+            per = cores // ranks
+            lists = [f"{i * per}-{(i + 1) * per - 1}" if per > 1 else str(i) for i in range(ranks)]
+        else:
+            lists = [str(i % cores) for i in range(ranks)]
+        return RunSettings("|".join(lists), self.dtype, f"{self.bind_source}, split over {ranks} ranks",
+                           self.dtype_source)
+
     def describe(self) -> dict:
         return {"bind": self.bind, "dtype": self.dtype, "bind_source": self.bind_source, "dtype_source": self.dtype_source}
 

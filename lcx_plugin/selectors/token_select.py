@@ -15,9 +15,11 @@ decode step, for each sequence and layer:
    drown the others.
 3. **Top-k.** The ``budget`` best units outside the sinks and the recent window, per KV head
    (ties go to the earlier unit). Sinks and window are always kept.
-4. **Cache.** The chosen units are kept per (request, layer) with the query that chose them. The
-   next step reuses them, without scoring, while the cosine similarity of the new query to that
-   one stays at or above ``reuse_similarity``. The state lives in the engine's per-request homes,
+4. **Cache.** The chosen units are kept per (request, layer, KV head) with the query heads that
+   chose them. The next step reuses a KV head's units while the cosine similarity of its query
+   heads (flattened) to those stays at or above ``reuse_similarity``; a request is scored again
+   only when one of its heads moved, and only the heads that moved take the new units. Deciding
+   per KV head keeps the result the same however the heads are split over tensor-parallel ranks. The state lives in the engine's per-request homes,
    dropped when a request finishes or is preempted, so it never crosses requests.
 
 Prefill (and every chunk of a chunked prefill) stays dense, as in the paper: a selection needs a
@@ -118,14 +120,22 @@ class TokenSelect(TopKSelector):
         query = ctx.query[: plan.num_seqs]  # one row per sequence
         bs = ctx.kv.block_size
         states = [ctx.requests.get(r, ctx.layer) for r in ctx.request_ids]
-        reuse = self._reusable(query, states, ctx)
-        fresh = [not r for r in reuse]
+        reuse = self._reusable(query, states, ctx)  # [B, Hkv]
+        fresh = [not bool(r.all()) for r in reuse]
         if any(fresh):
             idx, cnt = self._score(query, ctx, fresh)
             q32 = query.float()
+            group = q32.shape[1] // ctx.num_kv_heads
             for j, b in enumerate(i for i, f in enumerate(fresh) if f):
-                states[b].update(query=q32[b].clone(), indices=idx[j].clone(), counts=cnt[j].clone(),
-                                 granularity=self.granularity)
+                new_q, new_idx, new_cnt = q32[b].clone(), idx[j].clone(), cnt[j].clone()
+                kept = reuse[b]
+                if bool(kept.any()):  # heads that did not move keep their units and their query
+                    old = states[b]
+                    width = max(new_idx.shape[-1], old["indices"].shape[-1])
+                    new_idx = torch.where(kept[:, None], _pad(old["indices"], width), _pad(new_idx, width))
+                    new_cnt = torch.where(kept, old["counts"], new_cnt)
+                    new_q = torch.where(kept.repeat_interleave(group)[:, None].to(new_q.device), old["query"], new_q)
+                states[b].update(query=new_q, indices=new_idx, counts=new_cnt, granularity=self.granularity)
         selection = self._selection(states, plan, ctx.num_kv_heads, bs, query.device)
         self._count_bytes(ctx, fresh, selection)
         return selection
@@ -155,22 +165,22 @@ class TokenSelect(TopKSelector):
         for key, value in (("kv_bytes_dense", dense), ("kv_bytes_scoring", scoring), ("kv_bytes_attention", read)):
             c[key] = c.get(key, 0) + value
 
-    def _reusable(self, query: torch.Tensor, states: list[dict], ctx: SelectContext) -> list[bool]:
+    def _reusable(self, query: torch.Tensor, states: list[dict], ctx: SelectContext) -> torch.Tensor:
+        """``[B, Hkv]`` bool: which (request, KV head) reuse their units. One lookup per request and
+        KV head; a hit per head reused."""
+        hkv = ctx.num_kv_heads
         counters = ctx.requests.counters
-        counters["selection_lookups"] = counters.get("selection_lookups", 0) + len(states)
+        counters["selection_lookups"] = counters.get("selection_lookups", 0) + len(states) * hkv
+        out = torch.zeros(len(states), hkv, dtype=torch.bool)
         if self.reuse_similarity is None:
-            return [False] * len(states)
-        have = [s.get("granularity") == self.granularity for s in states]
-        if not any(have):
-            return have
-        rows = [b for b, h in enumerate(have) if h]
-        prev = torch.stack([states[b]["query"] for b in rows]).flatten(1)
-        now = query[rows].float().flatten(1)
-        cos = torch.nn.functional.cosine_similarity(now, prev, dim=1)
-        out = [False] * len(states)
-        for b, c in zip(rows, cos.tolist()):
-            out[b] = c >= self.reuse_similarity
-        counters["selection_hits"] = counters.get("selection_hits", 0) + sum(out)
+            return out
+        rows = [b for b, s in enumerate(states) if s.get("granularity") == self.granularity]
+        if not rows:
+            return out
+        prev = torch.stack([states[b]["query"] for b in rows]).reshape(len(rows), hkv, -1)
+        now = query[rows].float().reshape(len(rows), hkv, -1)
+        out[rows] = (torch.nn.functional.cosine_similarity(now, prev, dim=2) >= self.reuse_similarity).cpu()
+        counters["selection_hits"] = counters.get("selection_hits", 0) + int(out.sum())
         return out
 
     def _score(self, query: torch.Tensor, ctx: SelectContext, fresh: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,3 +243,8 @@ class TokenSelect(TopKSelector):
             keep[i, heads[live], chosen[live]] = True
         idx, cnt = lists_from_mask(keep)
         return Selection.build(b, hkv, granularity="page", indices=idx, counts=cnt, device=device)
+
+
+def _pad(indices: torch.Tensor, width: int) -> torch.Tensor:
+    """``[Hkv, w]`` -> ``[Hkv, width]`` (entries past a head's count are ignored)."""
+    return torch.nn.functional.pad(indices, (0, width - indices.shape[-1]))

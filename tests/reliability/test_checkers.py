@@ -71,3 +71,26 @@ def test_differences_names_each_phase_that_differs():
     other[0]["partial"]["cached"] = [128]
     other[1]["preemptions"] = 4
     assert matrix.differences((easy, pressured), other) == ["at ease: partial", "pressured: preemptions"]
+
+
+def test_evaluate_tensor_parallel_fails_on_a_corrupted_rank():
+    """The split run against one process: equal passes; a prompt position or a generated step
+    nats off (a rank reading another KV head's pattern, say) fails; a missing output fails."""
+    import copy
+
+    from lcx_plugin.harness import matrix
+
+    one = {"prompt_logprobs": [[None, -1.0, -2.0]], "token_ids": [TOKENS], "top": [_copy(TOP)]}
+    easy = {"tf_alone": one}
+    tp = {"engine": {"tensor_parallel_size": 3}, "tf_batched": copy.deepcopy(one)}
+    assert matrix.evaluate_tensor_parallel("dense", easy, tp, 4e-5)["problems"] == []
+    bad = copy.deepcopy(tp)
+    bad["tf_batched"]["prompt_logprobs"][0][2] = -2.5
+    assert matrix.evaluate_tensor_parallel("dense", easy, bad, 4e-5)["problems"]
+    bad = copy.deepcopy(tp)
+    bad["tf_batched"]["top"][0][3][14] = -0.9
+    assert matrix.evaluate_tensor_parallel("dense", easy, bad, 4e-5)["problems"]
+    bad = copy.deepcopy(tp)
+    for key in ("prompt_logprobs", "token_ids", "top"):
+        bad["tf_batched"][key] = []
+    assert matrix.evaluate_tensor_parallel("dense", easy, bad, 4e-5)["problems"]

@@ -30,14 +30,35 @@ def test_under_pressure_each_request_gets_what_it_gets_alone_at_ease(engines, no
     assert result["continuations_compared"] == len(matrix.LENGTHS) * (matrix.COPIES + 2)
 
 
+@pytest.fixture(scope="module")
+def tensor_parallel_noise(engines, tensor_parallel_engine):
+    return matrix.tensor_parallel_noise(engines("stock")[0], tensor_parallel_engine("stock"))
+
+
+@pytest.mark.parametrize("row", selectors.names())
+def test_split_over_ranks_each_method_matches_one_process(engines, tensor_parallel_engine, tensor_parallel_noise, row):
+    """tensor_parallel_size=3 (one KV head per rank; the model's 9 query heads do not split in 2):
+    per-rank KV-head offsets into head patterns, per-rank selections and caches, and the all-reduce
+    give what one process gives, teacher-forced."""
+    tp = tensor_parallel_engine(row)
+    assert tp["engine"]["tensor_parallel_size"] == matrix.TP_RANKS
+    result = matrix.evaluate_tensor_parallel(row, engines(row)[0], tp, tensor_parallel_noise)
+    assert not result["problems"], "\n".join(result["problems"])
+    assert result["requests"] == len(matrix.LENGTHS)
+
+
+def test_dense_lcx_equals_stock_split_over_ranks(tensor_parallel_engine):
+    stock, dense = tensor_parallel_engine("stock"), tensor_parallel_engine("dense")
+    assert dense["tf_batched"] == stock["tf_batched"]
+
+
 def test_dense_lcx_equals_stock_under_every_condition(engines):
     assert matrix.differences(engines("stock"), engines("dense")) == []
 
 
 def test_token_selects_selection_cache_is_used_and_counted_at_ease_and_under_pressure(engines):
-    """Requests joining, leaving and being preempted: lookups are counted, some reuse a selection,
-    and a request's first lookup never does (measured: 743 of 4,050 at ease, 910 of 5,340 under
-    pressure)."""
+    """Requests joining, leaving and being preempted: lookups (per request and KV head) are
+    counted, some reuse a selection, and a request's first lookup never does."""
     for run in engines("token_select"):
         counters = run["lcx_counters"]
         assert 0 < counters.get("selection_hits", 0) < counters["selection_lookups"], counters

@@ -175,23 +175,46 @@ def test_selection_cache_reuses_within_a_request_and_never_across_requests():
     g = torch.Generator().manual_seed(2)
     q = torch.randn(3, 4, D, generator=g)
     first = sel.select(cache.ctx(q[:2], ["a", "b"], requests, [0, 1]))
-    assert requests.counters["selection_lookups"] == 2 and "selection_hits" not in requests.counters
+    # one lookup per request and KV head (2 heads)
+    assert requests.counters["selection_lookups"] == 4 and requests.counters.get("selection_hits", 0) == 0
     # a query close to the last one reuses the selection; a different one is scored afresh
     near = q[:2] + 0.01 * torch.randn(2, 4, D, generator=g)
     near[1] = torch.randn(4, D, generator=g)
     second = sel.select(cache.ctx(near, ["a", "b"], requests, [0, 1]))
-    assert requests.counters["selection_lookups"] == 4 and requests.counters["selection_hits"] == 1
+    assert requests.counters["selection_lookups"] == 8 and requests.counters["selection_hits"] == 2
     assert torch.equal(second.indices[0], first.indices[0])
     # "b" leaves, "c" joins in its row with the query "a" had: "c" must not inherit anything
     third = sel.select(cache.ctx(torch.stack([near[0], q[0]]), ["a", "c"], requests, [0, 2]))
-    assert requests.counters["selection_hits"] == 2  # only "a"
+    assert requests.counters["selection_hits"] == 4  # only "a"
     assert not torch.equal(third.indices[1], first.indices[0])  # scored on "c"'s own keys
     want = expected_tokens(cache.keys[2], q[0], sel, 2)
     assert third.indices[1, 0, 0, : int(third.counts[1, 0, 0])].tolist() == want[0]
     # a preempted or finished request loses its state: resumed, it is scored again
     requests.drop(["a"])
     sel.select(cache.ctx(near[:1], ["a"], requests, [0]))
-    assert requests.counters["selection_hits"] == 2
+    assert requests.counters["selection_hits"] == 4
+
+
+def test_each_kv_head_decides_its_own_reuse():
+    """A head whose query heads stayed similar keeps its units (and the query that chose them);
+    the head that moved takes fresh units: what splitting the heads over ranks would decide."""
+    cache = Cache([600], seed=7)
+    requests = RequestStates()
+    sel = selectors.get("token_select")(sink=4, window=32, budget=64, reuse_similarity=0.9)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, D, generator=g)  # 4 query heads over 2 KV heads
+    first = sel.select(cache.ctx(q, ["a"], requests, [0]))
+    moved = q.clone()
+    moved[0, 2:] = torch.randn(2, D, generator=g)  # KV head 1's query heads
+    moved[0, :2] += 0.01 * torch.randn(2, D, generator=g)  # KV head 0's: nearly the same
+    second = sel.select(cache.ctx(moved, ["a"], requests, [0]))
+    assert requests.counters["selection_hits"] == 1
+    assert torch.equal(second.indices[0, 0, 0, : int(second.counts[0, 0, 0])],
+                       first.indices[0, 0, 0, : int(first.counts[0, 0, 0])])
+    want = expected_tokens(cache.keys[0], moved[0], sel, 2)
+    assert second.indices[0, 1, 0, : int(second.counts[0, 1, 0])].tolist() == want[1]
+    state = requests.get("a", 0)
+    assert torch.equal(state["query"][:2], q[0, :2]) and torch.equal(state["query"][2:], moved[0, 2:])
 
 
 def test_bad_config_is_one_clear_error():
@@ -234,5 +257,5 @@ def test_bytes_read_are_counted_from_the_selection():
     assert c["kv_bytes_scoring"] == 1000 * hkv * D * 4
     assert c["kv_bytes_attention"] == (4 + 40 + 64) * hkv * row
     token.select(cache.ctx(q, ["a"], requests))  # the same query: a hit, no scoring
-    assert c["selection_hits"] == 1 and c["kv_bytes_scoring"] == 1000 * hkv * D * 4
+    assert c["selection_hits"] == hkv and c["kv_bytes_scoring"] == 1000 * hkv * D * 4
     assert c["kv_bytes_attention"] == 2 * (4 + 40 + 64) * hkv * row

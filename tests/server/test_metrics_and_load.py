@@ -76,7 +76,7 @@ def test_lcx_series_on_the_servers_metrics_match_the_requests_sent(metrics_serve
 
 
 def test_concurrent_streams_with_aborts_end_cleanly_and_the_server_recovers(metrics_server):
-    result = run_load(metrics_server, "smollm2", mixed_lengths(10, 100, 1800), max_tokens=16, abort_every=5,
+    result = run_load(metrics_server, "smollm2", mixed_lengths(10, 100, 1000), max_tokens=16, abort_every=5,
                       timeout_s=900)
     assert problems(result) == []
     aborted = [s for s in result["streams"] if s["aborted"]]

@@ -27,6 +27,17 @@ def test_choice_per_cpu(cpu, bind, dtype):
     assert cpu.model in s.line(cpu) and f"dtype={dtype}" in s.line(cpu)
 
 
+@pytest.mark.parametrize("cores, want", [(1, "0|0|0"), (2, "0|1|0"), (3, "0|1|2"), (7, "0-1|2-3|4-5")])
+def test_tensor_parallel_ranks_get_one_cpu_list_each(cores, want):
+    """vLLM binds one list per rank and refuses auto binding for more ranks than NUMA nodes."""
+    s = choose(AVX2_EPYC, environ={}).for_ranks(3, cores=cores)
+    assert s.bind == want and s.env() == {"VLLM_CPU_OMP_THREADS_BIND": want}
+    assert "split over 3 ranks" in s.bind_source and s.dtype == "float32"
+    assert choose(AVX2_EPYC, environ={}).for_ranks(1).bind == "0-1"
+    for given in ("0|1|1", "nobind"):
+        assert choose(AVX2_EPYC, bind=given, environ={}).for_ranks(3).bind == given
+
+
 def test_explicit_override_wins_then_environment():
     env = {"LCX_CPU_BIND": "nobind", "LCX_DTYPE": "bfloat16"}
     s = choose(AVX2_EPYC, environ=env)

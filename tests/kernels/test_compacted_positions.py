@@ -1,0 +1,150 @@
+"""Compacted positions: the torch twin re-rotates what each row reads so that its candidates sit
+side by side (``kernels/paged/torch_impl.py``), against a float64 reference that applies RoPE at
+those positions to the **pre-RoPE** queries and keys (``compacted_attention_reference``).
+
+Fresh random inputs every run (the seed is in the failure message); outputs poisoned with NaN
+first; every cache slot nobody owns holds NaN.
+"""
+import pytest
+import torch
+
+from lcx_plugin.kernels.paged import BatchPlan, Selection, paged_attention
+from lcx_plugin.kernels.paged.reference import compacted_attention_reference
+from lcx_plugin.kernels.paged.rope import Rope
+
+from .paged_cases import empty_format, random_lists
+
+TOL = 2e-4
+ROPES = {
+    "neox_default": Rope.standard(64, 10000.0),
+    "neox_theta_1e5_linear_x4": Rope.standard(64, 100000.0, position_scale=4.0),
+    "gptj_theta_5e5_partial": Rope.standard(64, 500000.0, rotary_dim=32, neox=False),
+}
+
+
+def _seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def _problem(seq_lens, query_lens, hq, hkv, bs, rope, seed, head_dim=64):
+    """Pre-RoPE q0/k0/v, and what the engine hands the kernel: a cache of keys rotated at their
+    absolute positions and queries rotated at theirs."""
+    g = torch.Generator().manual_seed(seed)
+    pages = [-(-s // bs) for s in seq_lens]
+    num_blocks = sum(pages) + 2
+    perm = torch.randperm(num_blocks, generator=g)
+    table = torch.full((len(seq_lens), max(pages) + 1), num_blocks - 1, dtype=torch.int32)
+    kv = empty_format("plain", num_blocks, hkv, bs, head_dim, torch.float32)
+    keys0, values, used = [], [], 0
+    for b, (s, n) in enumerate(zip(seq_lens, pages)):
+        table[b, :n] = perm[used: used + n].to(torch.int32)
+        used += n
+        slots = table[b, torch.arange(s) // bs].long() * bs + torch.arange(s) % bs
+        k0, v = torch.randn(s, hkv, head_dim, generator=g), torch.randn(s, hkv, head_dim, generator=g)
+        kv.write(rope.rotate(k0, torch.arange(s)[:, None]), v, slots)
+        keys0.append(k0)
+        values.append(v)
+    q0 = torch.randn(sum(query_lens), hq, head_dim, generator=g)
+    positions = torch.cat([torch.arange(s - q, s) for s, q in zip(seq_lens, query_lens)])
+    query = rope.rotate(q0, positions[:, None])
+    return q0, query, keys0, values, kv, BatchPlan.from_lists(query_lens, seq_lens, table), head_dim ** -0.5
+
+
+def _selection(plan, kv, granularity, keep, seed, **kw):
+    class P:  # what random_lists reads
+        pass
+    p = P()
+    p.kv, p.plan = kv, plan
+    qb = kw.get("query_block", 0)
+    nqb = 1 if qb == 0 else -(-plan.max_query_len // qb)
+    indices, counts = random_lists(p, granularity, keep, seed, nqb)
+    return Selection.build(plan.num_seqs, kv.num_kv_heads, granularity=granularity, indices=indices, counts=counts, **kw)
+
+
+# (name, seq_lens, query_lens, hq, hkv, block, granularity, keep, selection kwargs)
+CASES = [
+    ("decode_token_lists", [90, 41, 300], [1, 1, 1], 6, 2, 16, "token", 0.15, dict(sink=4, window=8)),
+    ("decode_page_lists", [90, 41, 300], [1, 1, 1], 6, 2, 16, "page", 0.3, dict(sink=4, window=8)),
+    ("chunked_prefill_page_lists", [120, 75], [40, 75], 4, 2, 8, "page", 0.3, dict(sink=3, window=10)),
+    ("chunked_prefill_token_lists", [120, 75], [33, 20], 4, 1, 8, "token", 0.2, dict(sink=2, window=5)),
+    ("query_blocks", [100, 64], [48, 64], 4, 2, 8, "page", 0.4, dict(sink=1, window=6, query_block=16)),
+    ("long_decode_far_positions", [3000], [1], 3, 1, 64, "token", 0.02, dict(sink=16, window=32)),
+]
+
+
+@pytest.mark.parametrize("rope_name", list(ROPES))
+@pytest.mark.parametrize("name, lens, qlens, hq, hkv, bs, gran, keep, kw", CASES, ids=[c[0] for c in CASES])
+def test_compacted_attention_matches_the_float64_reference(name, lens, qlens, hq, hkv, bs, gran, keep, kw, rope_name):
+    rope, seed = ROPES[rope_name], _seed()
+    q0, query, keys0, values, kv, plan, scale = _problem(lens, qlens, hq, hkv, bs, rope, seed)
+    sel = _selection(plan, kv, gran, keep, seed + 1, **kw)
+    expected = compacted_attention_reference(q0, keys0, values, plan, scale, sel, rope, bs)
+    out = torch.full_like(query, float("nan"))
+    paged_attention(query, kv, plan, scale, out, sel, impl="torch", rope=rope)
+    assert not torch.isnan(out).any(), f"seed={seed}: rows unwritten or NaN read"
+    err = (out.double() - expected).abs().max().item()
+    assert err < TOL, f"seed={seed}: max abs error {err:.3g}"
+    # And it is not the uncompacted attention: the positions really moved.
+    plain = torch.empty_like(query)
+    paged_attention(query, kv, plan, scale, plain, sel, impl="torch")
+    assert (plain.double() - expected).abs().max().item() > 10 * TOL, f"seed={seed}: compaction changed nothing"
+
+
+def test_per_head_windows_and_dense_marks():
+    """Each (sequence, KV head) its own sink, window, list and dense mark, as a head split makes them."""
+    rope, seed = ROPES["neox_default"], _seed()
+    q0, query, keys0, values, kv, plan, scale = _problem([70, 130, 20], [9, 1, 20], 6, 3, 8, rope, seed)
+    g = torch.Generator().manual_seed(seed)
+    base = _selection(plan, kv, "token", 0.2, seed + 1)
+    sel = Selection.build(3, 3, granularity="token", indices=base.indices, counts=base.counts,
+                          sink=torch.randint(0, 6, (3, 3), generator=g), window=torch.randint(1, 12, (3, 3), generator=g),
+                          dense=torch.rand(3, 3, generator=g) < 0.4)
+    expected = compacted_attention_reference(q0, keys0, values, plan, scale, sel, rope, 8)
+    out = torch.full_like(query, float("nan"))
+    paged_attention(query, kv, plan, scale, out, sel, impl="torch", rope=rope)
+    assert (out.double() - expected).abs().max().item() < TOL, f"seed={seed}"
+
+
+@pytest.mark.parametrize("qlens", [[1, 1], [37, 5]], ids=["decode", "prefill"])
+def test_a_selection_that_moves_nothing_is_exactly_dense(qlens):
+    """Dense marks, every token listed, or a window covering the context: identity positions, and
+    the output equals dense attention bit for bit."""
+    rope, seed = ROPES["neox_default"], _seed()
+    _, query, _, _, kv, plan, scale = _problem([37, 70], qlens, 6, 2, 16, rope, seed)
+    dense = torch.empty_like(query)
+    paged_attention(query, kv, plan, scale, dense, impl="torch")
+    everything = torch.arange(70, dtype=torch.int32).expand(2, 2, 70).contiguous()
+    counts = torch.tensor(plan.lens, dtype=torch.int32)[:, None].expand(2, 2).contiguous()
+    for sel in (Selection.build(2, 2, dense=True),
+                Selection.build(2, 2, granularity="token", indices=everything, counts=counts, window=1),
+                Selection.build(2, 2, window=1000)):
+        out = torch.full_like(query, float("nan"))
+        paged_attention(query, kv, plan, scale, out, sel, impl="torch", rope=rope)
+        unrotated = torch.empty_like(query)
+        paged_attention(query, kv, plan, scale, unrotated, sel, impl="torch")
+        assert torch.equal(out, unrotated), f"seed={seed}: {sel}"
+        torch.testing.assert_close(out, dense, rtol=0, atol=1e-6)
+
+
+def test_a_window_of_zero_and_the_triton_kernel_are_refused():
+    rope = ROPES["neox_default"]
+    _, query, _, _, kv, plan, scale = _problem([40], [8], 4, 2, 8, rope, 0)
+    out = torch.empty_like(query)
+    with pytest.raises(ValueError, match="window of at least 1"):
+        paged_attention(query, kv, plan, scale, out, Selection.build(1, 2, sink=4), impl="torch", rope=rope)
+    with pytest.raises(NotImplementedError, match="torch twin"):
+        paged_attention(query, kv, plan, scale, out, Selection.build(1, 2, sink=4, window=4), impl="triton", rope=rope)
+
+
+def test_rope_rotation_composes_and_matches_the_pairing_style():
+    """R(a) R(b) = R(a + b) for both styles; neox pairs dimension i with i + r/2, GPT-J 2i with 2i+1."""
+    x = torch.randn(5, 64, dtype=torch.float64)
+    for rope in ROPES.values():
+        torch.testing.assert_close(rope.rotate(rope.rotate(x, torch.tensor(7.0)), torch.tensor(-3.0)),
+                                   rope.rotate(x, torch.tensor(4.0)))
+        torch.testing.assert_close(rope.rotate(x, torch.tensor(0.0)), x, rtol=0, atol=0)
+    neox, gptj = Rope.standard(4, 1.0, neox=True), Rope.standard(4, 1.0, neox=False)
+    e0 = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    half_pi = torch.tensor(torch.pi / 2 / 1.0)  # inv_freq[0] = 1: a quarter turn
+    torch.testing.assert_close(neox.rotate(e0, half_pi), torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(gptj.rotate(e0, half_pi), torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64))
