@@ -18,6 +18,7 @@ import torch
 
 from lcx_plugin.config import LcxConfig
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, paged_attention
+from lcx_plugin.kernels.paged.rope import Rope
 from lcx_plugin.kernels.paged.window import window_attention
 from lcx_plugin.metrics import Metrics
 from lcx_plugin.selectors import LayerInfo, SelectContext, Selector
@@ -88,7 +89,7 @@ class LayerCore:
 
     def __init__(self, index: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  config: LcxConfig, impl: str, requests: RequestStates | None = None,
-                 info: LayerInfo | None = None) -> None:
+                 info: LayerInfo | None = None, rope: Rope | None = None) -> None:
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads=} must be a multiple of {num_kv_heads=}")
         self.index = index
@@ -103,6 +104,10 @@ class LayerCore:
         self.layer_data = self.selector.prepare_layer(self.info)
         self.split: SplitStorage | None = None
         self.metrics: Metrics | None = None  # the process's lcx metrics, when the adapter records them
+        # The model's RoPE, when the selector extrapolates: selections are read at compacted positions.
+        self.rope = rope if getattr(self.selector, "extrapolate", False) else None
+        if getattr(self.selector, "extrapolate", False) and rope is None:
+            raise ValueError(f"lcx: method {self.selector.name!r} extrapolates but the adapter gave no RoPE description")
 
     def store_apart(self) -> "SplitStorage":
         """For an adapter that keeps a head split's streaming heads in storage of their own (only
@@ -192,10 +197,11 @@ class LayerCore:
         selection = self.selector.select(ctx)
         o = out[: step.sparse.num_tokens] if rows is None else torch.empty_like(q)
         if (page_kernel is not None and selection is not None and step.sparse.max_query_len == 1
-                and selection.only_page_lists):
+                and selection.only_page_lists and self.rope is None):
             page_kernel(q, o, step.sparse, selection)
         else:
-            paged_attention(q, kv, step.sparse, self.scale, o, selection, impl=self.impl)
+            impl = "torch" if self.rope is not None and selection is not None else self.impl
+            paged_attention(q, kv, step.sparse, self.scale, o, selection, impl=impl, rope=self.rope)
         if rows is not None:
             out.index_copy_(0, rows, o)
         if self.metrics is not None:

@@ -106,6 +106,7 @@ class LcxAttentionBackend(AttentionBackend):
         vllm_config = get_current_vllm_config_or_none()
         if vllm_config is not None and getattr(vllm_config, "model_config", None) is not None:
             reasons += config.selector.check_model(compat.model_shape(vllm_config))
+            reasons += compat.length_reasons(config.selector, vllm_config)
         if config.kernel == "triton" and not torch.cuda.is_available() and not machine.triton_interpreted():
             reasons.append("lcx config: kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1, for tests); "
                            "on CPU use kernel 'auto'")
@@ -191,6 +192,8 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
         # Built with the model, while vLLM's config and tensor-parallel groups are current.
         shape = compat.model_shape(get_current_vllm_config())
         self.placement = (shape, compat.kv_head_offset(self.num_kv_heads, shape.num_kv_heads))
+        self.rope = compat.rope_for(get_current_vllm_config()) if getattr(self.config.selector, "extrapolate", False) \
+            else None
         self.kernel: str | None = None  # resolved on first use, when the device is known
         self.isa: str | None = None
         self.core: LayerCore | None = None
@@ -209,7 +212,7 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
             index = compat.layer_index(layer.layer_name)
             info = LayerInfo(index, self.num_kv_heads, self.head_size, *self.placement)
             self.core = LayerCore(index, self.num_heads, self.num_kv_heads, self.head_size, self.scale, self.config,
-                                  impl, REQUESTS, info)
+                                  impl, REQUESTS, info, self.rope)
             self.core.metrics = recorder = metrics.worker_metrics(self.config)
             if recorder is not None:
                 kv = self._kv(kv_cache)

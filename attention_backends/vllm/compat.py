@@ -132,3 +132,89 @@ def batch_identity(num_reqs: int) -> list[str] | None:
     if runner is None:
         return None
     return list(runner.input_batch.req_ids[:num_reqs])
+
+
+#: Architectures whose vLLM model code applies neox-style RoPE to every layer's q and k (the
+#: pairing ``compat.rope_for`` assumes); others are refused for ``extrapolate`` at startup.
+NEOX_ROPE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+#: RoPE types whose rotation is a plain rotation by ``position x inv_freq``: re-applying it by a
+#: position difference is exact. (YaRN scales cos/sin, dynamic NTK changes with the length, mrope
+#: has several position streams: none composes that way.)
+REPOSITIONABLE_ROPE = ("default", "llama3", "linear")
+
+
+def rope_for(vllm_config):
+    """The served model's RoPE as lcx's ``Rope``, with vLLM's own inverse frequencies; raises
+    ValueError naming what cannot be re-positioned."""
+    import torch
+
+    from lcx_plugin.kernels.paged.rope import Rope
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    m = vllm_config.model_config
+    arch = (getattr(m.hf_config, "architectures", None) or ["?"])[0]
+    if arch not in NEOX_ROPE_ARCHITECTURES:
+        raise ValueError(f"lcx config: extrapolate re-applies RoPE, which lcx knows for {list(NEOX_ROPE_ARCHITECTURES)}; "
+                         f"{arch} is not among them")
+    text = m.hf_text_config
+    params = dict(getattr(text, "rope_parameters", None) or {})
+    kind = params.get("rope_type", "default")
+    if kind not in REPOSITIONABLE_ROPE:
+        raise ValueError(f"lcx config: extrapolate cannot re-position rope_type {kind!r} (supported: "
+                         f"{list(REPOSITIONABLE_ROPE)}): its rotation does not compose by position differences")
+    head = m.get_head_size()
+    rope = get_rope(head, max_position=text.max_position_embeddings, is_neox_style=True, rope_parameters=params,
+                    dtype=torch.float32)
+    inv = rope._compute_inv_freq(rope.base).double().cpu()
+    if kind == "linear":
+        factors = getattr(rope, "scaling_factors", [1.0])
+        if len(factors) != 1:
+            raise ValueError(f"lcx config: extrapolate takes one linear RoPE scaling factor, got {factors}")
+        inv = inv / float(factors[0])
+    return Rope(head, rope.rotary_dim, inv, neox=True)
+
+
+def trained_length(vllm_config) -> int:
+    """The positions the model was trained on: its config's ``max_position_embeddings``, read from
+    the checkpoint itself when ``hf_overrides`` raised it (as serving past it requires)."""
+    m = vllm_config.model_config
+    overrides = m.hf_overrides if isinstance(m.hf_overrides, dict) else {}
+    nested = overrides.get("text_config") if isinstance(overrides.get("text_config"), dict) else {}
+    if "max_position_embeddings" in overrides or "max_position_embeddings" in nested:
+        from transformers import AutoConfig
+
+        original = AutoConfig.from_pretrained(m.model, trust_remote_code=m.trust_remote_code)
+        return int(original.get_text_config().max_position_embeddings)
+    return int(m.hf_text_config.max_position_embeddings)
+
+
+def length_reasons(selector, vllm_config) -> list[str]:
+    """Why ``selector`` cannot serve the engine's ``max_model_len`` (empty: it can): past the
+    trained length only an extrapolating method may, and only if what one query attends fits in it."""
+    m = vllm_config.model_config
+    max_len, trained = int(m.max_model_len), trained_length(vllm_config)
+    extrapolate = bool(getattr(selector, "extrapolate", False))
+    name = _model_name(m.model)
+    if max_len > trained and not extrapolate:
+        return [f"lcx config: --max-model-len {max_len} is past {name}'s trained length of {trained} positions, and "
+                f"method {selector.name!r} would attend at positions the model never saw. Serve within {trained}, or "
+                "use a method that extrapolates: {\"method\": \"hip\", \"dense_layers\": [], \"extrapolate\": true} "
+                "or {\"method\": \"streaming\", \"extrapolate\": true}"]
+    if not extrapolate:
+        return []
+    try:
+        rope_for(vllm_config)
+    except ValueError as e:
+        return [str(e)]
+    block = int(getattr(vllm_config.cache_config, "block_size", None) or 16)
+    longest = selector.longest_attended(max_len, block)
+    if longest > trained:
+        return [f"lcx config: at --max-model-len {max_len} one query of {selector.name!r} attends up to {longest} "
+                f"tokens (sink + window + budget), past {name}'s trained length of {trained}: lower them"]
+    return []
+
+
+def _model_name(model) -> str:
+    from pathlib import Path
+
+    return Path(str(model).rstrip("/")).name

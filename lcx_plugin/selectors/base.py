@@ -190,16 +190,31 @@ class WindowedSelector(Selector):
     sink: attention-sink tokens kept at the start (StreamingLLM).
     window: recent tokens kept before and including each query, at least 1.
     min_context: contexts shorter than this many tokens stay dense.
+    extrapolate: read each query's tokens at compacted positions (sinks, then selected tokens, then
+        the window, side by side), so that no query-key distance exceeds what it attends: prompts
+        past the model's trained length (methods with ``extrapolates``).
     """
+
+    #: Why this method cannot extrapolate (None: it can). A method can when every row it serves
+    #: past the trained length, prefill included, attends through a selection.
+    no_extrapolation: ClassVar[str | None] = "it does not select at every row"
 
     sink: int = 64
     window: int = 1024
     min_context: int = 0
+    extrapolate: bool = False
 
     def __post_init__(self) -> None:
         require(self.sink >= 0, f"lcx config: sink={self.sink} must be >= 0")
         require(self.window >= 1, f"lcx config: window={self.window} must be >= 1 (it holds the query's own token)")
         require(self.min_context >= 0, f"lcx config: min_context={self.min_context} must be >= 0")
+        require(not self.extrapolate or self.no_extrapolation is None,
+                f"lcx config: method {self.name!r} cannot extrapolate: {self.no_extrapolation}")
+
+    def longest_attended(self, seq_len: int, block_size: int) -> int:
+        """The most tokens one query of a ``seq_len``-token context attends: with compacted
+        positions, the largest query-key distance the model sees."""
+        return min(seq_len, self.sink + self.window)
 
     def dense_rows(self, plan: BatchPlan) -> list[bool]:
         # Every row of a sequence no longer than sink + window sees its whole context anyway.
@@ -241,6 +256,10 @@ class TopKSelector(WindowedSelector):
         """How many of ``units`` candidates to keep."""
         k = self.budget if isinstance(self.budget, int) else max(1, round(self.budget * units))
         return min(k, units)
+
+    def longest_attended(self, seq_len: int, block_size: int) -> int:
+        # Page granularity keeps whole pages: the budget rounded up to pages, plus one partial page.
+        return min(seq_len, self.sink + self.window + self.budget_for(seq_len) + block_size)
 
 
 def top_k(scores: torch.Tensor, k: int, eligible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,6 +73,7 @@ class HeadSplit(WindowedSelector):
     """
 
     name: ClassVar[str] = "head_split"
+    no_extrapolation: ClassVar[str | None] = "its retrieval heads attend densely, at absolute positions"
     short_context_example: ClassVar[dict] = {"streaming_fraction": 0.67, "sink": 16, "window": 128}
     sink: int = 64
     window: int = 256

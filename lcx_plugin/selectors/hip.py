@@ -52,11 +52,12 @@ class HiP(TopKSelector):
     query_block: prompt rows that share one page search in prefill (a multiple of 16).
     refresh_every: decode steps a request's pages are reused before they are searched again
         (1: every step).
-    dense_layers: layer indices that stay dense.
-    sink, window, min_context: as for every windowed method.
+    dense_layers: layer indices that stay dense (none with ``extrapolate``).
+    sink, window, min_context, extrapolate: as for every windowed method.
     """
 
     name: ClassVar[str] = "hip"
+    no_extrapolation: ClassVar[str | None] = None  # a search per query block in prefill, per request in decode
     short_context_example: ClassVar[dict] = {"sink": 16, "window": 128, "budget": 256, "dense_layers": [0]}
     selection_follows_chunks: ClassVar[bool] = True
     needs_page_summaries: ClassVar[bool] = True
@@ -81,6 +82,9 @@ class HiP(TopKSelector):
                                                           for x in layers),
                 f"lcx config: dense_layers={layers!r} must be a list of layer indices (ints >= 0)")
         object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
+        require(not (self.extrapolate and self.dense_layers),
+                f"lcx config: hip with extrapolate needs dense_layers [] (got {list(self.dense_layers)}): a dense "
+                "layer attends at absolute positions, past the trained length too")
 
     def check_model(self, model: ModelShape) -> list[str]:
         bad = [x for x in self.dense_layers if x >= model.num_layers]
@@ -94,6 +98,9 @@ class HiP(TopKSelector):
     # -- which sequences need a selection -------------------------------------------------------
     def dense_rows(self, plan: BatchPlan) -> list[bool]:
         return [s < self.min_context or s <= self.sink + self.window + self.budget_for(s) for s in plan.lens]
+
+    def longest_attended(self, seq_len: int, block_size: int) -> int:
+        return min(seq_len, self.sink + self.window + self.pages_for(seq_len, block_size) * block_size + block_size)
 
     def pages_for(self, seq_len: int, block_size: int) -> int:
         """The search's ``k``: the budget in whole pages."""

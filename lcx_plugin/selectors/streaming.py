@@ -23,10 +23,12 @@ class Streaming(WindowedSelector):
     """Attention sinks plus a recent window on every head (StreamingLLM).
 
     sink: tokens kept at the start; window: recent tokens per query (its own included);
-    min_context: contexts shorter than this stay dense.
+    min_context: contexts shorter than this stay dense; extrapolate: compacted positions (sinks
+    right before the window), for prompts past the trained length.
     """
 
     name: ClassVar[str] = "streaming"
+    no_extrapolation: ClassVar[str | None] = None  # sinks + window at every row, prefill included
     short_context_example: ClassVar[dict] = {"sink": 16, "window": 128}
 
     def select(self, ctx: SelectContext) -> Selection:

@@ -81,6 +81,8 @@ class TokenSelect(TopKSelector):
     """
 
     name: ClassVar[str] = "token_select"
+    no_extrapolation: ClassVar[str | None] = ("it prefills dense, so a prompt past the trained length would be read at "
+                                              "positions the model never saw (use hip or streaming)")
     short_context_example: ClassVar[dict] = {"sink": 16, "window": 128, "budget": 128}
     needs_request_state: ClassVar[bool] = True
 

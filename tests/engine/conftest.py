@@ -64,6 +64,10 @@ ARMS = {
     "hip": dict(backend="lcx", lcx=HIP, engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False}),
     # A budget covering every context: every sequence stays dense, on the engine's own op.
     "hip_wide": dict(backend="lcx", lcx={**HIP, "budget": 1.0}),
+    # Streaming at compacted positions (sinks right before the window), a 1,000-token prompt:
+    # against the float32 reference read the same way (tests/engine/test_extrapolation.py).
+    "streaming_extrapolate": dict(backend="lcx", lcx={**STREAMING, "extrapolate": True}, engine=CHUNKED,
+                                  prompts=[SELECT_PROMPTS[5]], max_tokens=16),
     # A budget covering every context: decode stays dense, on the engine's own op.
     "token_select_wide": dict(backend="lcx", lcx={**TOKEN_SELECT, "budget": 1.0}),
     # Quantized pages (lcx's torch twin reads them), composed with a head split too: a short

@@ -15,8 +15,9 @@ import torch
 # window None: dense; streaming: [layers, Hkv] bool; select: a TokenSelect statement (see token_logprobs);
 # kv_quant: (bits, group_size) of quantized pages, every key and value read back as stored;
 # kv_noise: relative noise put on keys and values before they are quantized (seeded per layer)
+# compact: every visible key read at its compacted position (see _compacted_scores)
 _MASK = {"sink": 0, "window": None, "streaming": None, "select": None, "kv_quant": None, "kv_noise": 0.0,
-         "hip": None}
+         "hip": None, "compact": False}
 
 
 def _token_select(scores: torch.Tensor, visible: torch.Tensor, group: int) -> torch.Tensor:
@@ -141,9 +142,49 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         visible = _token_select(scores, visible[None, None].expand(1, scores.shape[1], t, t), group)
     if _MASK["hip"] is not None:
         visible = _hip(query, key, visible, group, module.layer_idx)[None]
+    if _MASK["compact"]:
+        scores = _compacted_scores(scores, query, key, visible.expand(1, query.shape[1], t, t),
+                                   scaling if scaling is not None else query.shape[-1] ** -0.5)
     scores = scores.masked_fill(~visible, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ value
     return out.transpose(1, 2).contiguous(), None
+
+
+def _compacted_scores(scores, query, key, visible, scaling):
+    """``scores`` with each row's visible keys at compacted positions: row i's visible keys, in
+    order, sit at 0, 1, ... and the row itself at its own rank, so key j is ``d_ij`` = (visible keys
+    in (j, i]) before it instead of ``i - j``. transformers has already rotated q and k at their
+    absolute positions (neox pairs: dimension f with f + D/2), so the pair is turned by the
+    difference ``g = (i - j) - d_ij``: ``q . R(g) k = sum_f cos(g w_f) (qa ka + qb kb) +
+    sin(g w_f) (qb ka - qa kb)``, with the model's own inverse frequencies ``w``. Only key columns
+    where some pair moves are recomputed (for sinks + window: the sinks)."""
+    inv_freq = _ROTARY["inv_freq"]
+    t, half = query.shape[2], query.shape[-1] // 2
+    vis = visible[0]  # [H, T, T]
+    if bool((vis == vis[:1]).all()):
+        vis = vis[:1]  # the same on every head: computed once
+    upto = vis.to(torch.int32).cumsum(-1, dtype=torch.int32)
+    d = torch.diagonal(upto, dim1=-2, dim2=-1)[..., None] - upto  # visible keys in (j, i]
+    shift = (torch.arange(t, dtype=torch.int32)[:, None] - torch.arange(t, dtype=torch.int32)[None, :]) - d
+    shift = shift.masked_fill_(~vis, 0)
+    cols = torch.nonzero((shift != 0).any(0).any(0)).flatten()
+    if cols.numel() == 0:
+        return scores
+    g = shift[:, :, cols].double()  # [H or 1, T, C]
+    q, k = query[0].double(), key[0][:, cols].double()
+    qa, qb, ka, kb = q[..., :half], q[..., half:], k[..., :half], k[..., half:]
+    out = torch.zeros(q.shape[0], t, cols.numel(), dtype=torch.float64)
+    for f in range(half):
+        dot = qa[..., f, None] * ka[..., None, :, f] + qb[..., f, None] * kb[..., None, :, f]
+        cross = qb[..., f, None] * ka[..., None, :, f] - qa[..., f, None] * kb[..., None, :, f]
+        angle = g * float(inv_freq[f])
+        out += torch.cos(angle) * dot + torch.sin(angle) * cross
+    scores = scores.clone()
+    scores[0][:, :, cols] = (out * scaling).to(scores.dtype)
+    return scores
+
+
+_ROTARY: dict = {}
 
 
 @functools.cache
@@ -152,6 +193,7 @@ def _model(path: str):
 
     AttentionInterface.register("lcx_reference", _attention)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="lcx_reference")
+    _ROTARY["inv_freq"] = model.model.rotary_emb.inv_freq.double().clone()
     return model.eval()
 
 
@@ -161,22 +203,23 @@ _CACHE: dict[tuple, list[float]] = {}  # the same restriction of the same tokens
 @torch.no_grad()
 def token_logprobs(path: str, token_ids: list[int], sink: int = 0, window: int | None = None,
                    streaming: torch.Tensor | None = None, select: dict | None = None,
-                   kv_quant: tuple[int, int] | None = None, kv_noise: float = 0.0, hip: dict | None = None) -> list[float]:
+                   kv_quant: tuple[int, int] | None = None, kv_noise: float = 0.0, hip: dict | None = None,
+                   compact: bool = False) -> list[float]:
     """``out[i]`` = log p(token_ids[i+1] | token_ids[:i+1]) under the restricted attention (on the
     heads marked in ``streaming`` ``[layers, kv_heads]`` only, when given). ``select``: TokenSelect
     at decode, ``{"from": first selected row, "sink", "window", "k": seq_len -> tokens kept}``
     (rows before ``from``, the prefill, stay dense). ``kv_quant``: every key and value as quantized
     pages of ``(bits, group_size)`` store it, after relative noise ``kv_noise`` on their inputs (the
     arithmetic noise of an engine, to measure how much a format amplifies it). ``hip``: HiP's
-    selection (see ``_hip``)."""
+    selection (see ``_hip``). ``compact``: the visible keys at compacted positions."""
     key = None
     if select is None and hip is None:  # a TokenSelect statement holds a function: never cached
         mask = None if streaming is None else tuple(streaming.flatten().tolist())
-        key = (path, tuple(token_ids), sink, window, mask, kv_quant, kv_noise)
+        key = (path, tuple(token_ids), sink, window, mask, kv_quant, kv_noise, compact)
         if key in _CACHE:
             return list(_CACHE[key])
     logp = _next_token_logp(path, token_ids, sink=sink, window=window, streaming=streaming, select=select,
-                            kv_quant=kv_quant, kv_noise=kv_noise, hip=hip)
+                            kv_quant=kv_quant, kv_noise=kv_noise, hip=hip, compact=compact)
     out = logp.gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0].tolist()
     if key is not None:
         _CACHE[key] = list(out)
@@ -186,11 +229,11 @@ def token_logprobs(path: str, token_ids: list[int], sink: int = 0, window: int |
 def _next_token_logp(path: str, token_ids: list[int], **mask) -> torch.Tensor:
     """``[len - 1, vocab]`` float32: the log-distribution of each next token."""
     _MASK.update({"sink": 0, "window": None, "streaming": None, "select": None, "kv_quant": None, "kv_noise": 0.0,
-                  "hip": None, **mask})
+                  "hip": None, "compact": False, **mask})
     try:
         logits = _model(path)(torch.tensor([token_ids])).logits[0, :-1].float()
     finally:
-        _MASK.update(kv_quant=None, select=None, kv_noise=0.0, hip=None)
+        _MASK.update(kv_quant=None, select=None, kv_noise=0.0, hip=None, compact=False)
     return torch.log_softmax(logits, dim=-1)
 
 

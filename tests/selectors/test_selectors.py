@@ -102,8 +102,9 @@ class _Wrapper(WindowedSelector):
 def test_composition_builds_the_inner_method_from_its_own_object():
     w = _Wrapper.from_dict({"sink": 2, "inner": {"method": "streaming", "window": 16}})
     assert w.inner == selectors.get("streaming")(window=16)
-    assert w.to_dict() == {"sink": 2, "window": 1024, "min_context": 0,
-                           "inner": {"method": "streaming", "sink": 64, "window": 16, "min_context": 0}}
+    assert w.to_dict() == {"sink": 2, "window": 1024, "min_context": 0, "extrapolate": False,
+                           "inner": {"method": "streaming", "sink": 64, "window": 16, "min_context": 0,
+                                     "extrapolate": False}}
     with pytest.raises(LcxConfigError, match=r"\(inner\): unknown key\(s\) \['windw'\]"):
         _Wrapper.from_dict({"inner": {"method": "streaming", "windw": 16}})
     with pytest.raises(LcxConfigError, match='inner needs a "method"'):

@@ -17,7 +17,8 @@ def test_default_is_dense():
 def test_method_parameters_are_validated_and_defaulted():
     cfg = LcxConfig.from_dict({"method": "streaming", "window": 256})
     assert cfg.selector == get("streaming")(sink=64, window=256, min_context=0)
-    assert cfg.to_dict() == {"method": "streaming", "kernel": "auto", "sink": 64, "window": 256, "min_context": 0}
+    assert cfg.to_dict() == {"method": "streaming", "kernel": "auto", "sink": 64, "window": 256, "min_context": 0,
+                             "extrapolate": False}
     assert LcxConfig.from_dict(cfg.to_dict()) == cfg  # round trip
 
 
@@ -35,7 +36,7 @@ def test_additional_config_and_env_inline_and_file(tmp_path):
     [
         ({"lcx": {"bogus": 1}}, r"unknown key\(s\) \['bogus'\] for method 'dense'; valid keys are \['kernel', 'kv_format', 'kv_group_size', 'method'\]"),
         ({"lcx": {"method": "streaming", "windw": 3}},
-         r"unknown key\(s\) \['windw'\] for method 'streaming'; valid keys are \['kernel', 'kv_format', 'kv_group_size', 'method', 'min_context', 'sink', 'window'\]"),
+         r"unknown key\(s\) \['windw'\] for method 'streaming'; valid keys are \['extrapolate', 'kernel', 'kv_format', 'kv_group_size', 'method', 'min_context', 'sink', 'window'\]"),
         ({"lcx": {"method": "magic"}}, r"method='magic' is not one of \['dense', 'head_split', 'hip', 'streaming'"),
         ({"lcx": {"method": 3}}, r"method=3 must be a string"),
         ({"lcx": {"kernel": 3}}, r"kernel=3 must be a string"),
@@ -106,3 +107,15 @@ def test_cli_lists_the_engine_keys_with_the_methods(capsys):
     assert main(["config", "--methods"]) == 0
     out = capsys.readouterr().out
     assert "token_select:" in out and "kv_format='auto' (one of ['auto', 'int8', 'int4'])" in out, out
+
+
+def test_extrapolate_only_where_the_method_selects_at_every_row():
+    assert LcxConfig.from_dict({"method": "streaming", "extrapolate": True}).selector.extrapolate
+    assert LcxConfig.from_dict({"method": "hip", "dense_layers": [], "extrapolate": True}).selector.extrapolate
+    for bad, why in (({"method": "token_select", "extrapolate": True}, "prefills dense"),
+                     ({"method": "head_split", "extrapolate": True}, "retrieval heads attend densely"),
+                     ({"method": "hip", "extrapolate": True}, "dense_layers"),
+                     ({"method": "streaming", "extrapolate": 1}, "must be bool"),
+                     ({"method": "dense", "extrapolate": True}, "unknown key")):
+        with pytest.raises(LcxConfigError, match=why):
+            LcxConfig.from_dict(bad)
