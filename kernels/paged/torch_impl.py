@@ -14,7 +14,7 @@ side, the query right after its window, so no query-key distance exceeds the num
 attended. A candidate at ``p_j`` seen from the row at ``p_i`` is rotated by the number of
 non-candidates between them, ``g_ij``. The window is contiguous, so only keys before a row's window
 move, and there ``g_ij = u(p_i - window) - u(p_j)`` with ``u(x)`` the positions ``<= x`` that are
-neither sinks nor listed: the rotation splits into one per row and one per key, two more matmuls
+neither sinks nor listed (less one where a row without a window does not list itself): the rotation splits into one per row and one per key, two more matmuls
 (``_compact_scores``). Pairs with ``g_ij = 0`` keep the plain product, so a selection that moves
 nothing is exactly the uncompacted attention.
 """
@@ -155,14 +155,16 @@ def _compaction(held: torch.Tensor, pos: torch.Tensor, q_pos: torch.Tensor, wind
     """Rotations of compacted positions for one tile (see the module docstring). ``held``
     ``[Hkv, rows, L]``: the gathered positions that are sinks or listed for each row (one list per
     tile: a tile never spans query blocks, so every row holds the same ones)."""
-    if bool((window[~dense] < 1).any()):
-        raise ValueError("compacted positions need a window of at least 1 (each query attends to itself)")
     held = held[:, 0]  # [Hkv, L]
     rank = held.cumsum(1)  # held positions <= pos[j]
     key_shift = pos + 1 - rank  # u(p_j)
     edge = q_pos[None, :] - window[:, None]  # [Hkv, rows]: the last position before each row's window
     held_to_edge = (held[:, None, :] & (pos[:, None, :] <= edge[:, :, None])).sum(-1)
     row_shift = edge + 1 - held_to_edge  # u(p_i - window)
+    # Without a window a query need not attend to itself; it then sits right after its last
+    # candidate, one position nearer to all of them than u counts.
+    at_query = (held[:, None, :] & (pos[:, None, :] == q_pos[None, :, None])).any(-1)
+    row_shift = row_shift - ((window[:, None] == 0) & ~at_query).long()
     far = mask & (pos[:, None, :] <= edge[:, :, None]) & (row_shift[:, :, None] != key_shift[:, None, :])
     far &= ~dense[:, None, None]
     return far, row_shift, key_shift
@@ -188,8 +190,9 @@ def _prepare_token_row(sel: Selection, b: int, blocks: torch.Tensor, pos: int, b
     gap = torch.zeros(hkv, width, dtype=torch.int64)
     for g, c in enumerate(per_head):
         positions[g, : len(c)], live[g, : len(c)] = c, True
-        if len(c) and int(c[-1]) == pos:  # the query is its own last candidate (a window >= 1)
-            gap[g, : len(c)] = (pos - c) - torch.arange(len(c) - 1, -1, -1)
+        if len(c):  # a query that is not its own candidate sits right after the last one
+            after = torch.arange(len(c) - 1, -1, -1) + int(int(c[-1]) != pos)
+            gap[g, : len(c)] = (pos - c) - after
     return _TokenRow(blocks[positions // bs], positions % bs, live, gap)
 
 

@@ -41,6 +41,7 @@ QUANT_PROMPTS = [PROMPTS[0], PROMPTS[-1]]
 # chunk, so query blocks start at each prompt's first row.
 HIP = {"method": "hip", "sink": 16, "window": 256, "budget": 384, "query_block": 64, "refresh_every": 1,
        "dense_layers": [0]}
+HIP_EXTRAPOLATE = {**HIP, "window": 128, "budget": 128, "dense_layers": [], "extrapolate": True}
 SELECT_PROMPTS = [long_prompt(400 + 120 * i, seed=20 + i, key=str(3100 + 7 * i)) for i in range(8)]
 
 ARMS = {
@@ -68,6 +69,10 @@ ARMS = {
     # against the float32 reference read the same way (tests/engine/test_extrapolation.py).
     "streaming_extrapolate": dict(backend="lcx", lcx={**STREAMING, "extrapolate": True}, engine=CHUNKED,
                                   prompts=[SELECT_PROMPTS[5]], max_tokens=16),
+    # HiP at compacted positions, every layer selecting, one page beyond a 128-token window on a
+    # 640-token prompt (the compacted reference costs T^2 per layer and head in plain torch).
+    "hip_extrapolate": dict(backend="lcx", lcx=HIP_EXTRAPOLATE, prompts=[SELECT_PROMPTS[2]],
+                            engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False}),
     # A budget covering every context: decode stays dense, on the engine's own op.
     "token_select_wide": dict(backend="lcx", lcx={**TOKEN_SELECT, "budget": 1.0}),
     # Quantized pages (lcx's torch twin reads them), composed with a head split too: a short

@@ -170,10 +170,10 @@ def _compacted_scores(scores, query, key, visible, scaling):
     cols = torch.nonzero((shift != 0).any(0).any(0)).flatten()
     if cols.numel() == 0:
         return scores
-    g = shift[:, :, cols].double()  # [H or 1, T, C]
-    q, k = query[0].double(), key[0][:, cols].double()
+    g = shift[:, :, cols].float()  # [H or 1, T, C]
+    q, k = query[0].float(), key[0][:, cols].float()
     qa, qb, ka, kb = q[..., :half], q[..., half:], k[..., :half], k[..., half:]
-    out = torch.zeros(q.shape[0], t, cols.numel(), dtype=torch.float64)
+    out = torch.zeros(q.shape[0], t, cols.numel(), dtype=torch.float32)
     for f in range(half):
         dot = qa[..., f, None] * ka[..., None, :, f] + qb[..., f, None] * kb[..., None, :, f]
         cross = qb[..., f, None] * ka[..., None, :, f] - qa[..., f, None] * kb[..., None, :, f]

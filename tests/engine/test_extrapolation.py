@@ -4,6 +4,8 @@
   query's position) matches the float32 reference model read the same way, teacher-forced, in
   chunked prefill and decode, within the stock engine's own distance to the dense reference; and
   it is far from the same method at absolute positions, so the re-positioning really happens.
+* ``hip`` with ``extrapolate`` (every layer selecting) matches the reference stating HiP's
+  selection read at compacted positions.
 * The startup refusal: a ``--max-model-len`` past the model's trained 8,192 positions with a
   method that cannot extrapolate stops the engine with one message; an extrapolating method starts.
 """
@@ -12,7 +14,7 @@ import pytest
 from lcx_plugin.harness.batch import ArmSpec, run_arm
 from lcx_plugin.harness.model import prepare
 
-from .conftest import STREAMING, gap, whole, within
+from .conftest import HIP_EXTRAPOLATE, STREAMING, gap, whole, within
 from .reference_model import token_logprobs
 
 pytestmark = pytest.mark.slow
@@ -38,6 +40,23 @@ def test_streaming_at_compacted_positions_matches_the_compacted_reference(arm, m
     # Sinks at their absolute positions read differently (0.13 nats on average on a 900-token prompt
     # with 16 sinks and a 128-token window, float32): the engine is far from that reading.
     assert whole(absolute)["mean"] > 5 * whole(prefill)["mean"] + 0.02, (absolute, prefill)
+
+
+def test_hip_at_compacted_positions_matches_the_compacted_reference(arm, model_path, stock_yardstick):
+    """HiP's own selections (query blocks in prefill, a search every decode step), every layer
+    selecting, read at compacted positions: against the float32 reference stating the same
+    selection and reading it the same way, prefill and decode together."""
+    lcx, log = arm("hip_extrapolate")
+    assert "lcx attention active: method=hip" in log and "extrapolate=True" in log, log[-3000:]
+    ids, generated = lcx["prompt_token_ids"][0], lcx["token_ids"][0]
+    cfg = HIP_EXTRAPOLATE
+    spec = {"sink": cfg["sink"], "window": cfg["window"], "k": cfg["budget"] // 128, "bs": 128,
+            "qb": cfg["query_block"], "dense_layers": [], "from": len(ids)}
+    got = lcx["prompt_logprobs"][0][1:] + lcx["logprobs"][0]
+    compacted = gap(got, token_logprobs(model_path, ids + generated, hip=spec, compact=True))
+    assert within(compacted, whole(stock_yardstick)), (compacted, stock_yardstick)
+    c = lcx["lcx_counters"]
+    assert 0 < c["hip_pages_attended"] < c["hip_pages_held"], c  # it selected: positions really moved
 
 
 def _start(lcx: dict, tmp_path, name: str) -> str:

@@ -69,6 +69,10 @@ CASES = [
     ("chunked_prefill_token_lists", [120, 75], [33, 20], 4, 1, 8, "token", 0.2, dict(sink=2, window=5)),
     ("query_blocks", [100, 64], [48, 64], 4, 2, 8, "page", 0.4, dict(sink=1, window=6, query_block=16)),
     ("long_decode_far_positions", [3000], [1], 3, 1, 64, "token", 0.02, dict(sink=16, window=32)),
+    # Lists only, no window (page lists as an engine's own op takes them): a row may not list itself.
+    ("decode_page_lists_no_window", [90, 41, 300], [1, 1, 1], 6, 2, 16, "page", 0.4, dict(sink=0, window=0)),
+    ("prefill_token_lists_no_window", [120, 75], [33, 20], 4, 1, 8, "token", 0.3, dict(sink=0, window=0)),
+    ("decode_token_lists_no_window", [90, 300], [1, 1], 6, 2, 16, "token", 0.2, dict(sink=2, window=0)),
 ]
 
 
@@ -126,12 +130,10 @@ def test_a_selection_that_moves_nothing_is_exactly_dense(qlens):
         torch.testing.assert_close(out, dense, rtol=0, atol=1e-6)
 
 
-def test_a_window_of_zero_and_the_triton_kernel_are_refused():
+def test_the_triton_kernel_refuses_compacted_positions():
     rope = ROPES["neox_default"]
     _, query, _, _, kv, plan, scale = _problem([40], [8], 4, 2, 8, rope, 0)
     out = torch.empty_like(query)
-    with pytest.raises(ValueError, match="window of at least 1"):
-        paged_attention(query, kv, plan, scale, out, Selection.build(1, 2, sink=4), impl="torch", rope=rope)
     with pytest.raises(NotImplementedError, match="torch twin"):
         paged_attention(query, kv, plan, scale, out, Selection.build(1, 2, sink=4, window=4), impl="triton", rope=rope)
 
