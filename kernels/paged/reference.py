@@ -14,42 +14,10 @@ from .rope import Rope
 from .selection import Selection
 
 
-def paged_attention_reference(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float,
-                              selection: Selection | None = None) -> torch.Tensor:
-    """``query`` ``[T, Hq, D]`` -> ``[T, Hq, D]`` float64."""
-    t, hq, d = query.shape
-    group = hq // kv.num_kv_heads
-    bs = kv.block_size
-    out = torch.zeros(t, hq, d, dtype=torch.float64)
-    for b in range(plan.num_seqs):
-        start, qlen, seq_len = plan.starts[b], plan.q_len(b), plan.lens[b]
-        table = plan.block_table[b].tolist()
-        for h in range(hq):
-            g = h // group
-            for i in range(qlen):
-                pos = seq_len - qlen + i
-                cand = torch.arange(pos + 1) if selection is None else selection.candidates(b, g, i, pos, bs)
-                cand = [p for p in cand.tolist() if p < seq_len]
-                if not cand:
-                    continue
-                kvs = [kv.token(table[p // bs], g, p % bs) for p in cand]
-                keys = torch.stack([k for k, _ in kvs]).double()
-                vals = torch.stack([v for _, v in kvs]).double()
-                weights = torch.softmax(scale * (keys @ query[start + i, h].double()), dim=0)
-                out[start + i, h] = weights @ vals
-    return out
-
-
-def compacted_attention_reference(query0: torch.Tensor, keys0: list[torch.Tensor], values: list[torch.Tensor],
-                                  plan: BatchPlan, scale: float, selection: Selection | None, rope: Rope,
-                                  block_size: int) -> torch.Tensor:
-    """Attention at compacted positions from **pre-RoPE** inputs: ``query0`` ``[T, Hq, D]``, and per
-    sequence ``keys0[b]`` / ``values[b]`` ``[seq_len, Hkv, D]``. Each row's candidates (in order)
-    get positions 0, 1, ...; the query gets its own rank among them (it is its own last candidate).
-    RoPE is applied at those positions, in float64. Returns ``[T, Hq, D]`` float64."""
-    t, hq, d = query0.shape
-    group = hq // keys0[0].shape[1]
-    out = torch.zeros(t, hq, d, dtype=torch.float64)
+def _rows(plan: BatchPlan, hq: int, hkv: int, selection: Selection | None, block_size: int):
+    """Every (sequence, query head, query row) with a candidate: ``(b, h, g, row, pos, cand)``,
+    ``row`` the query's row in the batch, ``cand`` its candidate positions in order."""
+    group = hq // hkv
     for b in range(plan.num_seqs):
         start, qlen, seq_len = plan.starts[b], plan.q_len(b), plan.lens[b]
         for h in range(hq):
@@ -58,13 +26,40 @@ def compacted_attention_reference(query0: torch.Tensor, keys0: list[torch.Tensor
                 pos = seq_len - qlen + i
                 cand = torch.arange(pos + 1) if selection is None else selection.candidates(b, g, i, pos, block_size)
                 cand = [p for p in cand.tolist() if p < seq_len]
-                if not cand:
-                    continue
-                here = cand.index(pos) if pos in cand else len(cand)
-                q = rope.rotate(query0[start + i, h].double(), torch.tensor(float(here)))
-                keys = rope.rotate(keys0[b][cand, g].double(), torch.arange(len(cand), dtype=torch.float64))
-                weights = torch.softmax(scale * (keys @ q), dim=0)
-                out[start + i, h] = weights @ values[b][cand, g].double()
+                if cand:
+                    yield b, h, g, start + i, pos, cand
+
+
+def paged_attention_reference(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float,
+                              selection: Selection | None = None) -> torch.Tensor:
+    """``query`` ``[T, Hq, D]`` -> ``[T, Hq, D]`` float64."""
+    bs = kv.block_size
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    for b, h, g, row, _, cand in _rows(plan, query.shape[1], kv.num_kv_heads, selection, bs):
+        table = plan.block_table[b].tolist()
+        kvs = [kv.token(table[p // bs], g, p % bs) for p in cand]
+        keys = torch.stack([k for k, _ in kvs]).double()
+        vals = torch.stack([v for _, v in kvs]).double()
+        weights = torch.softmax(scale * (keys @ query[row, h].double()), dim=0)
+        out[row, h] = weights @ vals
+    return out
+
+
+def compacted_attention_reference(query0: torch.Tensor, keys0: list[torch.Tensor], values: list[torch.Tensor],
+                                  plan: BatchPlan, scale: float, selection: Selection | None, rope: Rope,
+                                  block_size: int) -> torch.Tensor:
+    """Attention at compacted positions from **pre-RoPE** inputs: ``query0`` ``[T, Hq, D]``, and per
+    sequence ``keys0[b]`` / ``values[b]`` ``[seq_len, Hkv, D]``. Each row's candidates (in order)
+    get positions 0, 1, ...; the query gets its own rank among them (right after the last one when
+    it is not a candidate itself).
+    RoPE is applied at those positions, in float64. Returns ``[T, Hq, D]`` float64."""
+    out = torch.zeros(query0.shape, dtype=torch.float64)
+    for b, h, g, row, pos, cand in _rows(plan, query0.shape[1], keys0[0].shape[1], selection, block_size):
+        here = cand.index(pos) if pos in cand else len(cand)
+        q = rope.rotate(query0[row, h].double(), torch.tensor(float(here)))
+        keys = rope.rotate(keys0[b][cand, g].double(), torch.arange(len(cand), dtype=torch.float64))
+        weights = torch.softmax(scale * (keys @ q), dim=0)
+        out[row, h] = weights @ values[b][cand, g].double()
     return out
 
 

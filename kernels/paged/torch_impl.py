@@ -143,19 +143,16 @@ def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, fi
     mask = keep & live[:, None, :] & (pos[:, None, :] <= q_pos[None, :, None])  # [Hkv, rows, L]
     tile = _Tile(rows.start, len(rows), blocks[order], mask, past_end if bool(past_end.any()) else None,
                  bool(mask.any(-1).all()))
-    if compact:
-        held = (pos[:, None, :] < sink[:, None, None]) | listed  # sinks and listed tokens, per row
-        tile.far, tile.row_shift, tile.key_shift = _compaction(held & live[:, None, :], pos, q_pos, window, dense,
-                                                              mask)
+    if compact:  # one list per tile (tiles never span query blocks here): row 0's is every row's
+        held = ((pos < sink[:, None]) | listed[:, 0]) & live  # sinks and listed tokens
+        tile.far, tile.row_shift, tile.key_shift = _compaction(held, pos, q_pos, window, dense, mask)
     return tile
 
 
 def _compaction(held: torch.Tensor, pos: torch.Tensor, q_pos: torch.Tensor, window: torch.Tensor,
                 dense: torch.Tensor, mask: torch.Tensor):
     """Rotations of compacted positions for one tile (see the module docstring). ``held``
-    ``[Hkv, rows, L]``: the gathered positions that are sinks or listed for each row (one list per
-    tile: a tile never spans query blocks, so every row holds the same ones)."""
-    held = held[:, 0]  # [Hkv, L]
+    ``[Hkv, L]``: the gathered positions that are sinks or listed."""
     rank = held.cumsum(1)  # held positions <= pos[j]
     key_shift = pos + 1 - rank  # u(p_j)
     edge = q_pos[None, :] - window[:, None]  # [Hkv, rows]: the last position before each row's window
@@ -271,23 +268,12 @@ def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, gro
     heads = torch.arange(hkv)[:, None].expand(hkv, n_sel)
     k, v = kv.gather(tile.blocks.to(kv.device), heads.to(kv.device), torch.float32)  # [Hkv, n_sel, bs, D]
     if rope is not None and tile.far is not None and bool(tile.far.any()):  # otherwise nothing moves
-        vf, kf = v.reshape(hkv, -1, d), k.reshape(hkv, -1, d)
-        if tile.tail is not None:  # the unwritten tail of a last page may hold anything, NaN included
-            vf = vf.masked_fill(tile.tail[..., None], 0.0)
-            kf = kf.masked_fill(tile.tail[..., None], 0.0)
+        kf, vf = _flat(k, tile), _flat(v, tile)
         scores = _compact_scores(q.reshape(hkv, group, rows, d), kf, tile, rope, group).mul_(scale)
-        scores.masked_fill_(~tile.mask.to(q.device)[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
-        o = torch.matmul(probs.reshape(hkv, group * rows, -1), vf)
-        return o.reshape(hkv * group, rows, d).transpose(0, 1)
+        return _attend(scores, tile, vf)
     if tile.every_row_sees_one:
-        # Every row has a candidate: the fused SDPA kernel with the tile's mask. The unwritten tail
-        # of a last page may hold anything, NaN included, which a mask does not cancel in a product:
-        # its keys and values are zeroed first.
-        vf, kf = v.reshape(hkv, -1, d), k.reshape(hkv, -1, d)
-        if tile.tail is not None:
-            vf = vf.masked_fill(tile.tail[..., None], 0.0)
-            kf = kf.masked_fill(tile.tail[..., None], 0.0)
+        # Every row has a candidate: the fused SDPA kernel with the tile's mask.
+        kf, vf = _flat(k, tile), _flat(v, tile)
         mask = tile.mask.to(kv.device)[:, None].expand(hkv, group, rows, kf.shape[1]).reshape(1, hkv * group, rows, -1)
         o = F.scaled_dot_product_attention(q[None], kf[None], vf[None], attn_mask=mask, scale=scale,
                                            enable_gqa=group > 1)[0]  # [Hq, rows, D]
@@ -295,13 +281,24 @@ def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, gro
     # Scores per KV head for its group of query heads, page by page: [Hkv, G*rows, n_sel*bs].
     scores = torch.matmul(q.reshape(hkv, 1, group * rows, d), k.transpose(-1, -2))  # [Hkv, n_sel, G*rows, bs]
     scores = scores.permute(0, 2, 1, 3).reshape(hkv, group, rows, -1)
-    scores = scores.mul_(scale).masked_fill_(~tile.mask[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with no candidate: all zero
-    vf = v.reshape(hkv, -1, d)
-    if tile.tail is not None:  # the unwritten tail of a last page may hold anything, NaN included
-        vf = vf.masked_fill(tile.tail[..., None], 0.0)
+    return _attend(scores.mul_(scale), tile, _flat(v, tile))
+
+
+def _flat(x: torch.Tensor, tile: _Tile) -> torch.Tensor:
+    """Gathered pages ``[Hkv, n_sel, bs, D]`` -> ``[Hkv, n_sel * bs, D]``. The unwritten tail of a
+    last page may hold anything, NaN included, which a mask does not cancel in a product: zeroed."""
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    return x if tile.tail is None else x.masked_fill(tile.tail[..., None], 0.0)
+
+
+def _attend(scores: torch.Tensor, tile: _Tile, vf: torch.Tensor) -> torch.Tensor:
+    """Scaled scores ``[Hkv, G, rows, L]`` under the tile's mask, over values ``[Hkv, L, D]`` ->
+    ``[rows, Hq, D]``; a row with no candidate is all zero."""
+    hkv, group, rows, _ = scores.shape
+    scores.masked_fill_(~tile.mask.to(scores.device)[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
     o = torch.matmul(probs.reshape(hkv, group * rows, -1), vf)  # [Hkv, G*rows, D]
-    return o.reshape(hkv * group, rows, d).transpose(0, 1)
+    return o.reshape(hkv * group, rows, vf.shape[-1]).transpose(0, 1)
 
 
 def paged_attention_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,

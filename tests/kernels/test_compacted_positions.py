@@ -12,7 +12,7 @@ from lcx_plugin.kernels.paged import BatchPlan, Selection, paged_attention
 from lcx_plugin.kernels.paged.reference import compacted_attention_reference
 from lcx_plugin.kernels.paged.rope import Rope
 
-from .paged_cases import empty_format, random_lists
+from .paged_cases import Problem, empty_format, random_selection
 
 TOL = 2e-4
 ROPES = {
@@ -50,15 +50,8 @@ def _problem(seq_lens, query_lens, hq, hkv, bs, rope, seed, head_dim=64):
     return q0, query, keys0, values, kv, BatchPlan.from_lists(query_lens, seq_lens, table), head_dim ** -0.5
 
 
-def _selection(plan, kv, granularity, keep, seed, **kw):
-    class P:  # what random_lists reads
-        pass
-    p = P()
-    p.kv, p.plan = kv, plan
-    qb = kw.get("query_block", 0)
-    nqb = 1 if qb == 0 else -(-plan.max_query_len // qb)
-    indices, counts = random_lists(p, granularity, keep, seed, nqb)
-    return Selection.build(plan.num_seqs, kv.num_kv_heads, granularity=granularity, indices=indices, counts=counts, **kw)
+def _selection(query, plan, kv, granularity, keep, seed, **kw):
+    return random_selection(Problem(query, kv, plan, 1.0), granularity, keep, seed, **kw)
 
 
 # (name, seq_lens, query_lens, hq, hkv, block, granularity, keep, selection kwargs)
@@ -81,7 +74,7 @@ CASES = [
 def test_compacted_attention_matches_the_float64_reference(name, lens, qlens, hq, hkv, bs, gran, keep, kw, rope_name):
     rope, seed = ROPES[rope_name], _seed()
     q0, query, keys0, values, kv, plan, scale = _problem(lens, qlens, hq, hkv, bs, rope, seed)
-    sel = _selection(plan, kv, gran, keep, seed + 1, **kw)
+    sel = _selection(query, plan, kv, gran, keep, seed + 1, **kw)
     expected = compacted_attention_reference(q0, keys0, values, plan, scale, sel, rope, bs)
     out = torch.full_like(query, float("nan"))
     paged_attention(query, kv, plan, scale, out, sel, impl="torch", rope=rope)
@@ -99,7 +92,7 @@ def test_per_head_windows_and_dense_marks():
     rope, seed = ROPES["neox_default"], _seed()
     q0, query, keys0, values, kv, plan, scale = _problem([70, 130, 20], [9, 1, 20], 6, 3, 8, rope, seed)
     g = torch.Generator().manual_seed(seed)
-    base = _selection(plan, kv, "token", 0.2, seed + 1)
+    base = _selection(query, plan, kv, "token", 0.2, seed + 1)
     sel = Selection.build(3, 3, granularity="token", indices=base.indices, counts=base.counts,
                           sink=torch.randint(0, 6, (3, 3), generator=g), window=torch.randint(1, 12, (3, 3), generator=g),
                           dense=torch.rand(3, 3, generator=g) < 0.4)
