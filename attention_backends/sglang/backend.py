@@ -1,0 +1,176 @@
+"""The ``lcx`` attention backend for SGLang: translation between SGLang and lcx's layer core.
+
+``init_forward_metadata`` runs once per forward for all layers: it turns SGLang's batch (the
+request pool's ``req_to_token`` rows, sequence and extend lengths) into lcx's ``StepPlan``.
+``forward_extend`` / ``forward_decode`` write the step's keys and values into SGLang's own
+``MHATokenToKVPool`` through its ``set_kv_buffer`` and hand the plan to the layer's ``LayerCore``,
+which reads the pool through a strided view (``formats.token_pool``, no copy). No method logic
+lives here.
+
+What SGLang's pools do not allow yet, lcx refuses at construction with one clear error (quantized
+pages, compacted positions) or says in the log (a head split's streaming heads keep their full
+KV here: the pool has one buffer per layer for all heads); see the README's "SGLang".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lcx_plugin.config import LcxConfig, resolve_config
+from lcx_plugin.head_patterns import ModelShape
+from lcx_plugin.kernels.paged import BatchPlan, KVFormat, formats
+from lcx_plugin.layer import LayerCore, StepPlan, plan_step
+from lcx_plugin.log import get_logger
+from lcx_plugin.selectors import LayerInfo
+from lcx_plugin.state import RequestStates
+
+from . import compat
+
+logger = get_logger()
+
+
+def check_config(config: LcxConfig, model: ModelShape, tp_size: int) -> list[str]:
+    """Why this config cannot be served through SGLang's pools (empty: it can)."""
+    reasons = list(config.selector.check_model(model))
+    if config.quantized:
+        reasons.append(f"lcx config: kv_format {config.kv_format!r} is not wired into SGLang's MHATokenToKVPool yet "
+                       "(its buffers hold the model dtype); use kv_format 'auto' with SGLang")
+    if getattr(config.selector, "extrapolate", False):
+        reasons.append("lcx config: 'extrapolate' (compacted positions) is served on vLLM only so far")
+    if config.kernel == "engine":
+        reasons.append("lcx config: kernel 'engine' is vLLM's CPU op; with SGLang use 'auto', 'torch' or 'triton'")
+    if tp_size > 1:
+        reasons.append("lcx's SGLang adapter is tested at tensor_parallel_size 1 only")
+    return reasons
+
+
+@dataclass
+class LcxSglangMetadata:
+    step: StepPlan
+
+
+class LcxSglangBackend(compat.attention_backend_base()):
+    def __init__(self, model_runner) -> None:
+        super().__init__()
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        self.device = torch.device(getattr(model_runner, "device", "cpu"))
+        self.page_size = int(getattr(model_runner, "page_size", 1) or 1)
+        self.config = resolve_config(None)  # $LCX_CONFIG; raises LcxConfigError on bad input
+        pool = self.token_to_kv_pool
+        name = Path(str(getattr(getattr(model_runner, "model_config", None), "model_path", "") or "")).name
+        self.model = ModelShape(pool.layer_num, pool.head_num, pool.head_dim, name or None)
+        reasons = check_config(self.config, self.model, int(getattr(model_runner, "tp_size", 1) or 1))
+        if reasons:
+            raise ValueError("lcx cannot serve this SGLang model: " + "; ".join(reasons))
+        if self.config.kernel == "triton" or (self.config.kernel == "auto" and self.device.type == "cuda"):
+            self.impl = "triton"
+        else:
+            self.impl = "torch"
+        if getattr(self.config.selector, "save_memory", False):
+            logger.warning("lcx head_split on SGLang: streaming heads attend to sinks + window, but their KV is not "
+                           "stored apart (SGLang's pool keeps one buffer per layer), so no memory is saved")
+        self.requests = RequestStates()
+        self.cores: dict[int, LayerCore] = {}
+        self._slot_owner: dict[int, str] = {}  # request-pool row -> request id holding it
+        self.forward_metadata: LcxSglangMetadata | None = None
+        logger.info("lcx attention active in SGLang: method=%s kernel=%s page_size=%d config: %s",
+                    self.config.method, self.impl, self.page_size, self.config.describe())
+
+    # -- once per forward ------------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch) -> None:
+        fb = forward_batch
+        mode = fb.forward_mode
+        if mode.is_idle():
+            self.forward_metadata = None
+            return
+        seq_lens = (fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu()).tolist()
+        if mode.is_decode():
+            q_lens = [1] * len(seq_lens)
+        elif mode.is_extend():
+            q_lens = list(fb.extend_seq_lens_cpu) if fb.extend_seq_lens_cpu is not None else fb.extend_seq_lens.tolist()
+        else:
+            raise NotImplementedError(f"lcx's SGLang backend serves extend and decode, not {mode}")
+        batch = BatchPlan.from_lists(q_lens, seq_lens, self._block_table(fb.req_pool_indices, max(seq_lens, default=0)))
+        self.forward_metadata = LcxSglangMetadata(plan_step(self.config.selector, batch, self._request_ids(fb)))
+
+    def _block_table(self, req_pool_indices: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Each request's pages: its ``req_to_token`` row (pool slots), one slot per page start."""
+        rows = self.req_to_token_pool.req_to_token.index_select(0, req_pool_indices.long())
+        p = self.page_size
+        return (rows[:, : max(max_len, 1): p] // p).to(torch.int32)
+
+    def _request_ids(self, fb) -> tuple[str, ...]:
+        """Stable ids for per-request state. A request-pool row that now holds another request, or a
+        request that moved to another row (it was retracted and re-admitted), starts clean."""
+        rows = fb.req_pool_indices.tolist()
+        rids = list(fb.rids) if getattr(fb, "rids", None) else [f"row-{r}" for r in rows]
+        stale = set()
+        for row, rid in zip(rows, rids):
+            owner = self._slot_owner.get(row)
+            if owner != rid:
+                if owner is not None:
+                    stale.add(owner)
+                moved = [r for r, o in self._slot_owner.items() if o == rid and r != row]
+                for r in moved:
+                    del self._slot_owner[r]
+                    stale.add(rid)
+                self._slot_owner[row] = rid
+        if stale:
+            self.requests.drop(stale)
+        return tuple(rids)
+
+    # -- per layer -------------------------------------------------------------------------------
+    def _core(self, layer) -> LayerCore:
+        core = self.cores.get(layer.layer_id)
+        if core is None:
+            info = LayerInfo(layer.layer_id, layer.tp_k_head_num, layer.head_dim, self.model)
+            core = LayerCore(layer.layer_id, layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim,
+                             float(layer.scaling), self.config, self.impl, self.requests, info)
+            self.cores[layer.layer_id] = core
+        return core
+
+    def _kv(self, layer_id: int) -> KVFormat:
+        pool = self.token_to_kv_pool
+        return formats.token_pool(pool.get_key_buffer(layer_id), pool.get_value_buffer(layer_id), self.page_size)
+
+    def _forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool):
+        unsupported = {
+            "cross attention": layer.is_cross_attention,
+            "sliding window": layer.sliding_window_size is not None and layer.sliding_window_size > -1,
+            "logit cap": bool(getattr(layer, "logit_cap", 0)),
+            "different q/k and v head sizes": layer.qk_head_dim != layer.v_head_dim,
+        }
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise NotImplementedError(f"lcx attention does not support {bad} yet")
+        core = self._core(layer)
+        kv = self._kv(layer.layer_id)
+        if save_kv_cache and k is not None and v is not None:
+            pool = self.token_to_kv_pool
+
+            def engine_write(key, value, slots):
+                pool.set_kv_buffer(layer, compat.kv_write_loc(slots), key, value)
+
+            core.write(kv, k.view(-1, layer.tp_k_head_num, layer.head_dim),
+                       v.view(-1, layer.tp_v_head_num, layer.v_head_dim), forward_batch.out_cache_loc, engine_write)
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)
+        out = torch.empty_like(q3)
+        core.run(q3, kv, self.forward_metadata.step, out)
+        return out.view(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache)
+
+    # -- CUDA graphs -----------------------------------------------------------------------------
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        raise NotImplementedError("lcx's SGLang backend plans on the host every step; run SGLang with "
+                                  "--disable-cuda-graph")
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return 1

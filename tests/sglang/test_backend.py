@@ -1,0 +1,210 @@
+"""lcx as an SGLang attention backend, on SGLang's real ReqToTokenPool, MHATokenToKVPool,
+RadixAttention and ForwardBatch (CPU): extend with prefixes and decode over a ragged batch,
+against a float64 SDPA reference, for dense and for methods that select."""
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+from lcx_plugin.attention_backends.sglang import plugin
+from lcx_plugin.attention_backends.sglang.backend import LcxSglangBackend
+
+HQ, HKV, D, LAYERS, SLOTS = 6, 2, 16, 2, 2048
+
+
+class Engine:
+    """SGLang's pools with requests admitted at random, permuted slots."""
+
+    def __init__(self, page_size: int = 1, seed: int = 0):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.page_size = page_size
+        self.req_pool = ReqToTokenPool(size=8, max_context_len=512, device="cpu", enable_memory_saver=False)
+        self.kv_pool = MHATokenToKVPool(size=SLOTS, page_size=page_size, dtype=torch.float32, head_num=HKV,
+                                        head_dim=D, layer_num=LAYERS, device="cpu", enable_memory_saver=False)
+        self.layers = [RadixAttention(HQ, D, 1 / math.sqrt(D), HKV, layer_id=i) for i in range(LAYERS)]
+        pages = (torch.randperm(SLOTS // page_size - 1, generator=self.gen) + 1).tolist()  # page 0: padding
+        self.free = pages
+        self.history: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # row -> per-layer K, V
+
+    def runner(self):
+        return SimpleNamespace(req_to_token_pool=self.req_pool, token_to_kv_pool=self.kv_pool, device="cpu",
+                               page_size=self.page_size, tp_size=1, model_config=None)
+
+    def admit(self, row: int, length: int) -> None:
+        p = self.page_size
+        pages = [self.free.pop() for _ in range(-(-length // p))]
+        slots = torch.tensor([pg * p + i for pg in pages for i in range(p)][:length], dtype=torch.int32)
+        self.req_pool.req_to_token[row, :length] = slots
+
+    def batch(self, rows, prefix_lens, new_lens, decode: bool) -> ForwardBatch:
+        seq = [a + b for a, b in zip(prefix_lens, new_lens)]
+        loc = torch.cat([self.req_pool.req_to_token[r, a:s].long() for r, a, s in zip(rows, prefix_lens, seq)])
+        n = int(loc.numel())
+        fb = ForwardBatch(forward_mode=ForwardMode.DECODE if decode else ForwardMode.EXTEND, batch_size=len(rows),
+                          input_ids=torch.zeros(n, dtype=torch.int64), req_pool_indices=torch.tensor(rows),
+                          seq_lens=torch.tensor(seq), out_cache_loc=loc, seq_lens_sum=sum(seq))
+        fb.seq_lens_cpu = torch.tensor(seq)
+        fb.rids = [f"req-{r}" for r in rows]
+        if not decode:
+            fb.extend_seq_lens = torch.tensor(new_lens, dtype=torch.int32)
+            fb.extend_prefix_lens = torch.tensor(prefix_lens, dtype=torch.int32)
+            fb.extend_seq_lens_cpu, fb.extend_prefix_lens_cpu = list(new_lens), list(prefix_lens)
+        return fb
+
+    def step(self, backend, rows, prefix_lens, new_lens, decode=False):
+        """One forward over every layer: fresh q/k/v, lcx's output and the float64 reference's."""
+        fb = self.batch(rows, prefix_lens, new_lens, decode)
+        backend.init_forward_metadata(fb)
+        outs, refs = [], []
+        for layer in self.layers:
+            n = sum(new_lens)
+            q, k, v = (torch.randn(n, h, D, generator=self.gen) for h in (HQ, HKV, HKV))
+            out = torch.full((n, HQ * D), float("nan"))
+            out.copy_(backend.forward(q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1), layer, fb))
+            outs.append(out.view(n, HQ, D))
+            refs.append(self._reference(layer.layer_id, rows, new_lens, q, k, v))
+        return outs, refs
+
+    def _reference(self, layer_id, rows, new_lens, q, k, v):
+        out, start = [], 0
+        for r, e in zip(rows, new_lens):
+            ks, vs = self.history.setdefault(r, ([torch.zeros(0, HKV, D)] * LAYERS, [torch.zeros(0, HKV, D)] * LAYERS))
+            ks[layer_id] = torch.cat([ks[layer_id], k[start:start + e]])
+            vs[layer_id] = torch.cat([vs[layer_id], v[start:start + e]])
+            out.append(reference(q[start:start + e], ks[layer_id], vs[layer_id], self.keep))
+            start += e
+        return torch.cat(out)
+
+    keep = None  # (query position, key position) -> kept, for methods that select
+
+
+def reference(q, k, v, keep=None):
+    """float64 causal attention of q (the last rows) over k, v, GQA by repetition."""
+    t, s = q.shape[0], k.shape[0]
+    g = HQ // HKV
+    q64, k64, v64 = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    scores = torch.einsum("thd,shd->hts", q64, k64) / math.sqrt(D)
+    qpos = torch.arange(s - t, s)[:, None]
+    kpos = torch.arange(s)[None, :]
+    mask = kpos <= qpos
+    if keep is not None:
+        mask &= keep(qpos, kpos)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hts,shd->thd", scores.softmax(-1), v64).float()
+
+
+def backend_for(monkeypatch, engine, config) -> LcxSglangBackend:
+    monkeypatch.setenv("LCX_CONFIG", json.dumps(config))
+    return LcxSglangBackend(engine.runner())
+
+
+def run_conversation(backend, engine):
+    """Three requests: prefill in two chunks (the second with a prefix), then decode steps, with a
+    request joining late: every step's outputs and references."""
+    rows, lens = [1, 4, 6], [37, 5, 90]
+    for r, n in zip(rows, lens):
+        engine.admit(r, n + 6)
+    yield engine.step(backend, rows, [0, 0, 0], [20, 5, 33])
+    yield engine.step(backend, rows, [20, 5, 33], [17, 0, 57])  # a chunk with a prefix; one row idle
+    done = list(lens)
+    for _ in range(3):
+        yield engine.step(backend, rows, done, [1, 1, 1], decode=True)
+        done = [d + 1 for d in done]
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_dense_extend_and_decode_match_float64(monkeypatch, page_size):
+    engine = Engine(page_size)
+    backend = backend_for(monkeypatch, engine, {"method": "dense"})
+    for outs, refs in run_conversation(backend, engine):
+        for o, r in zip(outs, refs):
+            torch.testing.assert_close(o, r, atol=2e-5, rtol=1e-4)
+
+
+def test_streaming_attends_sinks_and_window(monkeypatch):
+    engine = Engine()
+    sink, window = 4, 8
+    engine.keep = lambda qp, kp: (kp < sink) | (kp > qp - window)
+    backend = backend_for(monkeypatch, engine, {"method": "streaming", "sink": sink, "window": window})
+    for outs, refs in run_conversation(backend, engine):
+        for o, r in zip(outs, refs):
+            torch.testing.assert_close(o, r, atol=2e-5, rtol=1e-4)
+
+
+FULL_BUDGET = {
+    "token_select": {"method": "token_select", "budget": 1.0, "sink": 4, "window": 8, "reuse_similarity": None},
+    "hip": {"method": "hip", "budget": 1.0, "sink": 4, "window": 8, "dense_layers": [], "query_block": 16,
+            "refresh_every": 1},
+    "streaming": {"method": "streaming", "sink": 4, "window": 4096},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_BUDGET))
+def test_each_method_at_full_budget_equals_dense(monkeypatch, name):
+    engine = Engine()
+    backend = backend_for(monkeypatch, engine, FULL_BUDGET[name])
+    for outs, refs in run_conversation(backend, engine):
+        for o, r in zip(outs, refs):
+            torch.testing.assert_close(o, r, atol=2e-5, rtol=1e-4)
+
+
+def test_request_state_is_dropped_when_a_pool_row_changes_hands(monkeypatch):
+    engine = Engine()
+    backend = backend_for(monkeypatch, engine, {"method": "token_select", "budget": 8, "sink": 2, "window": 4})
+    engine.admit(3, 40)
+    engine.step(backend, [3], [0], [39])
+    engine.step(backend, [3], [39], [1], decode=True)
+    assert "req-3" in backend.requests
+    fb = engine.batch([3], [0], [10], decode=False)
+    fb.rids = ["another"]
+    backend.init_forward_metadata(fb)
+    assert "req-3" not in backend.requests
+
+
+def test_bad_config_is_one_clear_error(monkeypatch):
+    engine = Engine()
+    with pytest.raises(ValueError, match="kv_format 'int8' is not wired"):
+        backend_for(monkeypatch, engine, {"method": "dense", "kv_format": "int8"})
+    with pytest.raises(ValueError, match="budget"):
+        backend_for(monkeypatch, engine, {"method": "token_select", "budget": -3})
+
+
+def test_plugin_registers_backend_and_argument_choice():
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    plugin.register()
+    plugin.register()  # idempotent
+    assert ATTENTION_BACKEND_CHOICES.count("lcx") == 1
+    assert ATTENTION_BACKENDS["lcx"] is plugin.create_backend
+
+
+def test_sglang_loads_the_plugin_and_parses_the_backend_flags():
+    """In a fresh process, as SGLang's launcher does it: load_plugins() through the entry point,
+    then SGLang's own argument parser accepts lcx for attention, prefill and decode."""
+    import subprocess
+    import sys
+
+    code = """
+from sglang.srt.plugins import load_plugins
+load_plugins()
+import argparse
+from sglang.srt.server_args import ServerArgs
+from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+parser = argparse.ArgumentParser()
+ServerArgs.add_cli_args(parser)
+args = parser.parse_args(["--model-path", "m", "--attention-backend", "lcx", "--prefill-attention-backend", "lcx",
+                          "--decode-attention-backend", "lcx"])
+assert (args.attention_backend, args.prefill_attention_backend, args.decode_attention_backend) == ("lcx",) * 3
+print("factory", ATTENTION_BACKENDS["lcx"].__module__)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "factory lcx_plugin.attention_backends.sglang.plugin" in done.stdout
