@@ -78,11 +78,12 @@ class Engine:
             ks, vs = self.history.setdefault(r, ([torch.zeros(0, HKV, D)] * LAYERS, [torch.zeros(0, HKV, D)] * LAYERS))
             ks[layer_id] = torch.cat([ks[layer_id], k[start:start + e]])
             vs[layer_id] = torch.cat([vs[layer_id], v[start:start + e]])
-            out.append(reference(q[start:start + e], ks[layer_id], vs[layer_id], self.keep))
+            keep = None if self.keep is None else (lambda qp, kp, i=layer_id: self.keep(i, qp, kp))
+            out.append(reference(q[start:start + e], ks[layer_id], vs[layer_id], keep))
             start += e
         return torch.cat(out)
 
-    keep = None  # (query position, key position) -> kept, for methods that select
+    keep = None  # (layer, query positions, key positions) -> kept [Hq or 1, t, s], for methods that select
 
 
 def reference(q, k, v, keep=None):
@@ -95,7 +96,7 @@ def reference(q, k, v, keep=None):
     kpos = torch.arange(s)[None, :]
     mask = kpos <= qpos
     if keep is not None:
-        mask &= keep(qpos, kpos)
+        mask = mask & keep(qpos, kpos)
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.einsum("hts,shd->thd", scores.softmax(-1), v64).float()
 
@@ -131,7 +132,7 @@ def test_dense_extend_and_decode_match_float64(monkeypatch, page_size):
 def test_streaming_attends_sinks_and_window(monkeypatch):
     engine = Engine()
     sink, window = 4, 8
-    engine.keep = lambda qp, kp: (kp < sink) | (kp > qp - window)
+    engine.keep = lambda layer, qp, kp: (kp < sink) | (kp > qp - window)
     backend = backend_for(monkeypatch, engine, {"method": "streaming", "sink": sink, "window": window})
     for outs, refs in run_conversation(backend, engine):
         for o, r in zip(outs, refs):
@@ -208,3 +209,27 @@ print("factory", ATTENTION_BACKENDS["lcx"].__module__)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "factory lcx_plugin.attention_backends.sglang.plugin" in done.stdout
+
+
+def test_head_split_streams_the_pattern_s_heads(monkeypatch, tmp_path):
+    """Retrieval heads attend to everything, streaming heads (scores under the threshold) to sinks +
+    window; the pattern is a file in lcx's format for this pool's shape."""
+    from lcx_plugin.head_patterns import HeadPattern, ModelShape
+
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64)
+    path = HeadPattern(scores, ModelShape(LAYERS, HKV, D, "test")).save(tmp_path / "pattern.json")
+    sink, window = 4, 8
+    engine = Engine()
+    group = HQ // HKV
+
+    def keep(layer, qp, kp):
+        stream = (kp < sink) | (kp > qp - window)
+        full = torch.ones_like(stream)
+        return torch.stack([stream if scores[layer, h // group] < 0.5 else full for h in range(HQ)])
+
+    engine.keep = keep
+    backend = backend_for(monkeypatch, engine, {"method": "head_split", "pattern": str(path), "threshold": 0.5,
+                                                "sink": sink, "window": window})
+    for outs, refs in run_conversation(backend, engine):
+        for o, r in zip(outs, refs):
+            torch.testing.assert_close(o, r, atol=2e-5, rtol=1e-4)
