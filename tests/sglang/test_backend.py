@@ -58,10 +58,13 @@ class Engine:
             fb.extend_seq_lens_cpu, fb.extend_prefix_lens_cpu = list(new_lens), list(prefix_lens)
         return fb
 
-    def step(self, backend, rows, prefix_lens, new_lens, decode=False):
-        """One forward over every layer: fresh q/k/v, lcx's output and the float64 reference's."""
+    def step(self, backend, rows, prefix_lens, new_lens, decode=False, mirror=None):
+        """One forward over every layer: fresh q/k/v, lcx's output and the float64 reference's (or,
+        with ``mirror``, the same inputs through lcx's layer core over a vLLM page layout)."""
         fb = self.batch(rows, prefix_lens, new_lens, decode)
         backend.init_forward_metadata(fb)
+        if mirror is not None:
+            mirror.plan(rows, prefix_lens, new_lens, fb.rids)
         outs, refs = [], []
         for layer in self.layers:
             n = sum(new_lens)
@@ -69,7 +72,10 @@ class Engine:
             out = torch.full((n, HQ * D), float("nan"))
             out.copy_(backend.forward(q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1), layer, fb))
             outs.append(out.view(n, HQ, D))
-            refs.append(self._reference(layer.layer_id, rows, new_lens, q, k, v))
+            if mirror is not None:
+                refs.append(mirror.layer(layer.layer_id, q, k, v))
+            else:
+                refs.append(self._reference(layer.layer_id, rows, new_lens, q, k, v))
         return outs, refs
 
     def _reference(self, layer_id, rows, new_lens, q, k, v):
@@ -106,17 +112,63 @@ def backend_for(monkeypatch, engine, config) -> LcxSglangBackend:
     return LcxSglangBackend(engine.runner())
 
 
-def run_conversation(backend, engine):
+class VllmLayout:
+    """The same config through lcx's layer core the way the vLLM adapter drives it: vLLM's page
+    layout (``formats.plain``, blocks of 16 at permuted places), its own per-request state."""
+
+    BLOCK = 16
+
+    def __init__(self, blocks: int = 64, seed: int = 1):
+        from lcx_plugin.config import resolve_config
+        from lcx_plugin.head_patterns import ModelShape
+        from lcx_plugin.kernels.paged import formats
+        from lcx_plugin.layer import LayerCore
+        from lcx_plugin.selectors import LayerInfo
+        from lcx_plugin.state import RequestStates
+
+        self.config = resolve_config(None)
+        self.kv = [formats.plain(torch.zeros(blocks, HKV, self.BLOCK, 2 * D)) for _ in range(LAYERS)]
+        requests = RequestStates()
+        shape = ModelShape(LAYERS, HKV, D, None)
+        self.cores = [LayerCore(i, HQ, HKV, D, 1 / math.sqrt(D), self.config, "torch", requests,
+                                LayerInfo(i, HKV, D, shape)) for i in range(LAYERS)]
+        self.free = (torch.randperm(blocks - 1, generator=torch.Generator().manual_seed(seed)) + 1).tolist()
+        self.tables: dict[int, list[int]] = {}
+
+    def plan(self, rows, prefix_lens, new_lens, rids):
+        from lcx_plugin.kernels.paged import BatchPlan
+        from lcx_plugin.layer import plan_step
+
+        seq = [a + b for a, b in zip(prefix_lens, new_lens)]
+        for r, n in zip(rows, seq):
+            table = self.tables.setdefault(r, [])
+            while len(table) * self.BLOCK < n:
+                table.append(self.free.pop())
+        width = max(len(self.tables[r]) for r in rows)
+        table = torch.tensor([self.tables[r] + [0] * (width - len(self.tables[r])) for r in rows], dtype=torch.int32)
+        self.slots = torch.tensor([self.tables[r][t // self.BLOCK] * self.BLOCK + t % self.BLOCK
+                                   for r, a, n in zip(rows, prefix_lens, seq) for t in range(a, n)])
+        self.step = plan_step(self.config.selector, BatchPlan.from_lists(list(new_lens), seq, table), tuple(rids))
+
+    def layer(self, index, q, k, v):
+        core = self.cores[index]
+        core.write(self.kv[index], k, v, self.slots)
+        out = torch.full_like(q, float("nan"))
+        core.run(q, self.kv[index], self.step, out)
+        return out
+
+
+def run_conversation(backend, engine, mirror=None):
     """Three requests: prefill in two chunks (the second with a prefix), then decode steps, with a
     request joining late: every step's outputs and references."""
     rows, lens = [1, 4, 6], [37, 5, 90]
     for r, n in zip(rows, lens):
         engine.admit(r, n + 6)
-    yield engine.step(backend, rows, [0, 0, 0], [20, 5, 33])
-    yield engine.step(backend, rows, [20, 5, 33], [17, 0, 57])  # a chunk with a prefix; one row idle
+    yield engine.step(backend, rows, [0, 0, 0], [20, 5, 33], mirror=mirror)
+    yield engine.step(backend, rows, [20, 5, 33], [17, 0, 57], mirror=mirror)  # a chunk over a prefix; one row idle
     done = list(lens)
     for _ in range(3):
-        yield engine.step(backend, rows, done, [1, 1, 1], decode=True)
+        yield engine.step(backend, rows, done, [1, 1, 1], decode=True, mirror=mirror)
         done = [d + 1 for d in done]
 
 
@@ -233,3 +285,63 @@ def test_head_split_streams_the_pattern_s_heads(monkeypatch, tmp_path):
     for outs, refs in run_conversation(backend, engine):
         for o, r in zip(outs, refs):
             torch.testing.assert_close(o, r, atol=2e-5, rtol=1e-4)
+
+
+def test_kv_writes_land_in_the_pool_slots_sglang_gave(monkeypatch):
+    engine = Engine(page_size=4)
+    backend = backend_for(monkeypatch, engine, {"method": "dense"})
+    engine.admit(2, 12)
+    fb = engine.batch([2], [0], [12], decode=False)
+    backend.init_forward_metadata(fb)
+    layer = engine.layers[1]
+    k, v = torch.randn(12, HKV, D), torch.randn(12, HKV, D)
+    backend.forward(torch.randn(12, HQ * D), k.reshape(12, -1), v.reshape(12, -1), layer, fb)
+    slots = engine.req_pool.req_to_token[2, :12].long()
+    assert torch.equal(engine.kv_pool.get_key_buffer(1)[slots], k)
+    assert torch.equal(engine.kv_pool.get_value_buffer(1)[slots], v)
+    untouched = torch.ones(SLOTS + 4, dtype=torch.bool)
+    untouched[slots] = False
+    assert not engine.kv_pool.get_key_buffer(0).any() and not engine.kv_pool.get_key_buffer(1)[untouched].any()
+
+
+def test_filtered_out_by_sglang_plugins_the_error_is_sglang_s_own():
+    import subprocess
+    import sys
+
+    code = """
+from sglang.srt.plugins import load_plugins
+load_plugins()
+import argparse
+from sglang.srt.server_args import ServerArgs
+parser = argparse.ArgumentParser()
+ServerArgs.add_cli_args(parser)
+parser.parse_args(["--model-path", "m", "--attention-backend", "lcx"])
+"""
+    import os
+
+    env = {**os.environ, "SGLANG_PLUGINS": "some-other-plugin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "argument --attention-backend: invalid choice: 'lcx'" in done.stderr, done.stderr[-3000:]
+
+
+COMPRESSED = {
+    "token_select": {"method": "token_select", "budget": 12, "sink": 2, "window": 4, "reuse_similarity": 0.5},
+    "token_select_pages": {"method": "token_select", "budget": 32, "granularity": "page", "sink": 2, "window": 4},
+    "hip": {"method": "hip", "budget": 32, "sink": 4, "window": 8, "dense_layers": [], "query_block": 16,
+            "refresh_every": 2},
+    "streaming": {"method": "streaming", "sink": 4, "window": 8},
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSED))
+def test_compressed_methods_select_as_on_the_vllm_path(monkeypatch, name):
+    """At budgets that leave tokens out, the same inputs give the same output through SGLang's pool
+    (pages of 16) as through lcx's layer core over vLLM's page layout: the same selections."""
+    engine = Engine(page_size=VllmLayout.BLOCK)
+    backend = backend_for(monkeypatch, engine, COMPRESSED[name])
+    mirror = VllmLayout()
+    for outs, refs in run_conversation(backend, engine, mirror):
+        for o, r in zip(outs, refs):
+            torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-5)
+    assert backend.requests.counters == mirror.cores[1].requests.counters  # the selection cache's counts too
