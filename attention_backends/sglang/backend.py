@@ -75,6 +75,8 @@ class LcxSglangBackend(compat.attention_backend_base()):
         self.requests = RequestStates()
         self.cores: dict[int, LayerCore] = {}
         self._slot_owner: dict[int, str] = {}  # request-pool row -> request id holding it
+        self._row_of: dict[str, int] = {}  # and back
+        self._formats: dict[int, tuple[int, KVFormat]] = {}  # layer -> (key buffer address, its view)
         self.forward_metadata: LcxSglangMetadata | None = None
         logger.info("lcx attention active in SGLang: method=%s kernel=%s page_size=%d config: %s",
                     self.config.method, self.impl, self.page_size, self.config.describe())
@@ -110,14 +112,16 @@ class LcxSglangBackend(compat.attention_backend_base()):
         stale = set()
         for row, rid in zip(rows, rids):
             owner = self._slot_owner.get(row)
-            if owner != rid:
-                if owner is not None:
-                    stale.add(owner)
-                moved = [r for r, o in self._slot_owner.items() if o == rid and r != row]
-                for r in moved:
-                    del self._slot_owner[r]
-                    stale.add(rid)
-                self._slot_owner[row] = rid
+            if owner == rid:
+                continue
+            if owner is not None:
+                stale.add(owner)
+                del self._row_of[owner]
+            old_row = self._row_of.get(rid)
+            if old_row is not None:
+                stale.add(rid)
+                del self._slot_owner[old_row]
+            self._slot_owner[row], self._row_of[rid] = rid, row
         if stale:
             self.requests.drop(stale)
         return tuple(rids)
@@ -133,8 +137,14 @@ class LcxSglangBackend(compat.attention_backend_base()):
         return core
 
     def _kv(self, layer_id: int) -> KVFormat:
+        """The layer's view of the pool (rebuilt only if the pool's buffer moves)."""
         pool = self.token_to_kv_pool
-        return formats.token_pool(pool.get_key_buffer(layer_id), pool.get_value_buffer(layer_id), self.page_size)
+        k_buf = pool.get_key_buffer(layer_id)
+        cached = self._formats.get(layer_id)
+        if cached is None or cached[0] != k_buf.data_ptr():
+            cached = (k_buf.data_ptr(), formats.token_pool(k_buf, pool.get_value_buffer(layer_id), self.page_size))
+            self._formats[layer_id] = cached
+        return cached[1]
 
     def _forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool):
         unsupported = {
