@@ -79,6 +79,23 @@ class LcxConfig:
             raise LcxConfigError(f"lcx config: kernel='engine' is vLLM's CPU op, which cannot read {self.kv_format} "
                                  "pages; use kernel 'auto' (lcx's torch twin on CPU, Triton on GPUs)")
 
+    def implementation(self, device: "torch.device | str", engine_op: bool) -> str:
+        """What computes attention on ``device``: "engine" (the engine's own CPU op, where
+        ``engine_op`` says the engine has one lcx can drive), "torch" or "triton". Both adapters
+        resolve ``kernel`` here; ``auto`` takes Triton on CUDA, else the engine's op for
+        unquantized pages where there is one, else the torch twin."""
+        kind = device if isinstance(device, str) else device.type
+        if self.kernel == "auto":
+            if kind == "cuda":
+                return "triton"
+            return "engine" if engine_op and kind == "cpu" and not self.quantized else "torch"
+        if self.kernel == "engine" and not engine_op:
+            raise LcxConfigError("lcx config: kernel 'engine' is vLLM's CPU op; this engine has none lcx drives, "
+                                 "use 'auto', 'torch' or 'triton'")
+        if self.kernel == "engine" and kind != "cpu":
+            raise LcxConfigError("lcx config: kernel='engine' is the vLLM CPU build's op; use 'auto' or 'triton' on GPUs")
+        return self.kernel
+
     @property
     def quantized(self) -> bool:
         return self.kv_format != "auto"

@@ -39,8 +39,10 @@ def check_config(config: LcxConfig, model: ModelShape, tp_size: int) -> list[str
                        "(its buffers hold the model dtype); use kv_format 'auto' with SGLang")
     if getattr(config.selector, "extrapolate", False):
         reasons.append("lcx config: 'extrapolate' (compacted positions) is served on vLLM only so far")
-    if config.kernel == "engine":
-        reasons.append("lcx config: kernel 'engine' is vLLM's CPU op; with SGLang use 'auto', 'torch' or 'triton'")
+    try:
+        config.implementation("cpu", engine_op=False)
+    except ValueError as e:
+        reasons.append(str(e))
     if tp_size > 1:
         reasons.append("lcx's SGLang adapter is tested at tensor_parallel_size 1 only")
     return reasons
@@ -65,10 +67,7 @@ class LcxSglangBackend(compat.attention_backend_base()):
         reasons = check_config(self.config, self.model, int(getattr(model_runner, "tp_size", 1) or 1))
         if reasons:
             raise ValueError("lcx cannot serve this SGLang model: " + "; ".join(reasons))
-        if self.config.kernel == "triton" or (self.config.kernel == "auto" and self.device.type == "cuda"):
-            self.impl = "triton"
-        else:
-            self.impl = "torch"
+        self.impl = self.config.implementation(self.device, engine_op=False)
         if getattr(self.config.selector, "save_memory", False):
             logger.warning("lcx head_split on SGLang: streaming heads attend to sinks + window, but their KV is not "
                            "stored apart (SGLang's pool keeps one buffer per layer), so no memory is saved")

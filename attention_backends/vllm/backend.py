@@ -53,19 +53,6 @@ def current_lcx_config() -> LcxConfig:
     return resolve_config(getattr(vllm_config, "additional_config", None) or {})
 
 
-def resolve_kernel(kernel: str, device: torch.device, quantized: bool = False) -> str:
-    """What computes attention: "engine" (vLLM's CPU op for dense work, lcx's torch twin for
-    selections, both over the op's cache), "torch" or "triton" (lcx's own kernel and page layout).
-    Quantized pages are lcx's own layout, which the engine's op cannot read."""
-    if kernel == "auto":
-        if device.type == "cuda":
-            return "triton"
-        return "torch" if quantized else "engine"
-    if kernel == "engine" and device.type != "cpu":
-        raise ValueError("lcx config: kernel='engine' is the vLLM CPU build's op; use 'auto' or 'triton' on GPUs")
-    return kernel
-
-
 class LcxAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
@@ -124,7 +111,7 @@ class LcxMetadataBuilder(AttentionMetadataBuilder[LcxMetadata]):
                  device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.config = resolve_config(vllm_config.additional_config or {})
-        self.kernel = resolve_kernel(self.config.kernel, device, self.config.quantized)
+        self.kernel = self.config.implementation(device, engine_op=True)
         model, parallel = vllm_config.model_config, vllm_config.parallel_config
         # Query heads over the KV heads this group's cache holds (fewer than the model's when a
         # head split stores its streaming heads apart).
@@ -203,7 +190,7 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
 
     def _setup(self, layer, kv_cache: torch.Tensor) -> LayerCore:
         if self.core is None:
-            self.kernel = resolve_kernel(self.config.kernel, kv_cache.device, self.config.quantized)
+            self.kernel = self.config.implementation(kv_cache.device, engine_op=True)
             if self.kernel == "engine":
                 from . import cpu_native
 

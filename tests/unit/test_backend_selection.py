@@ -4,7 +4,8 @@ import torch
 from vllm.platforms.interface import DeviceCapability
 from vllm.v1.attention.selector import AttentionSelectorConfig
 
-from lcx_plugin.attention_backends.vllm.backend import LcxAttentionBackend, resolve_kernel
+from lcx_plugin.attention_backends.vllm.backend import LcxAttentionBackend
+from lcx_plugin.config import LcxConfig
 
 H100 = DeviceCapability(9, 0)
 
@@ -34,12 +35,22 @@ def test_unsupported_combinations_are_named(overrides, reason):
     assert reason in _reasons(**overrides)
 
 
+def _implementation(kernel, device, engine_op=True, kv_format="auto"):
+    return LcxConfig.from_dict({"method": "dense", "kernel": kernel, "kv_format": kv_format}).implementation(
+        torch.device(device), engine_op=engine_op)
+
+
 def test_kernel_resolution_by_device():
-    assert resolve_kernel("auto", torch.device("cuda")) == "triton"
-    assert resolve_kernel("auto", torch.device("cpu")) == "engine"
-    assert resolve_kernel("torch", torch.device("cuda")) == "torch"
+    assert _implementation("auto", "cuda") == "triton"
+    assert _implementation("auto", "cpu") == "engine"
+    assert _implementation("auto", "cpu", kv_format="int8") == "torch"  # the engine's op cannot read int8 pages
+    assert _implementation("auto", "cpu", engine_op=False) == "torch"  # SGLang: no engine op lcx drives
+    assert _implementation("auto", "cuda", engine_op=False) == "triton"
+    assert _implementation("torch", "cuda") == "torch"
     with pytest.raises(ValueError, match="kernel='engine' is the vLLM CPU build's op"):
-        resolve_kernel("engine", torch.device("cuda"))
+        _implementation("engine", "cuda")
+    with pytest.raises(ValueError, match="this engine has none lcx drives"):
+        _implementation("engine", "cpu", engine_op=False)
 
 
 def test_triton_kernel_is_refused_at_startup_without_a_gpu(monkeypatch):
