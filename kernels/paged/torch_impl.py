@@ -274,7 +274,11 @@ def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, gro
     if tile.every_row_sees_one:
         # Every row has a candidate: the fused SDPA kernel with the tile's mask.
         kf, vf = _flat(k, tile), _flat(v, tile)
-        mask = tile.mask.to(kv.device)[:, None].expand(hkv, group, rows, kf.shape[1]).reshape(1, hkv * group, rows, -1)
+        # An additive float mask (0 / -inf): SDPA's CPU kernel reads it about a third faster than
+        # the same mask as booleans, with identical outputs (the boolean one becomes this inside).
+        bias = torch.zeros(tile.mask.shape, dtype=q.dtype, device=kv.device).masked_fill_(
+            ~tile.mask.to(kv.device), float("-inf"))
+        mask = bias[:, None].expand(hkv, group, rows, kf.shape[1]).reshape(1, hkv * group, rows, -1)
         o = F.scaled_dot_product_attention(q[None], kf[None], vf[None], attn_mask=mask, scale=scale,
                                            enable_gqa=group > 1)[0]  # [Hq, rows, D]
         return o.transpose(0, 1)
