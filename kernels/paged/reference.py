@@ -63,10 +63,12 @@ def compacted_attention_reference(query0: torch.Tensor, keys0: list[torch.Tensor
     return out
 
 
-def token_logits_reference(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float) -> torch.Tensor:
+def token_logits_reference(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float,
+                           rope: Rope | None = None, query_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Decode scoring oracle: ``query`` ``[B, Hq, D]`` (one row per sequence) -> ``[B, Hq, L]``
     float64, ``L = max(plan.lens)``: ``scale * q[b, h]·k`` of every cached position, ``-inf`` past
-    each sequence's end."""
+    each sequence's end. With ``rope``: the key at position ``p`` turned by ``-p`` and the query by
+    ``-query_positions[b]`` (if given) first, in float64."""
     b_count, hq, _ = query.shape
     group = hq // kv.num_kv_heads
     bs = kv.block_size
@@ -75,9 +77,12 @@ def token_logits_reference(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, s
         table = plan.block_table[b].tolist()
         for h in range(hq):
             q = query[b, h].double()
+            if rope is not None and query_positions is not None:
+                q = rope.rotate(q, torch.tensor(-float(query_positions[b])))
             for p in range(plan.lens[b]):
                 k, _ = kv.token(table[p // bs], h // group, p % bs)
-                out[b, h, p] = scale * float(k.double() @ q)
+                k = k.double() if rope is None else rope.rotate(k.double(), torch.tensor(-float(p)))
+                out[b, h, p] = scale * float(k @ q)
     return out
 
 

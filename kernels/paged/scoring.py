@@ -20,6 +20,7 @@ import torch
 
 from .formats import KVFormat
 from .plan import BatchPlan
+from .rope import Rope
 
 Impl = Literal["auto", "triton", "torch"]
 
@@ -79,7 +80,8 @@ def _choose(impl: Impl, query: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------- token logits
 
 def token_logits(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor | None = None,
-                 *, impl: Impl = "auto", chunk_pages: int = 64) -> torch.Tensor:
+                 *, impl: Impl = "auto", chunk_pages: int = 64, rope: Rope | None = None,
+                 query_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token logits of each sequence's decode query against its cached keys.
 
     query: ``[B, Hq, D]``, row ``b`` the one query of sequence ``b`` of ``plan`` (its
@@ -87,6 +89,10 @@ def token_logits(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: floa
     kv: the layer's paged cache; ``plan.block_table`` and ``plan.lens``/``seq_lens`` place the keys.
     out: optional float32 ``[B, Hq, >= L]``; ``[:, :, :L]`` is overwritten in place.
     chunk_pages: pages per step of the torch twin (memory ``B x Hkv x chunk_pages`` cells).
+    rope: score on a **position-neutral** basis: each cached key (rotated by the engine at its
+        position ``p``) is turned back by ``-p``, and the query by ``-query_positions[b]`` (int
+        ``[B]``; None: the query is given un-rotated already), so every pair is compared as if
+        both sat at position 0, whatever their distance. Runs on the torch twin.
 
     Returns ``[B, Hq, L]`` float32, ``L = max(plan.lens)``: ``scale * q[b, h]·k[b, h // G, p]``
     for ``p < lens[b]`` (``G = Hq // Hkv``), ``-inf`` for ``p >= lens[b]``. Higher = more critical.
@@ -100,6 +106,12 @@ def token_logits(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: floa
     res = _output(out, query, plan.max_seq_len)
     if res.numel() == 0:
         return res
+    if rope is not None:
+        if query_positions is not None:
+            if tuple(query_positions.shape) != (query.shape[0],):
+                raise ValueError(f"query_positions must be [{query.shape[0]}], got {tuple(query_positions.shape)}")
+            query = rope.rotate(query.float(), -query_positions.to(query.device)[:, None])
+        return _token_logits_torch(query, kv, plan, scale, res, chunk_pages, rope)
     if _choose(impl, query) == "triton":
         from .scoring_triton import token_logits_triton
 
@@ -108,7 +120,7 @@ def token_logits(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: floa
 
 
 def _token_logits_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
-                        chunk_pages: int) -> torch.Tensor:
+                        chunk_pages: int, rope: Rope | None = None) -> torch.Tensor:
     """The torch twin: ``out`` ``[B, Hq, L]`` float32, filled chunk by chunk of pages."""
     b, hq, d = query.shape
     hkv, bs, dev = kv.num_kv_heads, kv.block_size, kv.device
@@ -126,6 +138,8 @@ def _token_logits_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scal
         # cache has one) and mask its logits.
         blocks = torch.where(page[None, :] < n_pages[:, None], table[:, p0:p1], 0)  # [B, n]
         k, _ = kv.gather(blocks[:, None, :].expand(b, hkv, n), heads.expand(b, hkv, n), torch.float32)
+        if rope is not None:  # keys back to position 0: [B, Hkv, n, bs, D] turned by -(page * bs + offset)
+            k = rope.rotate(k, -(page[:, None] * bs + torch.arange(bs, device=dev)))
         s = torch.matmul(q, k.transpose(-1, -2))  # [B, Hkv, n, G, bs], page by page
         s = s.permute(0, 1, 3, 2, 4).reshape(b, hq, n * bs)
         lo, hi = p0 * bs, min(p1 * bs, width)

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lcx_plugin.kernels.paged import page_logits, scoring_triton, token_logits
+from lcx_plugin.kernels.paged import BatchPlan, formats, page_logits, scoring_triton, token_logits
+from lcx_plugin.kernels.paged.rope import Rope
 from lcx_plugin.kernels.paged.reference import page_logits_reference, token_logits_reference
 from lcx_plugin.state import PageSummaries
 
@@ -88,6 +89,45 @@ def test_token_logits_every_storage_format(fmt, impl):
     seed = _seed()
     dtype = torch.bfloat16 if fmt == "vllm-cpu-amx" else torch.float32
     _check_tokens(_problem(CASES[0], dtype, seed, fmt), impl, seed)
+
+
+ROPES = {"neox_theta1e4": Rope.standard(64), "neox_theta1e5_linear4": Rope.standard(64, 1e5, position_scale=4.0),
+         "gptj_partial32": Rope.standard(64, rotary_dim=32, neox=False)}
+
+
+@pytest.mark.parametrize("rope", list(ROPES.values()), ids=list(ROPES))
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_position_neutral_token_logits_match_reference(case, rope):
+    """``rope`` given: keys turned back from their positions, the query from its own, then q·k."""
+    seed = _seed()
+    p = _problem(case, seed=seed)
+    qpos = torch.tensor([s - 1 + 1000 * b for b, s in enumerate(p.plan.lens)])  # any position, also far away
+    expected = token_logits_reference(p.query, p.kv, p.plan, p.scale, rope, qpos)
+    out = _poisoned(p.query, expected.shape[2])
+    res = token_logits(p.query, p.kv, p.plan, p.scale, out, rope=rope, query_positions=qpos, chunk_pages=2)
+    _check(res, out, expected, p.plan.lens, seed)
+    plain = token_logits_reference(p.query, p.kv, p.plan, p.scale)
+    assert (res.double() - plain).abs()[torch.isfinite(plain)].max() > 0.1, f"seed={seed}: nothing was turned"
+
+
+def test_position_neutral_logits_are_the_unrotated_products():
+    """Keys cached rotated at their positions and a query rotated at a position far past them score
+    exactly what the un-rotated vectors give: distance no longer enters."""
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    rope, n, bs, hkv, hq, d = ROPES["neox_theta1e4"], 40, 8, 2, 4, 64
+    k0 = torch.randn(n, hkv, d, generator=g, dtype=torch.float64)
+    q0 = torch.randn(1, hq, d, generator=g, dtype=torch.float64)
+    kv = formats.plain(torch.full((6, hkv, bs, 2 * d), float("nan")))
+    table = torch.tensor([[3, 0, 5, 1, 2]], dtype=torch.int32)
+    slots = table[0].long()[torch.arange(n) // bs] * bs + torch.arange(n) % bs
+    kv.write(rope.rotate(k0, torch.arange(n)[:, None]).float(), torch.zeros(n, hkv, d), slots)
+    at = 50_000
+    q = rope.rotate(q0, torch.tensor(float(at))).float()
+    plan = BatchPlan.from_lists([1], [n], table)
+    res = token_logits(q, kv, plan, 0.125, rope=rope, query_positions=torch.tensor([at]))
+    want = 0.125 * torch.einsum("hgd,nhd->hgn", q0[0].view(hkv, hq // hkv, d), k0).reshape(hq, n)
+    assert (res[0].double() - want).abs().max() < 1e-3, f"seed={seed}"
 
 
 def test_token_logits_chunking_does_not_change_the_result():
