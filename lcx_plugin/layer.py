@@ -193,7 +193,7 @@ class LayerCore:
         q = query[: step.sparse.num_tokens] if rows is None else query.index_select(0, rows)
         ctx = SelectContext(layer=self.index, query=q, kv=kv, plan=step.sparse, request_ids=step.sparse_request_ids,
                             num_heads=self.num_heads, pages=self.pages, requests=self.requests, step=step.scratch,
-                            layer_data=self.layer_data, scale=self.scale)
+                            layer_data=self.layer_data, scale=self.scale, rope=self.rope)
         selection = self.selector.select(ctx)
         o = out[: step.sparse.num_tokens] if rows is None else torch.empty_like(q)
         if (page_kernel is not None and selection is not None and step.sparse.max_query_len == 1

@@ -198,10 +198,14 @@ def length_reasons(selector, vllm_config) -> list[str]:
     if max_len > trained and not extrapolate:
         return [f"lcx config: --max-model-len {max_len} is past {name}'s trained length of {trained} positions, and "
                 f"method {selector.name!r} would attend at positions the model never saw. Serve within {trained}, or "
-                "use a method that extrapolates: {\"method\": \"hip\", \"dense_layers\": [], \"extrapolate\": true} "
+                "use a method that extrapolates: {\"method\": \"hip\", \"dense_layers\": [], \"extrapolate\": true}, "
+                "{\"method\": \"token_select\", \"prefill\": \"select\", \"extrapolate\": true} "
                 "or {\"method\": \"streaming\", \"extrapolate\": true}"]
     if not extrapolate:
         return []
+    if int(getattr(selector, "min_context", 0)) > trained:
+        return [f"lcx config: min_context {selector.min_context} leaves contexts up to that length dense, at absolute "
+                f"positions past {name}'s trained length of {trained}: lower it to at most {trained}"]
     try:
         rope_for(vllm_config)
     except ValueError as e:

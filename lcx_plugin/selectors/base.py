@@ -55,6 +55,7 @@ class SelectContext:
     step: dict = field(default_factory=dict)  # scratch shared by every layer of this step
     layer_data: Any = None  # what the selector's prepare_layer built for this layer
     scale: float | None = None  # the layer's softmax scale (None: 1/sqrt(head_dim))
+    rope: Any = None  # the model's RoPE (kernels/paged/rope.Rope) when the selector extrapolates
 
     @property
     def softmax_scale(self) -> float:

@@ -22,12 +22,26 @@ decode step, for each sequence and layer:
    per KV head keeps the result the same however the heads are split over tensor-parallel ranks. The state lives in the engine's per-request homes,
    dropped when a request finishes or is preempted, so it never crosses requests.
 
-Prefill (and every chunk of a chunked prefill) stays dense, as in the paper: a selection needs a
-query to score against, and prefill rows each have their own. Contexts where the budget covers
-every unit anyway, or shorter than ``min_context``, stay dense too, on the engine's own kernel.
+**Prefill** stays dense by default (``prefill="dense"``), as in the paper's decode-time method:
+a prompt chunk costs what dense attention costs, quadratic in the prompt. With ``prefill="select"``
+each block of ``query_block`` prompt rows selects too: the block's mean query is scored against
+every token wholly before its first row's window (one scoring row per block, so a whole prefill
+scores ``T^2 / query_block`` pairs instead of attending ``T^2 / 2``), soft-voted and cut to the
+budget like a decode step; each row then attends to the sinks, its own window and its block's
+units. A block's units depend on where the scheduler cut the chunks (the blocks tile each chunk).
+This is what lets TokenSelect read prompts past the model's trained length: with
+``extrapolate`` (which needs ``prefill="select"`` and token granularity) every row is read at
+compacted positions, and scoring is **position-neutral**: cached keys are turned back from their
+positions and queries from theirs before the product, so a query 30k tokens past a key scores it
+as it would at distance 0 (``scoring.token_logits(rope=...)``), where the rotated product would
+put a distance the model never saw into every score.
+
+Contexts where the budget covers every unit anyway, or shorter than ``min_context``, stay dense,
+on the engine's own kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,12 +49,15 @@ import torch
 
 from lcx_plugin.kernels.paged import BatchPlan, Selection
 from lcx_plugin.kernels.paged.scoring import page_logits, token_logits
-from lcx_plugin.kernels.paged.selection import lists_from_mask
+from lcx_plugin.kernels.paged.selection import QUERY_TILE, lists_from_mask
 
 from . import register
 from .base import SelectContext, TopKSelector, require
 
 GRANULARITIES = ("token", "page")
+PREFILLS = ("dense", "select")
+#: Scoring rows x context positions per chunk of prefill blocks scored at once (64 MiB of logits).
+PREFILL_LOGIT_ELEMS = 1 << 24
 
 
 def soft_vote(logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -77,12 +94,16 @@ class TokenSelect(TopKSelector):
     granularity: "token" (score every cached key) or "page" (score per-page key bounds).
     reuse_similarity: reuse a request's previous selection while the cosine similarity of its new
         query to the one that chose it is at least this (per layer); null: score every step.
+    prefill: "dense" (the paper's; every prompt row attends to its whole context) or "select"
+        (each block of ``query_block`` prompt rows selects from its mean query).
+    query_block: prompt rows that share one selection with ``prefill="select"`` (a multiple of 16).
     sink, window, min_context: as for every windowed method.
+    extrapolate: compacted positions and position-neutral scoring; needs ``prefill="select"``
+        and ``granularity="token"``.
     """
 
     name: ClassVar[str] = "token_select"
-    no_extrapolation: ClassVar[str | None] = ("it prefills dense, so a prompt past the trained length would be read at "
-                                              "positions the model never saw (use hip or streaming)")
+    no_extrapolation: ClassVar[str | None] = None  # with prefill "select" (checked in __post_init__)
     short_context_example: ClassVar[dict] = {"sink": 16, "window": 128, "budget": 128}
     needs_request_state: ClassVar[bool] = True
 
@@ -91,6 +112,8 @@ class TokenSelect(TopKSelector):
     budget: int | float = 0.125
     granularity: str = "token"
     reuse_similarity: float | None = 0.9
+    prefill: str = "dense"
+    query_block: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -99,6 +122,15 @@ class TokenSelect(TopKSelector):
         if self.reuse_similarity is not None:
             require(-1.0 <= self.reuse_similarity <= 1.0,
                     f"lcx config: reuse_similarity={self.reuse_similarity} must be in [-1, 1] (a cosine), or null")
+        require(self.prefill in PREFILLS, f"lcx config: prefill={self.prefill!r} must be one of {list(PREFILLS)}")
+        require(self.query_block >= QUERY_TILE and self.query_block % QUERY_TILE == 0,
+                f"lcx config: query_block={self.query_block!r} must be a positive multiple of {QUERY_TILE}")
+        require(not self.extrapolate or self.prefill == "select",
+                "lcx config: token_select extrapolates only with prefill 'select': a dense prefill would read a "
+                "prompt past the trained length at positions the model never saw")
+        require(not self.extrapolate or self.granularity == "token",
+                "lcx config: token_select extrapolates with granularity 'token' only: page summaries hold keys "
+                "rotated at their positions, which cannot be scored position-neutrally")
 
     @property
     def needs_page_summaries(self) -> bool:  # type: ignore[override]
@@ -106,19 +138,118 @@ class TokenSelect(TopKSelector):
 
     # -- which sequences need a selection -------------------------------------------------------
     def dense_rows(self, plan: BatchPlan) -> list[bool]:
-        # Prefill rows are dense (see the module docstring); so is a context the selection would
-        # keep whole: sinks + window + budget cover it.
-        return [plan.q_len(b) != 1 or s < self.min_context or s <= self.sink + self.window + self.budget_for(s)
-                for b, s in enumerate(plan.lens)]
+        # Prefill rows are dense unless prefill="select" (see the module docstring); so is a
+        # context the selection would keep whole: sinks + window + budget cover it.
+        return [(plan.q_len(b) != 1 and self.prefill == "dense") or s < self.min_context
+                or s <= self.sink + self.window + self.budget_for(s) for b, s in enumerate(plan.lens)]
+
+    def longest_attended(self, seq_len: int, block_size: int) -> int:
+        # A prompt row also sees its block's units between its first row's window and its own.
+        extra = self.query_block if self.prefill == "select" else 0
+        return min(seq_len, super().longest_attended(seq_len, block_size) + extra)
 
     def dense_reason(self, q_len: int, seq_len: int) -> str:
-        return "prefill" if q_len != 1 else "short_context"
+        return "prefill" if q_len != 1 and self.prefill == "dense" else "short_context"
 
     # -- selection ------------------------------------------------------------------------------
     def select(self, ctx: SelectContext) -> Selection:
         plan = ctx.plan
-        if plan.max_query_len != 1:
-            raise ValueError("token_select selects at decode only; prefill rows must be planned dense")
+        decode = [plan.q_len(b) == 1 for b in range(plan.num_seqs)]
+        if all(decode):
+            return self._decode_selection(ctx)
+        if self.prefill != "select":
+            raise ValueError("token_select prefills dense unless prefill='select'; prefill rows must be planned dense")
+        return self._prefill_selection(ctx, decode)
+
+    def _prefill_selection(self, ctx: SelectContext, decode: list[bool]) -> Selection:
+        """A step with prompt chunks: per sequence ``[Hkv, NQB, W]`` units (decode rows: their
+        decode selection as block 0), sinks and windows, one query block size for all."""
+        plan, hkv, bs = ctx.plan, ctx.num_kv_heads, ctx.kv.block_size
+        lists: list[tuple[torch.Tensor, torch.Tensor]] = [None] * plan.num_seqs  # type: ignore[list-item]
+        sink = torch.full((plan.num_seqs, hkv), self.sink, dtype=torch.int32)
+        window = torch.full((plan.num_seqs, hkv), self.window, dtype=torch.int32)
+        if any(decode):
+            sub = dataclasses.replace(ctx, query=ctx.query.index_select(0, plan.token_rows(decode).to(ctx.query.device)),
+                                      plan=plan.subset(decode),
+                                      request_ids=tuple(r for r, d in zip(ctx.request_ids, decode) if d))
+            chosen = self._decode_selection(sub)
+            for j, b in enumerate(i for i, d in enumerate(decode) if d):
+                lists[b] = (chosen.indices[j, :, :1].cpu(), chosen.counts[j, :, :1].cpu())
+                sink[b], window[b] = chosen.sink[j].cpu(), chosen.window[j].cpu()
+        for b in (i for i, d in enumerate(decode) if not d):
+            lists[b] = self._block_units(ctx, b)
+        nqb = max(c.shape[1] for _, c in lists)
+        width = max(1, max(i.shape[2] for i, _ in lists))
+        indices = torch.zeros(plan.num_seqs, hkv, nqb, width, dtype=torch.int32)
+        counts = torch.zeros(plan.num_seqs, hkv, nqb, dtype=torch.int32)
+        for b, (i, c) in enumerate(lists):
+            indices[b, :, : i.shape[1], : i.shape[2]], counts[b, :, : c.shape[1]] = i, c
+        c = ctx.requests.counters
+        c["prefill_blocks_selected"] = c.get("prefill_blocks_selected", 0) + sum(
+            -(-plan.q_len(b) // self.query_block) for b, d in enumerate(decode) if not d)
+        return Selection.build(plan.num_seqs, hkv, granularity=self.granularity, indices=indices, counts=counts,
+                               sink=sink, window=window, query_block=self.query_block, device=ctx.query.device)
+
+    def _block_units(self, ctx: SelectContext, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The units of each query block of sequence ``b``'s prompt chunk: ``[Hkv, NQB, K]`` and
+        counts ``[Hkv, NQB]``. A block scores with its rows' mean query (position-neutral under
+        ``extrapolate``) everything up to its first row; the eligible units lie wholly before that
+        row's window and past the sinks, as for a decode query at that row."""
+        plan, kv, hkv = ctx.plan, ctx.kv, ctx.num_kv_heads
+        bs, qb = kv.block_size, self.query_block
+        seq_len, qlen, start = plan.lens[b], plan.q_len(b), plan.starts[b]
+        q = ctx.query[start: start + qlen].float()  # [qlen, Hq, D]
+        rope = ctx.rope if self.extrapolate else None
+        first_pos = seq_len - qlen
+        if rope is not None:  # every row back to position 0 before the rows are averaged
+            q = rope.rotate(q, -torch.arange(first_pos, seq_len, device=q.device)[:, None])
+        nqb = -(-qlen // qb)
+        means = torch.stack([q[i * qb: (i + 1) * qb].mean(0) for i in range(nqb)])  # [NQB, Hq, D]
+        ends = [first_pos + i * qb + 1 for i in range(nqb)]  # each block scores positions < its first row + 1
+        table = plan.block_table[b: b + 1]
+        idx_parts, cnt_parts = [], []
+        per_chunk = max(1, PREFILL_LOGIT_ELEMS // max(1, means.shape[1] * max(ends)))
+        for c0 in range(0, nqb, per_chunk):
+            c1 = min(nqb, c0 + per_chunk)
+            lens = ends[c0:c1]
+            sub = BatchPlan.from_lists([1] * (c1 - c0), lens, table.expand(c1 - c0, -1))
+            idx, cnt = self._units(means[c0:c1], ctx, sub, rope)
+            idx_parts.append(idx)
+            cnt_parts.append(cnt)
+        width = max(i.shape[-1] for i in idx_parts)
+        idx = torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[-1])) for i in idx_parts])  # [NQB, Hkv, K]
+        cnt = torch.cat(cnt_parts)
+        idx, cnt = self._with_gap(idx, cnt, first_pos, qlen, bs)
+        return idx.transpose(0, 1), cnt.transpose(0, 1)
+
+    def _with_gap(self, idx: torch.Tensor, cnt: torch.Tensor, first_pos: int, qlen: int, bs: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append to each block's units the ones between its first row's window and its last
+        row's: a later row of the block then still sees every token back to the first row's
+        window start, so no row sees less than its window, and a budget that covers every
+        eligible unit is dense. They lie past every scored unit, so the lists stay ascending."""
+        qb = self.query_block
+        nqb, hkv, width = idx.shape
+        first = first_pos + torch.arange(nqb) * qb
+        last = torch.clamp(first + qb - 1, max=first_pos + qlen - 1)
+        if self.granularity == "token":
+            lo = torch.clamp(first - self.window + 1, min=self.sink)
+            hi = last - self.window + 1  # exclusive
+        else:
+            lo = torch.clamp((first - self.window + 1).clamp(min=0) // bs, min=-(-self.sink // bs))
+            hi = -(-(last - self.window + 1).clamp(min=0) // bs)
+        n = (hi - lo).clamp(min=0)
+        g = int(n.max()) if nqb else 0
+        if g == 0:
+            return idx, cnt
+        past = torch.iinfo(torch.int32).max  # dead entries sort after every live one
+        scored = torch.where(torch.arange(width)[None, None, :] < cnt[..., None].long(), idx.long(), past)
+        gap = torch.where(torch.arange(g)[None, :] < n[:, None], lo[:, None] + torch.arange(g), past)
+        out = torch.cat([scored, gap[:, None, :].expand(nqb, hkv, g)], -1).sort(-1).values
+        return out.clamp(max=past).to(idx.dtype), cnt + n[:, None].to(cnt.dtype)
+
+    def _decode_selection(self, ctx: SelectContext) -> Selection:
+        plan = ctx.plan
         query = ctx.query[: plan.num_seqs]  # one row per sequence
         bs = ctx.kv.block_size
         states = [ctx.requests.get(r, ctx.layer) for r in ctx.request_ids]
@@ -189,11 +320,20 @@ class TokenSelect(TopKSelector):
         """Fresh top-k units (excluding sinks and window) for the sequences where ``fresh``."""
         plan = ctx.plan if all(fresh) else ctx.plan.subset(fresh)
         q = query if all(fresh) else query[torch.tensor(fresh, device=query.device)]
+        rope = ctx.rope if self.extrapolate else None
+        if rope is not None:  # the query back to position 0 (keys follow in token_logits)
+            q = rope.rotate(q.float(), -(torch.tensor(plan.lens, device=q.device) - 1)[:, None])
+        return self._units(q, ctx, plan, rope)
+
+    def _units(self, q: torch.Tensor, ctx: SelectContext, plan: BatchPlan, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k units of one scoring row per sequence of ``plan`` (the row at position
+        ``lens - 1``): ``[B, Hkv, K]`` and counts ``[B, Hkv]``. ``rope``: ``q`` is un-rotated and
+        the keys are turned back to position 0 as they are read."""
         bs = ctx.kv.block_size
         lens = torch.tensor(plan.lens)
         scale = ctx.softmax_scale
         if self.granularity == "token":
-            logits = token_logits(q, ctx.kv, plan, scale)
+            logits = token_logits(q, ctx.kv, plan, scale, rope=rope)
             n = logits.shape[-1]
             unit = torch.arange(n)
             eligible = (unit[None, :] >= self.sink) & (unit[None, :] <= lens[:, None] - 1 - self.window)

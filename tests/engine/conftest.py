@@ -42,6 +42,9 @@ QUANT_PROMPTS = [PROMPTS[0], PROMPTS[-1]]
 HIP = {"method": "hip", "sink": 16, "window": 256, "budget": 384, "query_block": 64, "refresh_every": 1,
        "dense_layers": [0]}
 HIP_EXTRAPOLATE = {**HIP, "window": 128, "budget": 128, "dense_layers": [], "extrapolate": True}
+# TokenSelect past the trained length: prompt blocks of 64 rows select too, every row is read at
+# compacted positions, and scores are position-neutral.
+TOKEN_SELECT_EXTRAPOLATE = {**TOKEN_SELECT, "budget": 128, "prefill": "select", "query_block": 64, "extrapolate": True}
 SELECT_PROMPTS = [long_prompt(400 + 120 * i, seed=20 + i, key=str(3100 + 7 * i)) for i in range(8)]
 
 ARMS = {
@@ -73,6 +76,8 @@ ARMS = {
     # 640-token prompt (the compacted reference costs T^2 per layer and head in plain torch).
     "hip_extrapolate": dict(backend="lcx", lcx=HIP_EXTRAPOLATE, prompts=[SELECT_PROMPTS[2]],
                             engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False}),
+    "token_select_extrapolate": dict(backend="lcx", lcx=TOKEN_SELECT_EXTRAPOLATE, prompts=[SELECT_PROMPTS[2]],
+                                     engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False}),
     # A budget covering every context: decode stays dense, on the engine's own op.
     "token_select_wide": dict(backend="lcx", lcx={**TOKEN_SELECT, "budget": 1.0}),
     # Quantized pages (lcx's torch twin reads them), composed with a head split too: a short

@@ -20,14 +20,62 @@ _MASK = {"sink": 0, "window": None, "streaming": None, "select": None, "kv_quant
          "hip": None, "compact": False}
 
 
+def _unrotated(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., T, D] rotated by transformers at positions 0..T-1 (neox pairs: dimension f with
+    f + D/2), turned back to position 0 with the model's own inverse frequencies."""
+    t, half = x.shape[-2], x.shape[-1] // 2
+    angle = torch.arange(t, dtype=torch.float64)[:, None] * _ROTARY["inv_freq"][None, :]  # [T, D/2]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos + b * sin, b * cos - a * sin], -1)
+
+
+def _top_by_vote(logits: torch.Tensor, eligible: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """``logits`` [H, N] -> [Hkv, N] bool: the ``k`` eligible positions with the most votes (a
+    softmax per query head, summed over the group), ties to the earlier position."""
+    probs = torch.softmax(logits, -1)
+    votes = probs.view(-1, group, logits.shape[-1]).sum(1).double()
+    keep = torch.zeros_like(votes, dtype=torch.bool)
+    ranked = torch.sort(-votes.masked_fill(~eligible[None, :], float("-inf")), dim=-1, stable=True).indices
+    keep.scatter_(1, ranked[:, :k], True)
+    return keep & eligible[None, :]
+
+
+def _token_select_prompt(scores: torch.Tensor, out: torch.Tensor, group: int) -> None:
+    """Rows before ``select["from"]`` (one prompt chunk) with ``select["qb"]``: each block of ``qb``
+    rows scores with the mean of its rows' scores (the mean query's, the product being linear)
+    the positions up to its first row, keeps the top ``k(first + 1)`` of those past the sinks
+    and wholly before the first row's window, and lists the positions between its first and
+    last row's windows; each row sees those, the sinks and its own window."""
+    sel = _MASK["select"]
+    sink, window, qb, start = sel["sink"], sel["window"], sel["qb"], sel["from"]
+    if start <= sink + window + sel["k"](start):
+        return  # the budget covers the prompt: dense
+    j = torch.arange(scores.shape[-1])
+    for r0 in range(0, start, qb):
+        r1 = min(r0 + qb, start)
+        first, last = r0, r1 - 1
+        logits = scores[0, :, r0:r1, : first + 1].mean(1)  # [H, first + 1]
+        eligible = (j[: first + 1] >= sink) & (j[: first + 1] <= first - window)
+        chosen = torch.zeros(logits.shape[0] // group, scores.shape[-1], dtype=torch.bool)
+        chosen[:, : first + 1] = _top_by_vote(logits, eligible, sel["k"](first + 1), group)
+        chosen |= ((j >= max(first - window + 1, sink)) & (j <= last - window))[None, :]
+        for i in range(r0, r1):
+            own = (j < sink) | ((j > i - window) & (j <= i))
+            out[0, :, i] = (chosen | own[None, :]).repeat_interleave(group, 0) & out[0, :, i]  # causal too
+
+
 def _token_select(scores: torch.Tensor, visible: torch.Tensor, group: int) -> torch.Tensor:
     """Rows at or after ``select["from"]``: sinks + window + the top ``k(row + 1)`` positions per KV
     head by the soft vote (per-head softmax over the row's causal scores, summed over the group),
-    ties to the earlier position. ``scores`` [1, H, T, T] -> visible [1, H, T, T] bool."""
+    ties to the earlier position. Rows before it (the prompt) as ``_token_select_prompt`` states
+    when ``select`` has ``qb``, else dense. ``scores`` [1, H, T, T] -> visible [1, H, T, T] bool."""
     sel = _MASK["select"]
     sink, window = sel["sink"], sel["window"]
     t = scores.shape[2]
     out = visible.clone()
+    if sel.get("qb"):
+        _token_select_prompt(scores, out, group)
     for i in range(sel["from"], t):
         eligible = torch.arange(t)
         eligible = (eligible >= sink) & (eligible <= i - window)
@@ -139,7 +187,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
             heads = _MASK["streaming"][module.layer_idx].repeat_interleave(group)[:, None, None]
             visible = torch.where(heads, windowed, visible)
     if _MASK["select"] is not None:
-        visible = _token_select(scores, visible[None, None].expand(1, scores.shape[1], t, t), group)
+        chooser = scores
+        if _MASK["select"].get("neutral"):  # position-neutral: un-rotated queries against un-rotated keys
+            chooser = (_unrotated(query) @ _unrotated(key).transpose(-1, -2)) * (
+                scaling if scaling is not None else query.shape[-1] ** -0.5)
+        visible = _token_select(chooser, visible[None, None].expand(1, scores.shape[1], t, t), group)
     if _MASK["hip"] is not None:
         visible = _hip(query, key, visible, group, module.layer_idx)[None]
     if _MASK["compact"]:
@@ -208,7 +260,8 @@ def token_logprobs(path: str, token_ids: list[int], sink: int = 0, window: int |
     """``out[i]`` = log p(token_ids[i+1] | token_ids[:i+1]) under the restricted attention (on the
     heads marked in ``streaming`` ``[layers, kv_heads]`` only, when given). ``select``: TokenSelect
     at decode, ``{"from": first selected row, "sink", "window", "k": seq_len -> tokens kept}``
-    (rows before ``from``, the prefill, stay dense). ``kv_quant``: every key and value as quantized
+    (rows before ``from``, the prompt, stay dense unless ``"qb"`` gives prompt blocks;
+    ``"neutral": True`` scores un-rotated queries and keys). ``kv_quant``: every key and value as quantized
     pages of ``(bits, group_size)`` store it, after relative noise ``kv_noise`` on their inputs (the
     arithmetic noise of an engine, to measure how much a format amplifies it). ``hip``: HiP's
     selection (see ``_hip``). ``compact``: the visible keys at compacted positions."""

@@ -6,6 +6,9 @@
   it is far from the same method at absolute positions, so the re-positioning really happens.
 * ``hip`` with ``extrapolate`` (every layer selecting) matches the reference stating HiP's
   selection read at compacted positions.
+* ``token_select`` with ``prefill: "select"`` and ``extrapolate`` (prompt blocks selecting from
+  their mean query, position-neutral scores) matches the reference stating that selection, read
+  at compacted positions.
 * The startup refusal: a ``--max-model-len`` past the model's trained 8,192 positions with a
   method that cannot extrapolate stops the engine with one message; an extrapolating method starts.
 """
@@ -14,7 +17,7 @@ import pytest
 from lcx_plugin.harness.batch import ArmSpec, run_arm
 from lcx_plugin.harness.model import prepare
 
-from .conftest import HIP_EXTRAPOLATE, STREAMING, gap, whole, within
+from .conftest import HIP_EXTRAPOLATE, STREAMING, TOKEN_SELECT_EXTRAPOLATE, gap, whole, within
 from .reference_model import token_logprobs
 
 pytestmark = pytest.mark.slow
@@ -57,6 +60,24 @@ def test_hip_at_compacted_positions_matches_the_compacted_reference(arm, model_p
     assert within(compacted, whole(stock_yardstick)), (compacted, stock_yardstick)
     c = lcx["lcx_counters"]
     assert 0 < c["hip_pages_attended"] < c["hip_pages_held"], c  # it selected: positions really moved
+
+
+def test_token_select_at_compacted_positions_matches_the_compacted_reference(arm, model_path, stock_yardstick):
+    """TokenSelect's own selections (a top-k per prompt block of 64 rows from its mean query, a
+    fresh top-k every decode step), scored position-neutrally and read at compacted positions:
+    against the float32 reference stating the same selection, prefill and decode together
+    (that scoring ignores distance is shown at the selector level, tests/selectors)."""
+    lcx, log = arm("token_select_extrapolate")
+    assert "lcx attention active: method=token_select" in log and "extrapolate=True" in log, log[-3000:]
+    ids, generated = lcx["prompt_token_ids"][0], lcx["token_ids"][0]
+    cfg = TOKEN_SELECT_EXTRAPOLATE
+    spec = {"sink": cfg["sink"], "window": cfg["window"], "k": lambda n: cfg["budget"], "qb": cfg["query_block"],
+            "from": len(ids)}
+    got = lcx["prompt_logprobs"][0][1:] + lcx["logprobs"][0]
+    neutral = gap(got, token_logprobs(model_path, ids + generated, select={**spec, "neutral": True}, compact=True))
+    assert within(neutral, whole(stock_yardstick)), (neutral, stock_yardstick)
+    c = lcx["lcx_counters"]
+    assert c["prefill_blocks_selected"] > 0 and c["selection_lookups"] > 0, c
 
 
 def _start(lcx: dict, tmp_path, name: str) -> str:

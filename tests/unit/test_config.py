@@ -112,7 +112,12 @@ def test_cli_lists_the_engine_keys_with_the_methods(capsys):
 def test_extrapolate_only_where_the_method_selects_at_every_row():
     assert LcxConfig.from_dict({"method": "streaming", "extrapolate": True}).selector.extrapolate
     assert LcxConfig.from_dict({"method": "hip", "dense_layers": [], "extrapolate": True}).selector.extrapolate
-    for bad, why in (({"method": "token_select", "extrapolate": True}, "prefills dense"),
+    assert LcxConfig.from_dict({"method": "token_select", "prefill": "select", "extrapolate": True}).selector.extrapolate
+    for bad, why in (({"method": "token_select", "extrapolate": True}, "only with prefill 'select'"),
+                     ({"method": "token_select", "prefill": "select", "granularity": "page", "extrapolate": True},
+                      "granularity 'token' only"),
+                     ({"method": "token_select", "prefill": "whole"}, "prefill='whole' must be one of"),
+                     ({"method": "token_select", "query_block": 40}, "multiple of 16"),
                      ({"method": "head_split", "extrapolate": True}, "retrieval heads attend densely"),
                      ({"method": "hip", "extrapolate": True}, "dense_layers"),
                      ({"method": "streaming", "extrapolate": 1}, "must be bool"),
