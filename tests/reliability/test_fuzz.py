@@ -78,9 +78,15 @@ def test_any_head_pattern_file_loads_or_is_refused_with_one_clear_error(tmp_path
 BS, HKV, HQ, D, LAYERS = 16, 2, 4, 16, 2
 
 
-def _config(name: str, tmp_path) -> LcxConfig:
+#: Modes a method's short-context example does not reach, fuzzed as rows of their own.
+VARIANTS = {"token_select+prefill_select": ("token_select", {"prefill": "select", "query_block": 32}),
+            "token_select+prefill_select+page": ("token_select", {"prefill": "select", "granularity": "page"})}
+
+
+def _config(row: str, tmp_path) -> LcxConfig:
+    name, extra = VARIANTS.get(row, (row, {}))
     params = {f.name for f in selectors.get(name).params()}
-    raw = {"method": name, **selectors.get(name).short_context_example}
+    raw = {"method": name, **selectors.get(name).short_context_example, **extra}
     if "pattern" in params:
         pattern = head_patterns.random_pattern(ModelShape(LAYERS, HKV, D), seed=3)
         raw["pattern"] = str(pattern.save(tmp_path / f"{name}-pattern.json"))
@@ -109,7 +115,7 @@ def _check(sel, plan: BatchPlan, selector) -> None:
                 assert bool((idx[1:] > idx[:-1]).all()), f"indices not ascending and unique: {idx}"
 
 
-@pytest.mark.parametrize("name", selectors.names())
+@pytest.mark.parametrize("name", [*selectors.names(), *VARIANTS])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seqs=st.lists(st.tuples(st.integers(1, 700), st.integers(1, 3), st.booleans()), min_size=1, max_size=4),
        seed=st.integers(0, 2**16))
