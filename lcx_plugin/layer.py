@@ -115,14 +115,29 @@ class LayerCore:
         if self.split is None:
             self.split = SplitStorage(self)
         return self.split
+    @property
+    def summaries_need_positions(self) -> bool:
+        """Whether ``write`` needs each key's position: with ``extrapolate`` the page summaries hold
+        keys turned back to position 0, so that searches over them are position-neutral."""
+        return self.selector.needs_page_summaries and self.rope is not None
+
     def write(self, kv: KVFormat, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
-              engine_write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> None:
+              engine_write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+              positions: torch.Tensor | None = None) -> None:
         """Store this step's keys and values ``[T, Hkv, D]``: per-page summaries first (from the raw
-        keys, whatever the storage packs), then the cache, through the engine's writer if given."""
+        keys, whatever the storage packs; un-rotated from ``positions`` ``[T]`` when
+        ``summaries_need_positions``), then the cache, through the engine's writer if given."""
         if self.selector.needs_page_summaries:
             if self.pages is None:
                 self.pages = PageSummaries(kv.num_blocks, kv.num_kv_heads, kv.head_dim, kv.block_size, kv.device)
-            self.pages.update(key, slot_mapping)
+            summarised = key
+            if self.summaries_need_positions:
+                if positions is None:
+                    raise ValueError(f"lcx: layer {self.index} summarises keys position-neutrally; the adapter must "
+                                     "pass each key's position to write()")
+                n = positions.shape[0]
+                summarised = self.rope.rotate(key[:n].float(), -positions.to(key.device)[:, None])
+            self.pages.update(summarised, slot_mapping)
         if engine_write is not None:
             engine_write(key, value, slot_mapping)
         else:

@@ -243,7 +243,12 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
             def engine_write(k, v, slots):
                 cpu_native.write_kv(layer, k, v, kv_cache, slots, self.isa, self.kv_cache_dtype)
         if self.companion is None:
-            core.write(self._kv(kv_cache), key, value, slot_mapping, engine_write)
+            positions = None
+            if core.summaries_need_positions:  # the step's plan, from this forward's metadata
+                from vllm.forward_context import get_forward_context
+
+                positions = get_forward_context().attn_metadata[layer.layer_name].step.batch.positions()
+            core.write(self._kv(kv_cache), key, value, slot_mapping, engine_write, positions)
             return
         kv_s, meta_s = self._companion()
         n = key.shape[0]

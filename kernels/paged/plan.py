@@ -63,6 +63,11 @@ class BatchPlan:
     def q_len(self, b: int) -> int:
         return self.starts[b + 1] - self.starts[b]
 
+    def positions(self) -> torch.Tensor:
+        """The absolute position of every query row, int64 ``[num_tokens]`` (CPU)."""
+        parts = [torch.arange(s - self.q_len(b), s) for b, s in enumerate(self.lens)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
     @property
     def max_query_len(self) -> int:
         return max((self.q_len(b) for b in range(self.num_seqs)), default=0)

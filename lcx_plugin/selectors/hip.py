@@ -20,6 +20,10 @@ idea on lcx's own parts:
 - ``dense_layers`` stay dense (the first layers' attention is broad in most models), and so does
   every context the selection would keep whole anyway (sinks + window + budget cover it), or one
   shorter than ``min_context``.
+- With ``extrapolate`` the search is **position-neutral**: the layer keeps its page summaries from
+  keys turned back to position 0 (``LayerCore.write`` with positions) and the search turns each
+  query back from its own position, so a page's bound does not carry a query-key distance the
+  model never saw.
 """
 from __future__ import annotations
 
@@ -127,6 +131,8 @@ class HiP(TopKSelector):
             centre, radius = centre_radius(ctx.pages.min[blocks], ctx.pages.max[blocks])
             k = self.pages_for(s, bs)
             q = ctx.query[start: start + qlen].float()  # [qlen, Hq, D]
+            if self.extrapolate and ctx.rope is not None:  # position-neutral: the summaries hold un-rotated keys
+                q = ctx.rope.rotate(q, -torch.arange(s - qlen, s, device=q.device)[:, None])
             if qlen > 1:
                 idx, cnt = self._prefill(q, centre, radius, lo, s, bs, k, group)
                 sink[b], window[b] = self.sink, self.window

@@ -115,9 +115,12 @@ def _hip(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, group: i
     among the pages wholly before its first row's window; each later row alone, choosing among
     the pages before its window's first page, and seeing whole sink and window pages. Pages are
     scored by ``max over rows and group heads of sum_d max(q_d min_d, q_d max_d)`` of the page's
-    key minima and maxima. ``visible`` [T, T] -> [H, T, T]."""
+    key minima and maxima (of un-rotated queries and keys with ``neutral``). ``visible`` [T, T] ->
+    [H, T, T]."""
     cfg = _MASK["hip"]
     key = key[:, ::group]  # the KV heads (``key`` arrives repeated for each query head)
+    if cfg.get("neutral"):  # position-neutral search: bounds of un-rotated keys, un-rotated queries
+        query, key = _unrotated(query), _unrotated(key)
     t, hkv = query.shape[2], key.shape[1]
     out = visible[None].expand(query.shape[1], t, t).clone()
     bs, sink, window, k, qb = cfg["bs"], cfg["sink"], cfg["window"], cfg["k"], cfg["qb"]

@@ -47,14 +47,15 @@ def test_streaming_at_compacted_positions_matches_the_compacted_reference(arm, m
 
 def test_hip_at_compacted_positions_matches_the_compacted_reference(arm, model_path, stock_yardstick):
     """HiP's own selections (query blocks in prefill, a search every decode step), every layer
-    selecting, read at compacted positions: against the float32 reference stating the same
-    selection and reading it the same way, prefill and decode together."""
+    selecting, searched position-neutrally (bounds of un-rotated keys against un-rotated queries)
+    and read at compacted positions: against the float32 reference stating the same selection and
+    reading it the same way, prefill and decode together."""
     lcx, log = arm("hip_extrapolate")
     assert "lcx attention active: method=hip" in log and "extrapolate=True" in log, log[-3000:]
     ids, generated = lcx["prompt_token_ids"][0], lcx["token_ids"][0]
     cfg = HIP_EXTRAPOLATE
     spec = {"sink": cfg["sink"], "window": cfg["window"], "k": cfg["budget"] // 128, "bs": 128,
-            "qb": cfg["query_block"], "dense_layers": [], "from": len(ids)}
+            "qb": cfg["query_block"], "dense_layers": [], "from": len(ids), "neutral": True}
     got = lcx["prompt_logprobs"][0][1:] + lcx["logprobs"][0]
     compacted = gap(got, token_logprobs(model_path, ids + generated, hip=spec, compact=True))
     assert within(compacted, whole(stock_yardstick)), (compacted, stock_yardstick)
