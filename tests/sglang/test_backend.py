@@ -193,6 +193,8 @@ def test_streaming_attends_sinks_and_window(monkeypatch):
 
 FULL_BUDGET = {
     "token_select": {"method": "token_select", "budget": 1.0, "sink": 4, "window": 8, "reuse_similarity": None},
+    "token_select_prefill": {"method": "token_select", "budget": 1.0, "sink": 4, "window": 8, "prefill": "select",
+                             "query_block": 16},
     "hip": {"method": "hip", "budget": 1.0, "sink": 4, "window": 8, "dense_layers": [], "query_block": 16,
             "refresh_every": 1},
     "streaming": {"method": "streaming", "sink": 4, "window": 4096},
@@ -328,6 +330,9 @@ parser.parse_args(["--model-path", "m", "--attention-backend", "lcx"])
 COMPRESSED = {
     "token_select": {"method": "token_select", "budget": 12, "sink": 2, "window": 4, "reuse_similarity": 0.5},
     "token_select_pages": {"method": "token_select", "budget": 32, "granularity": "page", "sink": 2, "window": 4},
+    # Prompt chunks select too (query blocks of 16 rows).
+    "token_select_prefill": {"method": "token_select", "budget": 12, "sink": 2, "window": 4, "reuse_similarity": 0.5,
+                             "prefill": "select", "query_block": 16},
     "hip": {"method": "hip", "budget": 32, "sink": 4, "window": 8, "dense_layers": [], "query_block": 16,
             "refresh_every": 2},
     "streaming": {"method": "streaming", "sink": 4, "window": 8},
