@@ -106,6 +106,10 @@ class TokenSelect(TopKSelector):
     no_extrapolation: ClassVar[str | None] = None  # with prefill "select" (checked in __post_init__)
     short_context_example: ClassVar[dict] = {"sink": 16, "window": 128, "budget": 128}
     needs_request_state: ClassVar[bool] = True
+    # With prefill "select" a prompt block's tokens do follow the scheduler's chunks (as HiP's);
+    # the class-level flag describes the example above, which prefills dense (the reliability
+    # matrix runs it; prefill "select" is checked against its statement and fuzzed instead).
+    selection_follows_chunks: ClassVar[bool] = False
 
     sink: int = 64
     window: int = 256
