@@ -64,6 +64,15 @@ def expected_blocks(keys, rows, first_pos, sel, hkv, granularity="token"):
     return out  # [block][head] -> units
 
 
+def _one_chunk(seq_len: int, q_len: int, hq: int, **params):
+    """The selection of one prompt chunk (its last ``q_len`` rows) over a fresh random cache."""
+    seed = _seed()
+    cache = Cache([seq_len], hkv=HKV, seed=seed)
+    query = torch.randn(q_len, hq, D, generator=torch.Generator().manual_seed(seed))
+    sel = selectors.get("token_select")(reuse_similarity=None, prefill="select", **params)
+    return sel.select(_ctx(cache, [q_len], query))
+
+
 def _lists(sel_out, b, g, qb):
     return sel_out.indices[b, g, qb, : int(sel_out.counts[b, g, qb])].tolist()
 
@@ -104,12 +113,7 @@ def test_prompt_chunks_and_decode_rows_in_one_batch_match_the_float64_statement(
 def test_a_budget_covering_every_unit_leaves_each_prompt_row_its_whole_context():
     """The units between a block's first and last row's windows are listed too: no row sees less
     than dense when the budget covers what is eligible."""
-    seed = _seed()
-    cache = Cache([333], hkv=HKV, seed=seed)
-    query = torch.randn(200, 4, D, generator=torch.Generator().manual_seed(seed))
-    sel = selectors.get("token_select")(sink=4, window=32, budget=10_000, reuse_similarity=None, prefill="select",
-                                        query_block=48)
-    out = sel.select(_ctx(cache, [200], query))
+    out = _one_chunk(333, 200, 4, sink=4, window=32, budget=10_000, query_block=48)
     for row in range(200):
         pos = 133 + row
         for h in range(HKV):
@@ -117,12 +121,7 @@ def test_a_budget_covering_every_unit_leaves_each_prompt_row_its_whole_context()
 
 
 def test_a_small_budget_still_keeps_every_row_its_window_and_sinks():
-    seed = _seed()
-    cache = Cache([500], hkv=HKV, seed=seed)
-    query = torch.randn(300, 2, D, generator=torch.Generator().manual_seed(seed))
-    sel = selectors.get("token_select")(sink=5, window=20, budget=3, reuse_similarity=None, prefill="select",
-                                        query_block=32)
-    out = sel.select(_ctx(cache, [300], query))
+    out = _one_chunk(500, 300, 2, sink=5, window=20, budget=3, query_block=32)
     for row in range(0, 300, 7):
         pos = 200 + row
         for h in range(HKV):
