@@ -33,6 +33,8 @@ from streaming import _accuracy_prompts, _attention_child, _median_ms  # noqa: E
 
 HIP = {"method": "hip"}  # the shipped defaults
 PREFILL_LENGTHS = (4096, 8192, 16384, 32768, 65536)
+#: (d)'s arms: dense lcx and HiP on the same engine settings.
+ARMS = (("dense", {"backend": "lcx", "lcx": {"method": "dense"}}), ("hip", {"backend": "lcx", "lcx": HIP}))
 
 
 def _timed(fn, repeats: int) -> float:
@@ -187,6 +189,34 @@ def _accuracy(name, arm_kwargs, samples, model, settings, log_dir) -> dict:
             "counters": r.get("lcx_counters", {}), "outputs": r["texts"]}
 
 
+def _add_accuracy(out: Path, samples, model, settings, log_dir) -> int:
+    """``--only-accuracy``: (d) added to an earlier run's (a)-(c), refused unless that run used the
+    same settings (bind and dtype) as this machine chooses; the machine is recorded beside it."""
+    from lcx_plugin.harness.progress import Progress
+    from lcx_plugin.harness.settings import machine_record
+
+    if not out.is_file():
+        raise SystemExit(f"--only-accuracy adds to an earlier run's results, and {out} does not exist: "
+                         "run ./lcx bench hip first")
+    res = json.loads(out.read_text())
+    here = {"bind": settings.bind, "dtype": settings.dtype}
+    if res.get("settings") != here:
+        raise SystemExit(f"{out} was measured with settings {res.get('settings')}, this machine chooses {here}: "
+                         "figures from different settings are not one series; run ./lcx bench hip in full")
+    machine = machine_record(settings)
+    with Progress(len(ARMS), "bench hip accuracy") as p:
+        for name, kw in ARMS:
+            res[name] = _accuracy(name, kw, samples, model, settings, log_dir)
+            p.advance(note=f"accuracy {name} {res[name]['acc']:.2f}")
+    res.update({"dense_acc": res["dense"]["acc"], "acc": res["hip"]["acc"], "accuracy_machine": machine})
+    out.write_text(json.dumps(res, indent=1))
+    plot(res, out.with_suffix(".png"))
+    print(json.dumps({k: res.get(k) for k in ("dense_acc", "acc")} | {
+        "by_length": {n: (res["dense"]["acc_by_length"][n], res["hip"]["acc_by_length"][n])
+                      for n in res["dense"]["acc_by_length"]}}, indent=1))
+    return 0
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -230,8 +260,12 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/hip.json")
-    ap.add_argument("--skip-accuracy", action="store_true",
-                    help="measure (a)-(c) only (the accuracy runs take the longest: 144 long prompts)")
+    what = ap.add_mutually_exclusive_group()
+    what.add_argument("--skip-accuracy", action="store_true",
+                      help="measure (a)-(c) only (the accuracy runs take the longest: 144 long prompts)")
+    what.add_argument("--only-accuracy", action="store_true",
+                      help="measure (d) only and add it to the results file's (a)-(c), which must have used "
+                           "the settings this machine chooses")
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,6 +274,8 @@ def main() -> int:
     model = str(prepare())
     settings = choose()
     samples = [] if args.skip_accuracy else _accuracy_prompts(AutoTokenizer.from_pretrained(model))
+    if args.only_accuracy:
+        return _add_accuracy(out, samples, model, settings, log_dir)
     res: dict = {"config": HIP, "settings": {"bind": settings.bind, "dtype": settings.dtype}}
     with Progress(3 if args.skip_accuracy else 5, "bench hip") as p:
         res["prefill"] = _attention_child(settings, "hip", "prefill_scaling", timeout=3600)
@@ -248,9 +284,7 @@ def main() -> int:
         p.advance(note="decode attention at 32k")
         res["ttft_7k"] = _ttft(model, settings, log_dir)
         p.advance(note="ttft at 7k")
-        arms = () if args.skip_accuracy else (("dense", {"backend": "lcx", "lcx": {"method": "dense"}}),
-                                              ("hip", {"backend": "lcx", "lcx": HIP}))
-        for name, kw in arms:
+        for name, kw in () if args.skip_accuracy else ARMS:
             res[name] = _accuracy(name, kw, samples, model, settings, log_dir)
             p.advance(note=f"accuracy {name} {res[name]['acc']:.2f}")
     acc = {} if args.skip_accuracy else {"dense_acc": res["dense"]["acc"], "acc": res["hip"]["acc"]}

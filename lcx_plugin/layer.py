@@ -11,6 +11,7 @@ selector for a selection over the rest, and runs lcx's kernel family on it.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
@@ -55,6 +56,11 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return self.batch.num_tokens
+
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:
+        """Every query row's absolute position, built once per step for all layers' writes."""
+        return self.batch.positions()
 
 
 def plan_step(selector: Selector, batch: BatchPlan, request_ids: tuple[str, ...],

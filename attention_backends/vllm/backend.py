@@ -247,7 +247,7 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
             if core.summaries_need_positions:  # the step's plan, from this forward's metadata
                 from vllm.forward_context import get_forward_context
 
-                positions = get_forward_context().attn_metadata[layer.layer_name].step.batch.positions()
+                positions = get_forward_context().attn_metadata[layer.layer_name].step.positions
             core.write(self._kv(kv_cache), key, value, slot_mapping, engine_write, positions)
             return
         kv_s, meta_s = self._companion()

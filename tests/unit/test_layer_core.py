@@ -56,3 +56,13 @@ def test_write_updates_page_summaries_only_when_the_selector_asks():
     core.write(problem.kv, k, k, torch.tensor([0]))
     assert core.pages is None
     assert torch.equal(problem.kv.token(0, 0, 0)[0], k[0, 0])
+
+
+def test_a_step_builds_its_query_positions_once_for_every_layer():
+    """Position-neutral summaries need each row's absolute position at every layer's write: the
+    step computes them once (a chunk after a prefix, a decode row, a whole prompt)."""
+    problem = make_problem([60, 9, 70], [12, 1, 70], 6, 2, block_size=8, seed=3, fmt="plain")
+    step = plan_step(LcxConfig.from_dict({"method": "dense"}).selector, problem.plan, ("a", "b", "c"))
+    expected = torch.cat([torch.arange(48, 60), torch.tensor([8]), torch.arange(70)])
+    assert torch.equal(step.positions, expected)
+    assert step.positions is step.positions
