@@ -33,6 +33,8 @@ def quant_constexprs(head_dim: int, bits: int, group: int) -> dict:
 
 
 PLAIN = dict(QUANT_BITS=0, GROUP_SIZE=1, META_AT=0)
+#: Kernels that turn no key (no compacted positions, no position-neutral scores): no RoPE table.
+UNTURNED = dict(inv_freq_ptr=None, ROT_DIM=0, NEOX=True)
 
 
 @dataclass
@@ -65,7 +67,7 @@ def paged_attention_variants() -> list[Variant]:
                 const = dict(
                     NUM_KV_HEADS=8, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16,
                     BLOCK_M=t.BLOCK_M, TILE_N=launch.pop("TILE_N"), SEL_KIND=sel_kind, QUERY_BLOCK=query_block,
-                    FP32_DOT=fp32_dot, **PLAIN,
+                    FP32_DOT=fp32_dot, **PLAIN, **UNTURNED, COMPACT=False,
                 )
                 sig = dict(base_sig, **{k: "constexpr" for k in const})
                 out.append(Variant(f"paged_attention[d={head_dim},{sel_name},fp32_dot={fp32_dot}]",
@@ -79,13 +81,29 @@ def paged_attention_variants() -> list[Variant]:
                 const = dict(
                     NUM_KV_HEADS=8, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16,
                     BLOCK_M=t.BLOCK_M, TILE_N=launch.pop("TILE_N"), SEL_KIND=sel_kind, QUERY_BLOCK=0,
-                    FP32_DOT=fp32_dot, **quant_constexprs(head_dim, bits, group),
+                    FP32_DOT=fp32_dot, **quant_constexprs(head_dim, bits, group), **UNTURNED,
+                    COMPACT=False,
                 )
                 act = "*fp32" if fp32_dot else "*bf16"
                 sig = dict(base_sig, q_ptr=act, out_ptr=act, k_ptr="*u8", v_ptr="*u8",
                            **{k: "constexpr" for k in const})
                 out.append(Variant(f"paged_attention[d={head_dim},{fmt},{sel_name},fp32_dot={fp32_dot}]",
                                    t._paged_attention_kernel, sig, const, launch))
+    # Compacted positions (``COMPACT``, length extrapolation): token lists at d=64 and page lists in
+    # query blocks at d=128, neox over the whole head, a bf16 cache; and int8 pages with GPT-J pairs
+    # over half the head.
+    for head_dim, sel_kind, query_block, sel_name, fmt, rot, neox in (
+            (64, t.SEL_TOKEN, 0, "token", None, 64, True), (128, t.SEL_PAGE, 64, "page,query_block=64", None, 128, True),
+            (64, t.SEL_PAGE, 0, "page", "int8-g0", 32, False)):
+        launch = t.launch_config(head_dim, False, 8 if fmt else 0, compact=True)
+        quant_const = quant_constexprs(head_dim, 8, 0) if fmt else PLAIN
+        const = dict(NUM_KV_HEADS=8, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, BLOCK_M=t.BLOCK_M,
+                     TILE_N=launch.pop("TILE_N"), SEL_KIND=sel_kind, QUERY_BLOCK=query_block, FP32_DOT=False,
+                     **quant_const, COMPACT=True, ROT_DIM=rot, NEOX=neox)
+        sig = dict(base_sig, inv_freq_ptr="*fp64", **({"k_ptr": "*u8", "v_ptr": "*u8"} if fmt else {}),
+                   **{k: "constexpr" for k in const})
+        out.append(Variant(f"paged_attention[d={head_dim},{fmt or 'bf16'},{sel_name},compacted,"
+                           f"{'neox' if neox else 'gptj'} {rot}]", t._paged_attention_kernel, sig, const, launch))
     return out
 
 
@@ -100,7 +118,7 @@ def scoring_variants() -> list[Variant]:
         for cache in ("bf16", "fp32"):
             launch = t.token_launch_config(head_dim)
             const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, TILE_N=launch.pop("TILE_N"),
-                         **PLAIN)
+                         **PLAIN, **UNTURNED, NEUTRAL=False)
             sig = {"q_ptr": f"*{cache}", "k_ptr": f"*{cache}", "out_ptr": "*fp32", "block_table_ptr": "*i32",
                    "seq_lens_ptr": "*i32", "scale": "fp32", "out_len": "i32", "pages_per_program": "i32",
                    **{s: "i64" for s in strides + ("stride_kb", "stride_kh", "stride_kt", "stride_kd")},
@@ -109,12 +127,22 @@ def scoring_variants() -> list[Variant]:
         for fmt, bits, group in QUANT_FORMATS:  # quantized keys: the uint8 key plane, a bf16 query
             launch = t.token_launch_config(head_dim)
             const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, TILE_N=launch.pop("TILE_N"),
-                         **quant_constexprs(head_dim, bits, group))
+                         **quant_constexprs(head_dim, bits, group), **UNTURNED, NEUTRAL=False)
             sig = {"q_ptr": "*bf16", "k_ptr": "*u8", "out_ptr": "*fp32", "block_table_ptr": "*i32",
                    "seq_lens_ptr": "*i32", "scale": "fp32", "out_len": "i32", "pages_per_program": "i32",
                    **{s: "i64" for s in strides + ("stride_kb", "stride_kh", "stride_kt", "stride_kd")},
                    **{k: "constexpr" for k in const}}
             out.append(Variant(f"token_logits[d={head_dim},{fmt}]", t._token_logits_kernel, sig, const, launch))
+        # Position-neutral token logits (``NEUTRAL``: keys turned back by their positions), bf16 cache.
+        launch = t.token_launch_config(head_dim)
+        const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, TILE_N=launch.pop("TILE_N"),
+                     **PLAIN, NEUTRAL=True, ROT_DIM=head_dim, NEOX=True)
+        sig = {"q_ptr": "*fp32", "k_ptr": "*bf16", "out_ptr": "*fp32", "block_table_ptr": "*i32",
+               "seq_lens_ptr": "*i32", "scale": "fp32", "out_len": "i32", "pages_per_program": "i32",
+               **{s: "i64" for s in strides + ("stride_kb", "stride_kh", "stride_kt", "stride_kd")},
+               "inv_freq_ptr": "*fp64", **{k: "constexpr" for k in const}}
+        out.append(Variant(f"token_logits[d={head_dim},bf16,position-neutral]", t._token_logits_kernel, sig, const,
+                           launch))
         launch = t.page_launch_config(head_dim)
         const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, PAGE_TILE=launch.pop("PAGE_TILE"))
         sig = {"q_ptr": "*bf16", "kmin_ptr": "*fp32", "kmax_ptr": "*fp32", "out_ptr": "*fp32",

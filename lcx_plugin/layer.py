@@ -19,6 +19,7 @@ import torch
 
 from lcx_plugin.config import LcxConfig
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, paged_attention
+from lcx_plugin.kernels.paged.api import triton_cannot_compact
 from lcx_plugin.kernels.paged.rope import Rope
 from lcx_plugin.kernels.paged.window import window_attention
 from lcx_plugin.metrics import Metrics
@@ -221,7 +222,9 @@ class LayerCore:
                 and selection.only_page_lists and self.rope is None):
             page_kernel(q, o, step.sparse, selection)
         else:
-            impl = "torch" if self.rope is not None and selection is not None else self.impl
+            impl = self.impl
+            if self.rope is not None and selection is not None and triton_cannot_compact(kv, self.rope):
+                impl = "torch"  # the twin reads every format at compacted positions
             paged_attention(q, kv, step.sparse, self.scale, o, selection, impl=impl, rope=self.rope)
         if rows is not None:
             out.index_copy_(0, rows, o)

@@ -28,6 +28,17 @@ def _check(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, out: torch.Tensor
                          f"({plan.num_seqs}, {kv.num_kv_heads})")
 
 
+def triton_cannot_compact(kv: KVFormat, rope: Rope) -> str | None:
+    """Why the Triton kernel cannot read ``kv`` at compacted positions under ``rope`` (None: it
+    can; the torch twin always can)."""
+    r = rope.rotary_dim
+    if r & (r - 1):
+        return f"the rotated dimensions ({r}) are not a power of two"
+    if getattr(kv, "rotate_keys", False):
+        return "keys are stored Hadamard-rotated (int4 pages), and RoPE does not commute with that rotation"
+    return None
+
+
 def paged_attention(
     query: torch.Tensor,  # [T, Hq, D]
     kv: KVFormat,  # the layer's paged keys and values
@@ -37,7 +48,7 @@ def paged_attention(
     selection: Selection | None = None,
     *,
     impl: Impl = "auto",
-    rope: Rope | None = None,  # compacted positions: re-rotate what each row reads (torch twin)
+    rope: Rope | None = None,  # compacted positions: re-rotate what each row reads
 ) -> torch.Tensor:
     """Causal attention of each sequence's new query tokens over its paged context.
 
@@ -54,12 +65,9 @@ def paged_attention(
     if impl == "auto":
         impl = "triton" if query.is_cuda else "torch"
     if impl == "triton":
-        if rope is not None and selection is not None:
-            raise NotImplementedError("compacted positions run on the torch twin (impl='torch'); "
-                                      "the Triton kernel does not re-rotate keys yet")
         from .triton_impl import paged_attention_triton
 
-        return paged_attention_triton(query, kv, plan, scale, out, selection)
+        return paged_attention_triton(query, kv, plan, scale, out, selection, rope)
     if impl == "torch":
         from .torch_impl import paged_attention_torch
 

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from .api import triton_cannot_compact
 from .formats import KVFormat
 from .plan import BatchPlan
 from .rope import Rope
@@ -92,7 +93,8 @@ def token_logits(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: floa
     rope: score on a **position-neutral** basis: each cached key (rotated by the engine at its
         position ``p``) is turned back by ``-p``, and the query by ``-query_positions[b]`` (int
         ``[B]``; None: the query is given un-rotated already), so every pair is compared as if
-        both sat at position 0, whatever their distance. Runs on the torch twin.
+        both sat at position 0, whatever their distance. The Triton kernel turns each key tile on
+        load; Hadamard-rotated int4 keys take the torch twin under ``impl="auto"``.
 
     Returns ``[B, Hq, L]`` float32, ``L = max(plan.lens)``: ``scale * q[b, h]·k[b, h // G, p]``
     for ``p < lens[b]`` (``G = Hq // Hkv``), ``-inf`` for ``p >= lens[b]``. Higher = more critical.
@@ -106,17 +108,18 @@ def token_logits(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: floa
     res = _output(out, query, plan.max_seq_len)
     if res.numel() == 0:
         return res
-    if rope is not None:
-        if query_positions is not None:
-            if tuple(query_positions.shape) != (query.shape[0],):
-                raise ValueError(f"query_positions must be [{query.shape[0]}], got {tuple(query_positions.shape)}")
-            query = rope.rotate(query.float(), -query_positions.to(query.device)[:, None])
-        return _token_logits_torch(query, kv, plan, scale, res, chunk_pages, rope)
-    if _choose(impl, query) == "triton":
+    if rope is not None and query_positions is not None:
+        if tuple(query_positions.shape) != (query.shape[0],):
+            raise ValueError(f"query_positions must be [{query.shape[0]}], got {tuple(query_positions.shape)}")
+        query = rope.rotate(query.float(), -query_positions.to(query.device)[:, None])
+    chosen = _choose(impl, query)
+    if chosen == "triton" and rope is not None and triton_cannot_compact(kv, rope) and impl == "auto":
+        chosen = "torch"  # e.g. Hadamard-rotated int4 keys: the twin turns them back first
+    if chosen == "triton":
         from .scoring_triton import token_logits_triton
 
-        return token_logits_triton(query, kv, plan, scale, res)
-    return _token_logits_torch(query, kv, plan, scale, res, chunk_pages)
+        return token_logits_triton(query, kv, plan, scale, res, rope=rope)
+    return _token_logits_torch(query, kv, plan, scale, res, chunk_pages, rope)
 
 
 def _token_logits_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,

@@ -7,6 +7,9 @@ Positions and pages past a sequence's end are never loaded; their logits are ``-
 
 Token logits also read quantized pages (``quant.QuantKVFormat``): the key byte plane, dequantized
 on load by the attention kernel's ``dequant_rows`` (constexpr ``QUANT_BITS`` > 0).
+
+Position-neutral token logits (constexpr ``NEUTRAL``, from ``rope``): each key tile is turned back
+by its positions on load, with the attention kernel's ``rotate_rows`` (the query arrives turned).
 """
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .api import triton_cannot_compact
 from .formats import KVFormat
 from .plan import BatchPlan
-from .triton_impl import dequant_rows, quant_operands
+from .rope import Rope
+from .triton_impl import dequant_rows, quant_operands, rotate_rows
 
 #: Cached tokens per token-logits program; its pages per program is this over the page size.
 TOKENS_PER_PROGRAM = 256
@@ -55,6 +60,10 @@ def _token_logits_kernel(
     QUANT_BITS: tl.constexpr = 0,  # 0: plain elements; 8 or 4: quantized pages, k_ptr the uint8 key plane
     GROUP_SIZE: tl.constexpr = 1,  # quantized: channels per scale/zero group (<= HEAD_DIM)
     META_AT: tl.constexpr = 0,  # quantized: byte offset of the first group's scale in a token row
+    inv_freq_ptr=None,  # position-neutral: RoPE's inverse frequencies [ROT_DIM // 2] float64
+    NEUTRAL: tl.constexpr = False,  # position-neutral: keys turned back by their positions
+    ROT_DIM: tl.constexpr = 0,
+    NEOX: tl.constexpr = True,
 ):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     seq = tl.program_id(0)
@@ -80,6 +89,8 @@ def _token_logits_kernel(
             k = k.to(tl.float32)  # [TILE_N, BLOCK_D]
         else:
             k = dequant_rows(k_ptr, k_off, key_ok, HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
+        if NEUTRAL:
+            k = rotate_rows(k, -pos, inv_freq_ptr, BLOCK_D, ROT_DIM, NEOX)
         for h in tl.static_range(GROUP):
             q = tl.load(q_row + h * stride_qh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
             s = tl.sum(k * q[None, :], 1)
@@ -141,9 +152,17 @@ def _unit_last(name: str, t: torch.Tensor) -> None:
 
 
 def token_logits_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
-                        pages_per_program: int | None = None) -> torch.Tensor:
+                        pages_per_program: int | None = None, rope: Rope | None = None) -> torch.Tensor:
     """``out`` ``[B, Hq, L]`` float32, written in place (inputs validated by ``token_logits``).
-    ``pages_per_program``: default ``TOKENS_PER_PROGRAM // block_size`` (at least 1)."""
+    ``pages_per_program``: default ``TOKENS_PER_PROGRAM // block_size`` (at least 1). ``rope``:
+    position-neutral, the query already turned (``triton_cannot_compact`` must allow it)."""
+    neutral = {}
+    if rope is not None:
+        why = triton_cannot_compact(kv, rope)
+        if why is not None:
+            raise NotImplementedError(f"the Triton scoring kernel cannot score position-neutrally here: {why}")
+        neutral = dict(inv_freq_ptr=rope.inv_freq.to(device=query.device, dtype=torch.float64), NEUTRAL=True,
+                       ROT_DIM=rope.rotary_dim, NEOX=rope.neox)
     if kv.packed:
         k4, _, qconst = quant_operands(kv)
         query = kv.rotate_query(query)  # rotated keys are read as stored: q·k = (H q)·(H k)
@@ -168,7 +187,7 @@ def token_logits_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scal
         stride_kb=k4.stride(0), stride_kh=k4.stride(1), stride_kt=k4.stride(2), stride_kd=k4.stride(3),
         stride_bt=plan.block_table.stride(0),
         GROUP=hq // kv.num_kv_heads, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=bs,
-        **qconst, **launch,
+        **qconst, **neutral, **launch,
     )
     return out
 

@@ -20,6 +20,16 @@ each token row (int4: two per byte, the even channel in the low nibble, split wi
 ``tl.interleave``), and each group's bfloat16 scale and zero point, read through a bfloat16
 pointer at the row's even metadata offset, upcast to float32: ``x = zero + code * scale``. The
 cache is never expanded.
+
+**Compacted positions** (constexpr ``COMPACT``, from ``rope``; see ``torch_impl`` for the
+definition): keys before a row's window move by ``g_ij = u(p_i - window) - u(p_j)``, ``u(x)`` the
+positions ``<= x`` that are neither sinks nor listed. The program first counts, per row, the held
+positions up to its window's edge (one pass over the list's indices, no keys), which gives each
+row's shift; a listed entry's own shift follows from its index in the sorted list. Scores of
+moving pairs are ``(R(-row_shift) q) . (R(-key_shift) k)``: the query tile is turned once per
+program, each sink or listed key tile once as it is loaded (angles in float64, the pairing by
+``tl.flip`` over the rotated dimensions). Window tiles never move. Pairs that do not move keep the
+plain product, as in the twin.
 """
 from __future__ import annotations
 
@@ -31,19 +41,22 @@ import triton.language as tl
 
 from . import quant
 from .formats import KVFormat
+from .api import triton_cannot_compact
 from .plan import BatchPlan
+from .rope import Rope
 from .selection import QUERY_TILE, Selection
 
 SEL_DENSE, SEL_PAGE, SEL_TOKEN = 0, 1, 2
 BLOCK_M = QUERY_TILE
 
 
-def launch_config(head_dim: int, fp32_dot: bool, quant_bits: int = 0) -> dict:
-    """TILE_N, warps and pipeline stages per head size, dot precision and page kind (``quant_bits``
-    8 or 4: quantized pages, dequantized tile by tile in registers; 0: plain), chosen with the
-    sm_90 compile gate so that no variant spills registers (see kernels/compile_gate.py)."""
+def launch_config(head_dim: int, fp32_dot: bool, quant_bits: int = 0, compact: bool = False) -> dict:
+    """TILE_N, warps and pipeline stages per head size, dot precision, page kind (``quant_bits``
+    8 or 4: quantized pages, dequantized tile by tile in registers; 0: plain) and compacted
+    positions (turned tiles), chosen with the sm_90 compile gate so that no variant spills
+    registers (see kernels/compile_gate.py)."""
     if head_dim <= 64:
-        return {"TILE_N": 16, "num_warps": 8 if quant_bits and fp32_dot else 4, "num_stages": 3}
+        return {"TILE_N": 16, "num_warps": 8 if (quant_bits and fp32_dot) or compact else 4, "num_stages": 3}
     return {"TILE_N": 16 if fp32_dot or quant_bits == 8 else 32, "num_warps": 8, "num_stages": 2}
 
 
@@ -91,14 +104,46 @@ def dequant_rows(ptr, row_off, row_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.const
 
 
 @triton.jit
+def rotate_rows(x, delta, inv_freq_ptr, BLOCK_D: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr):
+    """``x`` ``[N, BLOCK_D]`` float32, each row turned by RoPE over ``delta`` (``[N]``) positions:
+    ``Rope.rotate``. The first ``ROT_DIM`` channels rotate (a power of two dividing ``BLOCK_D``);
+    neox pairs channel ``i`` with ``i + ROT_DIM / 2``, GPT-J ``2i`` with ``2i + 1``."""
+    N: tl.constexpr = x.shape[0]
+    HALF: tl.constexpr = ROT_DIM // 2
+    offs_d = tl.arange(0, BLOCK_D)
+    if NEOX:
+        freq = offs_d % HALF
+        first = (offs_d % ROT_DIM) < HALF
+        partner = tl.reshape(tl.flip(tl.reshape(x, (N, BLOCK_D // ROT_DIM, 2, HALF)), 2), (N, BLOCK_D))
+    else:
+        freq = offs_d // 2
+        first = offs_d % 2 == 0
+        partner = tl.reshape(tl.flip(tl.reshape(x, (N, BLOCK_D // 2, 2)), 2), (N, BLOCK_D))
+    rotated = offs_d < ROT_DIM
+    inv = tl.load(inv_freq_ptr + freq, mask=rotated, other=0.0)  # float64
+    # The angle in float64 (a shift of 1e5 positions is 1e5 radians: float32 would be off by 1e-2),
+    # brought into [-pi, pi] there; cosine and sine of that in float32.
+    angle = delta.to(tl.float64)[:, None] * inv[None, :]
+    turns = tl.floor(angle * 0.15915494309189535 + 0.5)  # whole turns, 1 / (2 pi)
+    angle = (angle - turns * 6.283185307179586).to(tl.float32)
+    cos = tl.where(rotated[None, :], tl.cos(angle), 1.0)
+    sin = tl.where(rotated[None, :], tl.sin(angle), 0.0)
+    sign = tl.where(first, -1.0, 1.0)
+    return x * cos + partner * (sin * sign[None, :])
+
+
+@triton.jit
 def _accumulate(q, pos, key_ok, visible, m_i, l_i, acc, seq, kv_head, scale,
                 k_ptr, v_ptr, block_table_ptr, stride_bt,
                 stride_kb, stride_kh, stride_kt, k_dim_off, stride_vb, stride_vh, stride_vt, v_dim_off,
                 d_ok, BLOCK_SIZE: tl.constexpr, FP32_DOT: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUANT_BITS: tl.constexpr,
-                GROUP_SIZE: tl.constexpr, META_AT: tl.constexpr):
+                GROUP_SIZE: tl.constexpr, META_AT: tl.constexpr,
+                q_far=None, key_shift=None, far=None, inv_freq_ptr=None,
+                MOVES: tl.constexpr = False, ROT_DIM: tl.constexpr = 0, NEOX: tl.constexpr = True):
     """One key tile: load K/V at ``pos`` (``[TILE_N]``), mask by ``visible`` (``[BLOCK_M, TILE_N]``),
-    and fold it into the running softmax state."""
+    and fold it into the running softmax state. With ``MOVES`` (compacted positions), the pairs in
+    ``far`` score the turned query tile ``q_far`` against the keys turned back by ``key_shift``."""
     block = tl.load(block_table_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
     off = pos % BLOCK_SIZE
     k_off = block * stride_kb + kv_head * stride_kh + off * stride_kt
@@ -117,6 +162,13 @@ def _accumulate(q, pos, key_ok, visible, m_i, l_i, acc, seq, kv_head, scale,
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))  # q arrives in the cache's dtype
+    if MOVES:
+        k_far = rotate_rows(k.to(tl.float32), -key_shift, inv_freq_ptr, BLOCK_D, ROT_DIM, NEOX)
+        if FP32_DOT:
+            s_far = tl.dot(q_far, tl.trans(k_far), input_precision="ieee")
+        else:
+            s_far = tl.dot(q_far, tl.trans(k_far.to(q_far.dtype)))
+        s = tl.where(far, s_far, s)
     s = tl.where(visible, s * scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # Rows that have seen nothing yet keep m = -inf; shift by 0 to avoid inf - inf.
@@ -167,6 +219,10 @@ def _paged_attention_kernel(
     QUANT_BITS: tl.constexpr = 0,  # 0: plain elements; 8 or 4: quantized pages, k_ptr/v_ptr uint8 byte planes
     GROUP_SIZE: tl.constexpr = 1,  # quantized: channels per scale/zero group (<= HEAD_DIM)
     META_AT: tl.constexpr = 0,  # quantized: byte offset of the first group's scale in a token row
+    inv_freq_ptr=None,  # compacted positions: RoPE's inverse frequencies [ROT_DIM // 2] float64
+    COMPACT: tl.constexpr = False,  # compacted positions (with a selection; see the module docstring)
+    ROT_DIM: tl.constexpr = 0,  # compacted: rotated channels (a power of two dividing BLOCK_D)
+    NEOX: tl.constexpr = True,  # compacted: neox pairing (else GPT-J)
 ):
     tl.static_assert(BLOCK_M >= 16 and TILE_N >= 16 and BLOCK_D >= 16)
     tl.static_assert(QUERY_BLOCK % BLOCK_M == 0)
@@ -229,18 +285,51 @@ def _paged_attention_kernel(
                                         d_ok, BLOCK_SIZE, FP32_DOT,
                                         HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
     else:
+        # This tile's query block's list (pages or tokens): ``n_entries`` sorted entries.
+        qb = 0
+        if QUERY_BLOCK > 0:
+            qb = tl.minimum((m_tile * BLOCK_M) // QUERY_BLOCK, num_query_blocks - 1)
+        sel_row = sel_idx_ptr + seq * stride_sel_b + kv_head * stride_sel_h + qb * stride_sel_q
+        n_entries = tl.load(sel_cnt_ptr + (seq * NUM_KV_HEADS + kv_head) * num_query_blocks + qb)
+        UNIT: tl.constexpr = BLOCK_SIZE if SEL_KIND == 1 else 1  # tokens per entry
+        edge = q_pos - window  # each row's last position before its window
+        row_shift = edge
+        below_sink = 0  # listed tokens below the sinks (they come first in the sorted list)
+        q_far = q
+        if COMPACT:
+            # Held positions (sinks and listed tokens) up to each row's edge, from the indices alone.
+            held = tl.maximum(tl.minimum(sink, edge + 1), 0)
+            at_query = q_pos < sink
+            for e0 in range(0, n_entries, TILE_N):
+                e = e0 + offs_n
+                e_ok = e < n_entries
+                start = tl.load(sel_row + e, mask=e_ok, other=0) * UNIT
+                lo = tl.maximum(start, sink)
+                hi = tl.minimum(edge[:, None], start[None, :] + UNIT - 1)
+                held += tl.sum(tl.where(e_ok[None, :], tl.maximum(hi - lo[None, :] + 1, 0), 0), 1)
+                covers = e_ok[None, :] & (start[None, :] <= q_pos[:, None]) & (q_pos[:, None] < start[None, :] + UNIT)
+                at_query = at_query | (tl.sum(covers.to(tl.int32), 1) > 0)
+                below_sink += tl.sum(tl.where(e_ok, tl.minimum(tl.maximum(sink - start, 0), UNIT), 0))
+            # u(p_i - window); without a window, a query that is not held sits right after its last candidate.
+            row_shift = edge + 1 - held - ((window == 0) & ~at_query).to(tl.int32)
+            q_far = rotate_rows(q.to(tl.float32), -row_shift, inv_freq_ptr, BLOCK_D, ROT_DIM, NEOX)
+            if not FP32_DOT:
+                q_far = q_far.to(q.dtype)
         # Pass 2a: sinks, positions [0, sink).
         sink_end = tl.minimum(sink, hi_pos + 1)
         for j0 in range(0, sink_end, TILE_N):
             pos = j0 + offs_n
             key_ok = pos < sink_end
             visible = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+            # A sink before a row's window moves by that row's shift (u = 0 up to the sinks' end).
+            far = visible & (pos[None, :] <= edge[:, None]) & (row_shift[:, None] != 0)
             m_i, l_i, acc = _accumulate(q, pos, key_ok, visible, m_i, l_i, acc, seq, kv_head, scale,
                                         k_ptr, v_ptr, block_table_ptr, stride_bt,
                                         stride_kb, stride_kh, stride_kt, k_dim_off,
                                         stride_vb, stride_vh, stride_vt, v_dim_off,
                                         d_ok, BLOCK_SIZE, FP32_DOT,
-                                        HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
+                                        HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT,
+                                        q_far, pos * 0, far, inv_freq_ptr, COMPACT, ROT_DIM, NEOX)
         # Pass 2b: the recent band, (q_pos - window, q_pos] per row, outside the sinks.
         band_lo = tl.maximum(lo_pos - window + 1, sink_end)
         if window == 0:
@@ -256,30 +345,28 @@ def _paged_attention_kernel(
                                         d_ok, BLOCK_SIZE, FP32_DOT,
                                         HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
         # Pass 3: the listed pages or tokens of this tile's query block, minus what the window saw.
-        qb = 0
-        if QUERY_BLOCK > 0:
-            qb = tl.minimum((m_tile * BLOCK_M) // QUERY_BLOCK, num_query_blocks - 1)
-        sel_row = sel_idx_ptr + seq * stride_sel_b + kv_head * stride_sel_h + qb * stride_sel_q
-        n_listed = tl.load(sel_cnt_ptr + (seq * NUM_KV_HEADS + kv_head) * num_query_blocks + qb)
-        if SEL_KIND == 1:
-            n_listed = n_listed * BLOCK_SIZE
+        n_listed = n_entries * UNIT
         for j0 in range(0, n_listed, TILE_N):
             j = j0 + offs_n
             in_list = j < n_listed
-            if SEL_KIND == 1:
-                page = tl.load(sel_row + j // BLOCK_SIZE, mask=in_list, other=0)
-                pos = page * BLOCK_SIZE + j % BLOCK_SIZE
-            else:
-                pos = tl.load(sel_row + j, mask=in_list, other=0)
+            entry = j // UNIT
+            start = tl.load(sel_row + entry, mask=in_list, other=0) * UNIT
+            pos = start + j % UNIT
             key_ok = in_list & (pos < seq_len) & (pos <= hi_pos)
             in_window = (pos[None, :] < sink) | (pos[None, :] > q_pos[:, None] - window)
             visible = key_ok[None, :] & (pos[None, :] <= q_pos[:, None]) & ~in_window
+            # u(p_j) of a listed position at or past the sinks: non-held positions up to it. Within
+            # an entry it is constant (the entry is held whole); earlier entries hold ``entry * UNIT``
+            # tokens, ``below_sink`` of them (all in the first entries) below the sinks.
+            key_shift = tl.maximum(start, sink) - sink - entry * UNIT + tl.minimum(below_sink, entry * UNIT)
+            far = visible & (row_shift[:, None] != key_shift[None, :])
             m_i, l_i, acc = _accumulate(q, pos, key_ok, visible, m_i, l_i, acc, seq, kv_head, scale,
                                         k_ptr, v_ptr, block_table_ptr, stride_bt,
                                         stride_kb, stride_kh, stride_kt, k_dim_off,
                                         stride_vb, stride_vh, stride_vt, v_dim_off,
                                         d_ok, BLOCK_SIZE, FP32_DOT,
-                                        HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
+                                        HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT,
+                                        q_far, key_shift, far, inv_freq_ptr, COMPACT, ROT_DIM, NEOX)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -301,7 +388,15 @@ def quant_operands(kv) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 
 def paged_attention_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
-                           selection: Selection | None = None) -> torch.Tensor:
+                           selection: Selection | None = None, rope: Rope | None = None) -> torch.Tensor:
+    compact = {}
+    if rope is not None and selection is not None:
+        why = triton_cannot_compact(kv, rope)
+        if why is not None:
+            raise NotImplementedError(f"the Triton kernel cannot read compacted positions here: {why}; "
+                                      "the torch twin can (impl='torch')")
+        compact = dict(inv_freq_ptr=rope.inv_freq.to(device=query.device, dtype=torch.float64), COMPACT=True,
+                       ROT_DIM=rope.rotary_dim, NEOX=rope.neox)
     if kv.packed:
         k4, v4, qconst = quant_operands(kv)
         if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -353,6 +448,7 @@ def paged_attention_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, s
         QUERY_BLOCK=query_block,
         FP32_DOT=fp32_dot,
         **qconst,
-        **launch_config(kv.head_dim, fp32_dot, qconst.get("QUANT_BITS", 0)),
+        **compact,
+        **launch_config(kv.head_dim, fp32_dot, qconst.get("QUANT_BITS", 0), bool(compact)),
     )
     return out

@@ -1,6 +1,7 @@
-"""Compacted positions: the torch twin re-rotates what each row reads so that its candidates sit
-side by side (``kernels/paged/torch_impl.py``), against a float64 reference that applies RoPE at
-those positions to the **pre-RoPE** queries and keys (``compacted_attention_reference``).
+"""Compacted positions: the torch twin and the Triton kernel (here in the interpreter) re-rotate
+what each row reads so that its candidates sit side by side (``kernels/paged/torch_impl.py``,
+``triton_impl.py``), against a float64 reference that applies RoPE at those positions to the
+**pre-RoPE** queries and keys (``compacted_attention_reference``).
 
 Fresh random inputs every run (the seed is in the failure message); outputs poisoned with NaN
 first; every cache slot nobody owns holds NaN.
@@ -26,7 +27,7 @@ def _seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
-def _problem(seq_lens, query_lens, hq, hkv, bs, rope, seed, head_dim=64):
+def _problem(seq_lens, query_lens, hq, hkv, bs, rope, seed, head_dim=64, fmt="plain"):
     """Pre-RoPE q0/k0/v, and what the engine hands the kernel: a cache of keys rotated at their
     absolute positions and queries rotated at theirs."""
     g = torch.Generator().manual_seed(seed)
@@ -34,7 +35,7 @@ def _problem(seq_lens, query_lens, hq, hkv, bs, rope, seed, head_dim=64):
     num_blocks = sum(pages) + 2
     perm = torch.randperm(num_blocks, generator=g)
     table = torch.full((len(seq_lens), max(pages) + 1), num_blocks - 1, dtype=torch.int32)
-    kv = empty_format("plain", num_blocks, hkv, bs, head_dim, torch.float32)
+    kv = empty_format(fmt, num_blocks, hkv, bs, head_dim, torch.float32)
     keys0, values, used = [], [], 0
     for b, (s, n) in enumerate(zip(seq_lens, pages)):
         table[b, :n] = perm[used: used + n].to(torch.int32)
@@ -69,25 +70,42 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("rope_name", list(ROPES))
-@pytest.mark.parametrize("name, lens, qlens, hq, hkv, bs, gran, keep, kw", CASES, ids=[c[0] for c in CASES])
-def test_compacted_attention_matches_the_float64_reference(name, lens, qlens, hq, hkv, bs, gran, keep, kw, rope_name):
+def _check_against_reference(case, rope_name, impl):
+    name, lens, qlens, hq, hkv, bs, gran, keep, kw = case
     rope, seed = ROPES[rope_name], _seed()
     q0, query, keys0, values, kv, plan, scale = _problem(lens, qlens, hq, hkv, bs, rope, seed)
     sel = _selection(query, plan, kv, gran, keep, seed + 1, **kw)
     expected = compacted_attention_reference(q0, keys0, values, plan, scale, sel, rope, bs)
     out = torch.full_like(query, float("nan"))
-    paged_attention(query, kv, plan, scale, out, sel, impl="torch", rope=rope)
+    paged_attention(query, kv, plan, scale, out, sel, impl=impl, rope=rope)
     assert not torch.isnan(out).any(), f"seed={seed}: rows unwritten or NaN read"
     err = (out.double() - expected).abs().max().item()
     assert err < TOL, f"seed={seed}: max abs error {err:.3g}"
-    # And it is not the uncompacted attention: the positions really moved.
+    # And it is not the uncompacted attention: the positions really moved (the twin's, quicker here).
     plain = torch.empty_like(query)
     paged_attention(query, kv, plan, scale, plain, sel, impl="torch")
     assert (plain.double() - expected).abs().max().item() > 10 * TOL, f"seed={seed}: compaction changed nothing"
 
 
-def test_per_head_windows_and_dense_marks():
+@pytest.mark.parametrize("rope_name", list(ROPES))
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_compacted_attention_matches_the_float64_reference(case, rope_name):
+    _check_against_reference(case, rope_name, "torch")
+
+
+#: The interpreter runs a program at a time: a spread of the cases above, each rope style once or more.
+TRITON_CASES = [(CASES[0], "neox_default"), (CASES[2], "gptj_theta_5e5_partial"),
+                (CASES[4], "neox_theta_1e5_linear_x4"), (CASES[5], "neox_default"),
+                (CASES[7], "gptj_theta_5e5_partial"), (CASES[8], "neox_theta_1e5_linear_x4")]
+
+
+@pytest.mark.parametrize("case, rope_name", TRITON_CASES, ids=[f"{c[0]}-{r}" for c, r in TRITON_CASES])
+def test_the_triton_kernel_matches_the_float64_reference(case, rope_name):
+    _check_against_reference(case, rope_name, "triton")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_per_head_windows_and_dense_marks(impl):
     """Each (sequence, KV head) its own sink, window, list and dense mark, as a head split makes them."""
     rope, seed = ROPES["neox_default"], _seed()
     q0, query, keys0, values, kv, plan, scale = _problem([70, 130, 20], [9, 1, 20], 6, 3, 8, rope, seed)
@@ -98,12 +116,13 @@ def test_per_head_windows_and_dense_marks():
                           dense=torch.rand(3, 3, generator=g) < 0.4)
     expected = compacted_attention_reference(q0, keys0, values, plan, scale, sel, rope, 8)
     out = torch.full_like(query, float("nan"))
-    paged_attention(query, kv, plan, scale, out, sel, impl="torch", rope=rope)
+    paged_attention(query, kv, plan, scale, out, sel, impl=impl, rope=rope)
     assert (out.double() - expected).abs().max().item() < TOL, f"seed={seed}"
 
 
-@pytest.mark.parametrize("qlens", [[1, 1], [37, 5]], ids=["decode", "prefill"])
-def test_a_selection_that_moves_nothing_is_exactly_dense(qlens):
+@pytest.mark.parametrize("qlens, impl", [([1, 1], "torch"), ([37, 5], "torch"), ([37, 5], "triton")],
+                         ids=["decode-torch", "prefill-torch", "prefill-triton"])
+def test_a_selection_that_moves_nothing_is_exactly_dense(qlens, impl):
     """Dense marks, every token listed, or a window covering the context: identity positions, and
     the output equals dense attention bit for bit."""
     rope, seed = ROPES["neox_default"], _seed()
@@ -116,19 +135,40 @@ def test_a_selection_that_moves_nothing_is_exactly_dense(qlens):
                 Selection.build(2, 2, granularity="token", indices=everything, counts=counts, window=1),
                 Selection.build(2, 2, window=1000)):
         out = torch.full_like(query, float("nan"))
-        paged_attention(query, kv, plan, scale, out, sel, impl="torch", rope=rope)
+        paged_attention(query, kv, plan, scale, out, sel, impl=impl, rope=rope)
         unrotated = torch.empty_like(query)
-        paged_attention(query, kv, plan, scale, unrotated, sel, impl="torch")
+        paged_attention(query, kv, plan, scale, unrotated, sel, impl=impl)
         assert torch.equal(out, unrotated), f"seed={seed}: {sel}"
         torch.testing.assert_close(out, dense, rtol=0, atol=1e-6)
 
 
-def test_the_triton_kernel_refuses_compacted_positions():
+def test_the_triton_kernel_reads_int8_pages_at_compacted_positions_as_the_twin_does():
+    """Quantized pages dequantized on load, then turned: the same arithmetic as the torch twin's
+    on the same dequantized keys (the float64 reference holds the unquantized ones)."""
+    rope, seed = ROPES["gptj_theta_5e5_partial"], _seed()
+    _, query, _, _, kv, plan, scale = _problem([90, 160], [1, 16], 6, 2, 16, rope, seed, fmt="int8-g0")
+    sel = _selection(query, plan, kv, "page", 0.3, seed + 1, sink=4, window=8)
+    twin, triton_out = torch.full_like(query, float("nan")), torch.full_like(query, float("nan"))
+    paged_attention(query, kv, plan, scale, twin, sel, impl="torch", rope=rope)
+    paged_attention(query, kv, plan, scale, triton_out, sel, impl="triton", rope=rope)
+    assert (triton_out - twin).abs().max().item() < 1e-5, f"seed={seed}"
+    plain = torch.empty_like(query)
+    paged_attention(query, kv, plan, scale, plain, sel, impl="torch")
+    assert (plain - twin).abs().max().item() > 10 * TOL, f"seed={seed}: compaction changed nothing"
+
+
+def test_the_triton_kernel_refuses_what_it_cannot_turn():
+    """Hadamard-rotated int4 keys (RoPE does not commute with the rotation) and a rotated width
+    that is not a power of two: one clear error that names the twin."""
     rope = ROPES["neox_default"]
-    _, query, _, _, kv, plan, scale = _problem([40], [8], 4, 2, 8, rope, 0)
+    _, query, _, _, kv, plan, scale = _problem([40], [8], 4, 2, 8, rope, 0, fmt="int4-g0-rot")
     out = torch.empty_like(query)
-    with pytest.raises(NotImplementedError, match="torch twin"):
+    with pytest.raises(NotImplementedError, match="Hadamard.*torch twin"):
         paged_attention(query, kv, plan, scale, out, Selection.build(1, 2, sink=4, window=4), impl="triton", rope=rope)
+    odd = Rope.standard(64, 10000.0, rotary_dim=48)
+    _, query, _, _, kv, plan, scale = _problem([40], [8], 4, 2, 8, odd, 0)
+    with pytest.raises(NotImplementedError, match="power of two.*torch twin"):
+        paged_attention(query, kv, plan, scale, out, Selection.build(1, 2, sink=4, window=4), impl="triton", rope=odd)
 
 
 def test_rope_rotation_composes_and_matches_the_pairing_style():

@@ -15,8 +15,9 @@ def test_all_kernels_compile_for_sm90_without_spills():
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     expected = [v.name for v in all_variants()]
     # Paged attention: 16 plain + 12 quantized (int8-g0, int4-g0 at d=64/128; dense, page, page with
-    # fp32 dots); scoring: token logits 4 plain + 4 quantized, page logits 2; HiP's page search 2.
-    assert len(expected) == 40, f"expected 28 paged-attention + 10 scoring + 2 search variants, got {expected}"
+    # fp32 dots) + 3 at compacted positions; scoring: token logits 4 plain + 4 quantized + 2
+    # position-neutral, page logits 2; HiP's page search 2.
+    assert len(expected) == 45, f"expected 31 paged-attention + 12 scoring + 2 search variants, got {expected}"
     assert [r["kernel"] for r in reports] == expected, f"{len(reports)} of {len(expected)} variants reported"
     for r in reports:
         assert r["cubin_bytes"] > 0, r

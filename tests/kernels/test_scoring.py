@@ -97,14 +97,15 @@ ROPES = {"neox_theta1e4": Rope.standard(64), "neox_theta1e5_linear4": Rope.stand
 
 @pytest.mark.parametrize("rope", list(ROPES.values()), ids=list(ROPES))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_position_neutral_token_logits_match_reference(case, rope):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_position_neutral_token_logits_match_reference(case, rope, impl):
     """``rope`` given: keys turned back from their positions, the query from its own, then q·k."""
     seed = _seed()
     p = _problem(case, seed=seed)
     qpos = torch.tensor([s - 1 + 1000 * b for b, s in enumerate(p.plan.lens)])  # any position, also far away
     expected = token_logits_reference(p.query, p.kv, p.plan, p.scale, rope, qpos)
     out = _poisoned(p.query, expected.shape[2])
-    res = token_logits(p.query, p.kv, p.plan, p.scale, out, rope=rope, query_positions=qpos, chunk_pages=2)
+    res = token_logits(p.query, p.kv, p.plan, p.scale, out, rope=rope, query_positions=qpos, chunk_pages=2, impl=impl)
     _check(res, out, expected, p.plan.lens, seed)
     plain = token_logits_reference(p.query, p.kv, p.plan, p.scale)
     assert (res.double() - plain).abs()[torch.isfinite(plain)].max() > 0.1, f"seed={seed}: nothing was turned"

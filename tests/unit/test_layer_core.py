@@ -66,3 +66,30 @@ def test_a_step_builds_its_query_positions_once_for_every_layer():
     expected = torch.cat([torch.arange(48, 60), torch.tensor([8]), torch.arange(70)])
     assert torch.equal(step.positions, expected)
     assert step.positions is step.positions
+
+
+def test_an_extrapolating_layer_reads_compacted_positions_on_either_kernel(monkeypatch):
+    """``extrapolate``: the layer hands its selection and RoPE to the kernel it was given (Triton
+    here in the interpreter, as on a GPU), and to the torch twin where Triton cannot turn the
+    format's keys (Hadamard-rotated int4 pages); both give the twin's compacted attention."""
+    from lcx_plugin.kernels.paged import triton_impl
+    from lcx_plugin.kernels.paged.rope import Rope
+
+    turned = []
+    kernel = triton_impl.paged_attention_triton
+    monkeypatch.setattr(triton_impl, "paged_attention_triton", lambda *a, **kw: turned.append(a[-1]) or kernel(*a, **kw))
+    rope = Rope.standard(64)
+    config = LcxConfig.from_dict({"method": "streaming", "sink": 4, "window": 16, "extrapolate": True})
+    for fmt in ("plain", "int4-g0-rot"):
+        problem = make_problem([90, 50], [1, 20], 4, 2, block_size=8, seed=5, fmt=fmt)
+        step = plan_step(config.selector, problem.plan, ("a", "b"))
+        outs = {}
+        for impl in ("triton", "torch"):
+            core = LayerCore(0, 4, 2, 64, problem.scale, config, impl, rope=rope)
+            outs[impl] = core.run(problem.query, problem.kv, step, torch.full_like(problem.query, float("nan")))
+        assert (outs["triton"] - outs["torch"]).abs().max() < 1e-5, fmt
+        unmoved = LayerCore(0, 4, 2, 64, problem.scale, LcxConfig.from_dict({"method": "streaming", "sink": 4,
+                                                                             "window": 16}), "torch")
+        plain = unmoved.run(problem.query, problem.kv, step, torch.empty_like(problem.query))
+        assert (plain - outs["torch"]).abs().max() > 1e-3, f"{fmt}: nothing moved"
+    assert turned == [rope], "the Triton kernel read the plain pages' compacted positions, the twin the int4 ones"
