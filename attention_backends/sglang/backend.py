@@ -8,19 +8,22 @@ which reads the pool through a strided view (``formats.token_pool``, no copy). N
 lives here.
 
 What SGLang's pools do not allow yet, lcx refuses at construction with one clear error (quantized
-pages, compacted positions) or says in the log (a head split's streaming heads keep their full
-KV here: the pool has one buffer per layer for all heads); see the README's "SGLang".
+pages) or says in the log (a head split's streaming heads keep their full KV here: the pool has one
+buffer per layer for all heads); see the README's "SGLang". A context length past the model's
+trained one is refused unless the method extrapolates (compacted positions, RoPE read from the
+model's config; ``extrapolation.py``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from lcx_plugin.config import LcxConfig, resolve_config
+from lcx_plugin.extrapolation import length_reasons, rope_from_config
 from lcx_plugin.head_patterns import ModelShape
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, formats
+from lcx_plugin.kernels.paged.rope import Rope
 from lcx_plugin.layer import LayerCore, StepPlan, plan_step
 from lcx_plugin.log import get_logger
 from lcx_plugin.selectors import LayerInfo
@@ -31,14 +34,25 @@ from . import compat
 logger = get_logger()
 
 
-def check_config(config: LcxConfig, model: ModelShape, tp_size: int) -> list[str]:
-    """Why this config cannot be served through SGLang's pools (empty: it can)."""
+def rope_for(facts: dict, head_dim: int) -> Rope:
+    return rope_from_config(facts["text_config"], head_dim, facts["architecture"])
+
+
+def check_config(config: LcxConfig, model: ModelShape, tp_size: int, facts: dict | None = None,
+                 page_size: int = 1) -> list[str]:
+    """Why this config cannot be served through SGLang's pools (empty: it can). ``facts``:
+    ``compat.model_facts`` of the served model (None: no model config, as in pool-only tests)."""
     reasons = list(config.selector.check_model(model))
     if config.quantized:
         reasons.append(f"lcx config: kv_format {config.kv_format!r} is not wired into SGLang's MHATokenToKVPool yet "
                        "(its buffers hold the model dtype); use kv_format 'auto' with SGLang")
-    if getattr(config.selector, "extrapolate", False):
-        reasons.append("lcx config: 'extrapolate' (compacted positions) is served on vLLM only so far")
+    if facts is not None:
+        reasons += length_reasons(config.selector, max_len=facts["context_len"], trained=facts["trained"],
+                                  model_name=facts["name"], block_size=page_size, length_flag="--context-length",
+                                  read_rope=lambda: rope_for(facts, model.head_dim))
+    elif getattr(config.selector, "extrapolate", False):
+        reasons.append("lcx config: 'extrapolate' re-applies the model's RoPE, and SGLang gave no model config to read "
+                       "it from")
     try:
         config.implementation("cpu", engine_op=False)
     except ValueError as e:
@@ -62,12 +76,16 @@ class LcxSglangBackend(compat.attention_backend_base()):
         self.page_size = int(getattr(model_runner, "page_size", 1) or 1)
         self.config = resolve_config(None)  # $LCX_CONFIG; raises LcxConfigError on bad input
         pool = self.token_to_kv_pool
-        name = Path(str(getattr(getattr(model_runner, "model_config", None), "model_path", "") or "")).name
-        self.model = ModelShape(pool.layer_num, pool.head_num, pool.head_dim, name or None)
-        reasons = check_config(self.config, self.model, int(getattr(model_runner, "tp_size", 1) or 1))
+        model_config = getattr(model_runner, "model_config", None)
+        facts = compat.model_facts(model_config) if model_config is not None else None
+        self.model = ModelShape(pool.layer_num, pool.head_num, pool.head_dim, facts["name"] if facts else None)
+        reasons = check_config(self.config, self.model, int(getattr(model_runner, "tp_size", 1) or 1), facts,
+                               self.page_size)
         if reasons:
             raise ValueError("lcx cannot serve this SGLang model: " + "; ".join(reasons))
         self.impl = self.config.implementation(self.device, engine_op=False)
+        # Compacted positions: the model's RoPE, re-applied to what each query reads.
+        self.rope = rope_for(facts, pool.head_dim) if getattr(self.config.selector, "extrapolate", False) else None
         if getattr(self.config.selector, "save_memory", False):
             logger.warning("lcx head_split on SGLang: streaming heads attend to sinks + window, but their KV is not "
                            "stored apart (SGLang's pool keeps one buffer per layer), so no memory is saved")
@@ -131,7 +149,7 @@ class LcxSglangBackend(compat.attention_backend_base()):
         if core is None:
             info = LayerInfo(layer.layer_id, layer.tp_k_head_num, layer.head_dim, self.model)
             core = LayerCore(layer.layer_id, layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim,
-                             float(layer.scaling), self.config, self.impl, self.requests, info)
+                             float(layer.scaling), self.config, self.impl, self.requests, info, self.rope)
             self.cores[layer.layer_id] = core
         return core
 
@@ -163,8 +181,10 @@ class LcxSglangBackend(compat.attention_backend_base()):
             def engine_write(key, value, slots):
                 pool.set_kv_buffer(layer, compat.kv_write_loc(slots), key, value)
 
+            positions = forward_batch.positions if core.summaries_need_positions else None
             core.write(kv, k.view(-1, layer.tp_k_head_num, layer.head_dim),
-                       v.view(-1, layer.tp_v_head_num, layer.v_head_dim), forward_batch.out_cache_loc, engine_write)
+                       v.view(-1, layer.tp_v_head_num, layer.v_head_dim), forward_batch.out_cache_loc, engine_write,
+                       positions)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)
         out = torch.empty_like(q3)
         core.run(q3, kv, self.forward_metadata.step, out)

@@ -46,3 +46,24 @@ def register(factory) -> None:
         add_attention_backend_choices([BACKEND_NAME])
     if BACKEND_NAME not in ATTENTION_BACKENDS:
         register_attention_backend(BACKEND_NAME)(factory)
+
+
+def model_facts(model_config) -> dict:
+    """What lcx reads from SGLang's ``ModelConfig`` for serving past the trained length: the
+    architecture, the text config (RoPE), the context length served, the trained length (from the
+    checkpoint itself when ``--json-model-override-args`` raised ``max_position_embeddings``) and
+    the model's name."""
+    from pathlib import Path
+
+    text = model_config.hf_text_config
+    trained = int(text.max_position_embeddings)
+    overrides = getattr(model_config, "model_override_args", None) or {}
+    if isinstance(overrides, dict) and "max_position_embeddings" in overrides:
+        from transformers import AutoConfig
+
+        original = AutoConfig.from_pretrained(model_config.model_path,
+                                              trust_remote_code=bool(getattr(model_config, "trust_remote_code", False)))
+        trained = int(original.get_text_config().max_position_embeddings)
+    return {"architecture": (getattr(model_config.hf_config, "architectures", None) or ["?"])[0], "text_config": text,
+            "context_len": int(model_config.context_len), "trained": trained,
+            "name": Path(str(model_config.model_path).rstrip("/")).name}

@@ -134,34 +134,21 @@ def batch_identity(num_reqs: int) -> list[str] | None:
     return list(runner.input_batch.req_ids[:num_reqs])
 
 
-#: Architectures whose vLLM model code applies neox-style RoPE to every layer's q and k (the
-#: pairing ``compat.rope_for`` assumes); others are refused for ``extrapolate`` at startup.
-NEOX_ROPE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-#: RoPE types whose rotation is a plain rotation by ``position x inv_freq``: re-applying it by a
-#: position difference is exact. (YaRN scales cos/sin, dynamic NTK changes with the length, mrope
-#: has several position streams: none composes that way.)
-REPOSITIONABLE_ROPE = ("default", "llama3", "linear")
-
-
 def rope_for(vllm_config):
     """The served model's RoPE as lcx's ``Rope``, with vLLM's own inverse frequencies; raises
     ValueError naming what cannot be re-positioned."""
     import torch
 
+    from lcx_plugin.extrapolation import check_architecture, check_rope_type
     from lcx_plugin.kernels.paged.rope import Rope
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
     m = vllm_config.model_config
-    arch = (getattr(m.hf_config, "architectures", None) or ["?"])[0]
-    if arch not in NEOX_ROPE_ARCHITECTURES:
-        raise ValueError(f"lcx config: extrapolate re-applies RoPE, which lcx knows for {list(NEOX_ROPE_ARCHITECTURES)}; "
-                         f"{arch} is not among them")
+    check_architecture((getattr(m.hf_config, "architectures", None) or ["?"])[0])
     text = m.hf_text_config
     params = dict(getattr(text, "rope_parameters", None) or {})
     kind = params.get("rope_type", "default")
-    if kind not in REPOSITIONABLE_ROPE:
-        raise ValueError(f"lcx config: extrapolate cannot re-position rope_type {kind!r} (supported: "
-                         f"{list(REPOSITIONABLE_ROPE)}): its rotation does not compose by position differences")
+    check_rope_type(kind)
     head = m.get_head_size()
     rope = get_rope(head, max_position=text.max_position_embeddings, is_neox_style=True, rope_parameters=params,
                     dtype=torch.float32)
@@ -189,33 +176,14 @@ def trained_length(vllm_config) -> int:
 
 
 def length_reasons(selector, vllm_config) -> list[str]:
-    """Why ``selector`` cannot serve the engine's ``max_model_len`` (empty: it can): past the
-    trained length only an extrapolating method may, and only if what one query attends fits in it."""
+    """Why ``selector`` cannot serve the engine's ``max_model_len`` (empty: it can); see
+    ``extrapolation.length_reasons``."""
+    from lcx_plugin.extrapolation import length_reasons as reasons
+
     m = vllm_config.model_config
-    max_len, trained = int(m.max_model_len), trained_length(vllm_config)
-    extrapolate = bool(getattr(selector, "extrapolate", False))
-    name = _model_name(m.model)
-    if max_len > trained and not extrapolate:
-        return [f"lcx config: --max-model-len {max_len} is past {name}'s trained length of {trained} positions, and "
-                f"method {selector.name!r} would attend at positions the model never saw. Serve within {trained}, or "
-                "use a method that extrapolates: {\"method\": \"hip\", \"dense_layers\": [], \"extrapolate\": true}, "
-                "{\"method\": \"token_select\", \"prefill\": \"select\", \"extrapolate\": true} "
-                "or {\"method\": \"streaming\", \"extrapolate\": true}"]
-    if not extrapolate:
-        return []
-    if int(getattr(selector, "min_context", 0)) > trained:
-        return [f"lcx config: min_context {selector.min_context} leaves contexts up to that length dense, at absolute "
-                f"positions past {name}'s trained length of {trained}: lower it to at most {trained}"]
-    try:
-        rope_for(vllm_config)
-    except ValueError as e:
-        return [str(e)]
-    block = int(getattr(vllm_config.cache_config, "block_size", None) or 16)
-    longest = selector.longest_attended(max_len, block)
-    if longest > trained:
-        return [f"lcx config: at --max-model-len {max_len} one query of {selector.name!r} attends up to {longest} "
-                f"tokens (sink + window + budget), past {name}'s trained length of {trained}: lower them"]
-    return []
+    return reasons(selector, max_len=int(m.max_model_len), trained=trained_length(vllm_config),
+                   model_name=_model_name(m.model), block_size=int(getattr(vllm_config.cache_config, "block_size", None)
+                                                                   or 16), read_rope=lambda: rope_for(vllm_config))
 
 
 def _model_name(model) -> str:

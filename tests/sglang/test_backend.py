@@ -33,9 +33,9 @@ class Engine:
         self.free = pages
         self.history: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # row -> per-layer K, V
 
-    def runner(self):
+    def runner(self, model_config=None):
         return SimpleNamespace(req_to_token_pool=self.req_pool, token_to_kv_pool=self.kv_pool, device="cpu",
-                               page_size=self.page_size, tp_size=1, model_config=None)
+                               page_size=self.page_size, tp_size=1, model_config=model_config)
 
     def admit(self, row: int, length: int) -> None:
         p = self.page_size
@@ -51,6 +51,7 @@ class Engine:
                           input_ids=torch.zeros(n, dtype=torch.int64), req_pool_indices=torch.tensor(rows),
                           seq_lens=torch.tensor(seq), out_cache_loc=loc, seq_lens_sum=sum(seq))
         fb.seq_lens_cpu = torch.tensor(seq)
+        fb.positions = torch.cat([torch.arange(a, b) for a, b in zip(prefix_lens, seq)])
         fb.rids = [f"req-{r}" for r in rows]
         if not decode:
             fb.extend_seq_lens = torch.tensor(new_lens, dtype=torch.int32)
@@ -107,9 +108,16 @@ def reference(q, k, v, keep=None):
     return torch.einsum("hts,shd->thd", scores.softmax(-1), v64).float()
 
 
-def backend_for(monkeypatch, engine, config) -> LcxSglangBackend:
+def backend_for(monkeypatch, engine, config, model_config=None) -> LcxSglangBackend:
     monkeypatch.setenv("LCX_CONFIG", json.dumps(config))
-    return LcxSglangBackend(engine.runner())
+    return LcxSglangBackend(engine.runner(model_config))
+
+
+def model_config(context_len=512, trained=512, rope_scaling=None, architecture="LlamaForCausalLM"):
+    """The fields of SGLang's ``ModelConfig`` lcx reads, for a Llama-style model with this pool's heads."""
+    text = SimpleNamespace(max_position_embeddings=trained, rope_theta=10000.0, rope_scaling=rope_scaling)
+    return SimpleNamespace(hf_config=SimpleNamespace(architectures=[architecture]), hf_text_config=text,
+                           context_len=context_len, model_path="/models/tiny-llama", model_override_args={})
 
 
 class VllmLayout:
@@ -118,7 +126,7 @@ class VllmLayout:
 
     BLOCK = 16
 
-    def __init__(self, blocks: int = 64, seed: int = 1):
+    def __init__(self, blocks: int = 64, seed: int = 1, rope=None):
         from lcx_plugin.config import resolve_config
         from lcx_plugin.head_patterns import ModelShape
         from lcx_plugin.kernels.paged import formats
@@ -131,7 +139,7 @@ class VllmLayout:
         requests = RequestStates()
         shape = ModelShape(LAYERS, HKV, D, None)
         self.cores = [LayerCore(i, HQ, HKV, D, 1 / math.sqrt(D), self.config, "torch", requests,
-                                LayerInfo(i, HKV, D, shape)) for i in range(LAYERS)]
+                                LayerInfo(i, HKV, D, shape), rope) for i in range(LAYERS)]
         self.free = (torch.randperm(blocks - 1, generator=torch.Generator().manual_seed(seed)) + 1).tolist()
         self.tables: dict[int, list[int]] = {}
 
@@ -152,7 +160,7 @@ class VllmLayout:
 
     def layer(self, index, q, k, v):
         core = self.cores[index]
-        core.write(self.kv[index], k, v, self.slots)
+        core.write(self.kv[index], k, v, self.slots, positions=self.step.positions)
         out = torch.full_like(q, float("nan"))
         core.run(q, self.kv[index], self.step, out)
         return out
@@ -350,3 +358,51 @@ def test_compressed_methods_select_as_on_the_vllm_path(monkeypatch, name):
         for o, r in zip(outs, refs):
             torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-5)
     assert backend.requests.counters == mirror.cores[1].requests.counters  # the selection cache's counts too
+
+
+EXTRAPOLATING = {
+    "streaming": {"method": "streaming", "sink": 4, "window": 8, "extrapolate": True},
+    "hip": {**COMPRESSED["hip"], "extrapolate": True},
+    "token_select_prefill": {**COMPRESSED["token_select_prefill"], "extrapolate": True},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTRAPOLATING))
+def test_extrapolating_methods_read_compacted_positions_as_on_the_vllm_path(monkeypatch, name):
+    """``extrapolate`` on SGLang: the RoPE read from the model's config, selections position-neutral
+    (HiP's page summaries from each key's position in the batch), attention at compacted positions:
+    the same outputs as the layer core over vLLM's page layout with the same RoPE, and not the
+    outputs of the same method at absolute positions."""
+    from lcx_plugin.extrapolation import rope_from_config
+
+    mc = model_config()
+    rope = rope_from_config(mc.hf_text_config, D, "LlamaForCausalLM")
+    runs = {}
+    for extrapolate in (True, False):
+        config = {**EXTRAPOLATING[name], "extrapolate": extrapolate}
+        engine = Engine(page_size=VllmLayout.BLOCK)
+        backend = backend_for(monkeypatch, engine, config, mc)
+        mirror = VllmLayout(rope=rope if extrapolate else None)
+        steps = list(run_conversation(backend, engine, mirror))
+        for outs, refs in steps:
+            for o, r in zip(outs, refs):
+                torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-5)
+        runs[extrapolate] = steps
+    moved = max((a - b).abs().max().item() for (outs_a, _), (outs_b, _) in zip(runs[True], runs[False])
+                for a, b in zip(outs_a, outs_b))
+    assert moved > 1e-2, f"{name}: compacted positions changed nothing ({moved:.2g})"
+
+
+def test_past_the_trained_length_only_an_extrapolating_method_starts(monkeypatch):
+    engine = Engine()
+    past = model_config(context_len=1024, trained=512)
+    with pytest.raises(ValueError, match="--context-length 1024 is past tiny-llama's trained length of 512"):
+        backend_for(monkeypatch, engine, {"method": "token_select", "budget": 12}, past)
+    backend = backend_for(monkeypatch, engine, EXTRAPOLATING["streaming"], past)
+    assert backend.rope is not None and backend.rope.rotary_dim == D
+    with pytest.raises(ValueError, match="rope_type 'yarn'"):
+        backend_for(monkeypatch, engine, EXTRAPOLATING["streaming"], model_config(rope_scaling={"rope_type": "yarn"}))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not among them"):
+        backend_for(monkeypatch, engine, EXTRAPOLATING["streaming"], model_config(architecture="GPT2LMHeadModel"))
+    with pytest.raises(ValueError, match="gave no model config"):
+        backend_for(monkeypatch, engine, EXTRAPOLATING["streaming"])
