@@ -198,15 +198,19 @@ def _page_logits_torch(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
     lens = plan.seq_lens[:b].to(device=dev, dtype=torch.int64)
     n_pages = (lens + block_size - 1) // block_size
     table = plan.block_table[:b].to(device=dev, dtype=torch.int64)
-    q = query.to(torch.float32).reshape(b, hkv, group, 1, d)
+    # sum_d max(q_d lo_d, q_d hi_d) = q+ . hi + q- . lo (hi >= lo: a positive q_d picks hi_d, a
+    # negative one lo_d), with q+ = max(q, 0) and q- = min(q, 0): two matmuls per chunk of pages.
+    q = query.to(torch.float32).reshape(b, hkv, group, d)
+    q_pos, q_neg = q.clamp(min=0).transpose(-1, -2), q.clamp(max=0).transpose(-1, -2)  # [B, Hkv, D, G]
     chunk = max(1, PAGE_PRODUCT_ELEMS // max(1, b * hq * d))
     for p0 in range(0, width, chunk):
         p1 = min(p0 + chunk, width)
         page = torch.arange(p0, p1, device=dev)
         live = page[None, :] < n_pages[:, None]  # [B, n]
         blocks = torch.where(live, table[:, p0:p1], 0)
-        lo = kmin[blocks].to(torch.float32).transpose(1, 2)[:, :, None]  # [B, Hkv, 1, n, D]
-        hi = kmax[blocks].to(torch.float32).transpose(1, 2)[:, :, None]
-        bound = torch.maximum(q * lo, q * hi).sum(-1).reshape(b, hq, p1 - p0)
+        lo = kmin[blocks].to(torch.float32).transpose(1, 2)  # [B, Hkv, n, D]
+        hi = kmax[blocks].to(torch.float32).transpose(1, 2)
+        bound = torch.matmul(hi, q_pos).add_(torch.matmul(lo, q_neg))  # [B, Hkv, n, G]
+        bound = bound.permute(0, 1, 3, 2).reshape(b, hq, p1 - p0)
         out[:, :, p0:p1] = bound.mul_(scale).masked_fill_(~live[:, None, :], float("-inf"))
     return out
