@@ -56,7 +56,8 @@ def model_facts(model_config) -> dict:
     from pathlib import Path
 
     text = model_config.hf_text_config
-    trained = int(text.max_position_embeddings)
+    # A config without the field states no trained length: the served one is taken as it.
+    trained = int(getattr(text, "max_position_embeddings", None) or model_config.context_len)
     overrides = getattr(model_config, "model_override_args", None) or {}
     if isinstance(overrides, dict) and "max_position_embeddings" in overrides:
         from transformers import AutoConfig
