@@ -149,7 +149,11 @@ def _parse_env(raw: str) -> tuple[Any, str]:
     if text.startswith("{") or text in ("null", "[]") or text.startswith("["):
         source = f"${ENV_VAR} (inline JSON)"
     else:
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # "~name" of a user this machine does not know
+            raise LcxConfigError(f"${ENV_VAR}={raw!r} is neither inline JSON nor an existing file "
+                                 "(its ~user is unknown here)") from None
         if not path.is_file():
             raise LcxConfigError(f"${ENV_VAR}={raw!r} is neither inline JSON nor an existing file")
         source = f"${ENV_VAR} file {path}"
