@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lcx_plugin import selectors
-from lcx_plugin.errors import LcxConfigError
+from lcx_plugin.errors import LcxConfigError, user_path
 from lcx_plugin.selectors.base import Selector
 
 ENV_VAR = "LCX_CONFIG"
@@ -149,11 +149,7 @@ def _parse_env(raw: str) -> tuple[Any, str]:
     if text.startswith("{") or text in ("null", "[]") or text.startswith("["):
         source = f"${ENV_VAR} (inline JSON)"
     else:
-        try:
-            path = Path(text).expanduser()
-        except RuntimeError:  # "~name" of a user this machine does not know
-            raise LcxConfigError(f"${ENV_VAR}={raw!r} is neither inline JSON nor an existing file "
-                                 "(its ~user is unknown here)") from None
+        path = user_path(text, f"${ENV_VAR}: the config file")
         if not path.is_file():
             raise LcxConfigError(f"${ENV_VAR}={raw!r} is neither inline JSON nor an existing file")
         source = f"${ENV_VAR} file {path}"

@@ -3,3 +3,14 @@
 
 class LcxConfigError(ValueError):
     """Raised once, at startup, for any bad lcx configuration."""
+
+
+def user_path(text, what: str):
+    """``text`` as a ``Path`` with ``~`` expanded; a ``~user`` this machine does not know is bad
+    configuration (pathlib raises RuntimeError for it)."""
+    from pathlib import Path
+
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise LcxConfigError(f"{what} {str(text)!r}: its ~user is unknown on this machine") from None

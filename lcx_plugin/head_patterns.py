@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lcx_plugin.errors import LcxConfigError
+from lcx_plugin.errors import LcxConfigError, user_path
 
 FORMAT = "lcx-head-pattern"
 VERSION = 1
@@ -188,7 +188,7 @@ def _from_tsv(text: str, path) -> HeadPattern:
 
 def load(path: str | Path) -> HeadPattern:
     """Read a pattern file (lcx JSON, or DuoAttention TSV by its ``.tsv`` suffix or its content)."""
-    path = Path(path).expanduser()
+    path = user_path(path, "head pattern file")
     text = _read_text(path)
     if path.suffix == ".json" or text.lstrip().startswith("{"):
         return _from_json(text, path)

@@ -112,7 +112,7 @@ class HeadSplit(WindowedSelector):
         path = self.pattern_path(model)
         try:
             mtime = head_patterns.Path(path).expanduser().stat().st_mtime_ns
-        except OSError:
+        except (OSError, RuntimeError):  # missing, or a ~user unknown here: loading says which, clearly
             mtime = 0
         pattern = _load(path, mtime)
         problems = pattern.check(model)

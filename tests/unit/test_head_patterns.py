@@ -97,3 +97,8 @@ def test_the_shipped_pattern_fits_the_embedded_model():
     assert pat.check(ModelShape(30, 3, 64)) == [] and pat.source.get("method") in ("mass", "gates")
     assert head_patterns.shipped("HuggingFaceTB/SmolLM2-135M-Instruct") == found
     assert head_patterns.shipped("some-other-model") is None
+
+
+def test_a_path_under_an_unknown_users_home_is_one_clear_error():
+    with pytest.raises(LcxConfigError, match="head pattern file '~nosuchuser-lcx/p.json': its ~user is unknown"):
+        head_patterns.load("~nosuchuser-lcx/p.json")
