@@ -7,10 +7,10 @@ class LcxConfigError(ValueError):
 
 def user_path(text, what: str):
     """``text`` as a ``Path`` with ``~`` expanded; a ``~user`` this machine does not know is bad
-    configuration (pathlib raises RuntimeError for it)."""
+    configuration (pathlib raises RuntimeError for it, ValueError for a name with a NUL byte)."""
     from pathlib import Path
 
     try:
         return Path(text).expanduser()
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         raise LcxConfigError(f"{what} {str(text)!r}: its ~user is unknown on this machine") from None
