@@ -44,13 +44,15 @@ from streaming import DEPTHS, LENGTHS, SEEDS_PER_DEPTH, _accuracy_prompts  # noq
 from streaming import _accuracy as _streaming_accuracy  # noqa: E402
 
 SPLIT = {"method": "head_split", "streaming_fraction": 0.6667, "sink": 64, "window": 256}
-ARMS = [  # (format label, arm kwargs, (bits, group) for the KL reference or None, streaming for KL)
+ARMS = [  # (format label, arm kwargs, (bits, group) or ("mixed", group, fraction) for the KL reference, streaming for KL)
     ("int8", {"backend": "lcx", "lcx": {"method": "dense", "kv_format": "int8"}}, (8, 64), False),
     ("int4", {"backend": "lcx", "lcx": {"method": "dense", "kv_format": "int4"}}, (4, 64), False),
     ("split+int4", {"backend": "lcx", "lcx": {**SPLIT, "kv_format": "int4"}}, (4, 64), True),
+    ("mixed", {"backend": "lcx", "lcx": {"method": "dense", "kv_format": "mixed"}}, ("mixed", 64, 0.125), False),
 ]
 FP8 = ("fp8", {"engine": {"kv_cache_dtype": "fp8"}})
 CAPTURE_LAYERS = (2, 20)
+MIXED_BLOCK = 128  # vLLM's CPU block size, as the engine arms run (mixed pages' slots are per page)
 KL_PROMPTS = 4
 
 
@@ -83,7 +85,7 @@ def _speed(name: str, arm_kwargs: dict, model: str, settings, log_dir: Path) -> 
                         engine=engine, **kw),
                 log_path=str(log_dir / f"kv_quant_speed_{name}.log"), settings=settings)
     return {"prompt_tokens": r["prompt_tokens"][0], "ttft_s": r["ttft_s"][0], "decode_tps": r["decode_tps"][0],
-            "kv_tokens": r["kv_capacity"]["tokens_bf16"]}
+            "kv_tokens": r["kv_capacity"]["tokens_bf16"], "block_size": r["kv_capacity"].get("block_size")}
 
 
 def _fp8_run(stock: dict, samples, model: str, settings, log_dir: Path) -> dict:
@@ -92,6 +94,45 @@ def _fp8_run(stock: dict, samples, model: str, settings, log_dir: Path) -> dict:
     return {"format": "stock fp8", "kv_tokens": speed["kv_tokens"], "capacity_ratio": speed["kv_tokens"] / stock["kv_tokens"],
             "acc": _overall(acc), "acc_by_length": acc["acc"], "kl": None,
             "decode_tps_ratio": speed["decode_tps"] / stock["decode_tps"], "ttft_ratio": speed["ttft_s"] / stock["ttft_s"]}
+
+
+def _add_format(path: Path, name: str, settings, model: str, samples, log_dir: Path, accuracy: bool) -> None:
+    """Measure one lcx format into an existing result file: its capacity and speed against a stock
+    run of its own, its KL, its row of the side-by-side table (on freshly captured tensors) and,
+    with ``accuracy``, its passkey accuracy."""
+    from lcx_plugin.harness.ab.report import machine_line
+    from lcx_plugin.harness.settings import machine_record
+
+    label, arm, fmt, streaming = next(a for a in ARMS if a[0] == name)
+    result = json.loads(path.read_text())
+    stock = _speed(f"stock-{name}-baseline", {}, model, settings, log_dir)
+    speed = _speed(name, arm, model, settings, log_dir)
+    kl = _kl(model, samples, fmt, streaming, speed["block_size"])
+    row = {"format": label, "kv_tokens": speed["kv_tokens"], "capacity_ratio": speed["kv_tokens"] / stock["kv_tokens"],
+           "acc": None, "kl": kl, "decode_tps_ratio": speed["decode_tps"] / stock["decode_tps"],
+           "ttft_ratio": speed["ttft_s"] / stock["ttft_s"], "config": arm["lcx"],
+           "note": f"measured by --add-format in a second run on {machine_line(machine_record(settings))}; "
+                   "speed ratios against that run's own stock"}
+    if accuracy:
+        acc = _accuracy(f"kvq_{name}", arm, samples, model, settings, log_dir)
+        row.update(acc=_overall(acc), acc_by_length=acc["acc"], by_depth=acc["by_depth"], outputs=acc["outputs"])
+    else:
+        row["note"] += "; passkey accuracy not measured (run without --no-accuracy)"
+    result["runs"] = [r for r in result["runs"] if r["format"] != label] + [row]
+    captured = capture(model)
+    errs, nbytes = [], None
+    for layer, (q, k, v) in captured.items():
+        k_hat, v_hat, nbytes = _lcx_roundtrip(name, k, v, q)
+        ref = _attn(q, k, v)
+        errs.append(float((_attn(q, k_hat.float(), v_hat.float()) - ref).norm() / ref.norm()))
+    side = {"format": name, "owner": "lcx", "bytes_per_token": nbytes, "attn_out_rel_err": statistics.fmean(errs),
+            "per_layer": dict(zip(map(str, captured), errs))}
+    result["vs_engine_formats"] = [r for r in result["vs_engine_formats"]
+                                   if not (r["owner"] == "lcx" and r["format"] == name)] + [side]
+    path.write_text(json.dumps(result, indent=1))
+    plot(result, path.with_suffix(".png"))
+    print(json.dumps({**{k: row.get(k) for k in ("format", "capacity_ratio", "acc", "kl", "decode_tps_ratio")},
+                      "attn_out_rel_err": side["attn_out_rel_err"], "bytes_per_token": nbytes}))
 
 
 def _add_fp8(path: Path, settings, model: str, samples, log_dir: Path) -> None:
@@ -108,8 +149,9 @@ def _add_fp8(path: Path, settings, model: str, samples, log_dir: Path) -> None:
     print(json.dumps({k: row.get(k) for k in ("format", "capacity_ratio", "acc", "decode_tps_ratio")}))
 
 
-def _kl(model: str, samples, fmt: tuple[int, int], streaming: bool) -> float:
-    """Mean next-token KL(dense || format) over the first ``KL_PROMPTS`` 1k-token prompts."""
+def _kl(model: str, samples, fmt: tuple, streaming: bool, block_size: int | None = None) -> float:
+    """Mean next-token KL(dense || format) over the first ``KL_PROMPTS`` 1k-token prompts (mixed
+    pages: the engine's ``block_size``, each prompt one prefill chunk)."""
     from transformers import AutoTokenizer
 
     from lcx_plugin.selectors import get
@@ -124,7 +166,9 @@ def _kl(model: str, samples, fmt: tuple[int, int], streaming: bool) -> float:
     short = [s for s in samples if s.target_tokens == LENGTHS[0]][:KL_PROMPTS]
     values = []
     for s in short:
-        values += next_token_kl(model, tok(s.prompt)["input_ids"], fmt, **extra)
+        ids = tok(s.prompt)["input_ids"]
+        spec = ("mixed", fmt[1], block_size, fmt[2], len(ids)) if fmt[0] == "mixed" else fmt
+        values += next_token_kl(model, ids, spec, **extra)
     return statistics.fmean(values)
 
 
@@ -154,7 +198,27 @@ def capture(model: str, tokens: int = 4096) -> dict[int, tuple]:
     return seen
 
 
-def _lcx_roundtrip(name: str, k, v):
+def _mixed_roundtrip(q, k, v, block_size: int = MIXED_BLOCK, fraction: float = 0.125):
+    """Mixed pages filled from one prefill chunk (the captured prompt), slots chosen by its queries."""
+    import torch
+
+    from lcx_plugin.kernels.paged import BatchPlan, mixed
+
+    t, hkv, d = k.shape
+    pages = -(-t // block_size)
+    kv = mixed.mixed(torch.full((pages, hkv, block_size, mixed.cell_bytes(d, d, block_size, fraction)), 255,
+                                dtype=torch.uint8), d, d, fraction)
+    slots = torch.arange(t)
+    kv.write(k, v, slots)
+    plan = BatchPlan.from_lists([t], [t], torch.arange(pages, dtype=torch.int32)[None])
+    kv.promote(k, v, slots, mixed.observed_importance(q, k, plan, d ** -0.5))
+    every = torch.arange(pages)
+    kk, vv = kv.gather(every[:, None].expand(pages, hkv), torch.arange(hkv)[None].expand(pages, hkv))
+    back = [x.permute(0, 2, 1, 3).reshape(pages * block_size, hkv, d)[:t] for x in (kk, vv)]
+    return back[0], back[1], hkv * mixed.cell_bytes(d, d, block_size, fraction)
+
+
+def _lcx_roundtrip(name: str, k, v, q=None):
     """(k_hat, v_hat, bytes per token over all KV heads) for lcx's served formats and the two
     measured alternatives."""
     import torch
@@ -162,6 +226,8 @@ def _lcx_roundtrip(name: str, k, v):
     from lcx_plugin.kernels.paged import quant
 
     hkv, d = k.shape[1], k.shape[2]
+    if name == "mixed":
+        return _mixed_roundtrip(q, k, v)
 
     def rt(x, bits, group):
         return quant.decode(quant.encode(x, bits, group), x.shape[-1], bits, group)
@@ -184,7 +250,7 @@ def _lcx_roundtrip(name: str, k, v):
 
 NO_ROTATION = "int4, keys not rotated (measured, not served)"
 PER_CHANNEL = "int4, keys per channel per 16-token page (KIVI's axis; measured, not served)"
-LCX_FORMATS = ("int8", "int4", "int4-g32", NO_ROTATION, PER_CHANNEL)
+LCX_FORMATS = ("int8", "int4", "int4-g32", "mixed", NO_ROTATION, PER_CHANNEL)
 
 
 def _attn(q, k, v):
@@ -208,7 +274,7 @@ def vs_engine_formats(captured: dict) -> list[dict]:
         for layer, (q, k, v) in captured.items():
             try:
                 if owner == "lcx":
-                    k_hat, v_hat, nbytes = _lcx_roundtrip(name, k, v)
+                    k_hat, v_hat, nbytes = _lcx_roundtrip(name, k, v, q)
                 else:
                     res = engine_roundtrip(name, k, v)
                     k_hat, v_hat, nbytes = res.k_hat, res.v_hat, res.bytes_per_token
@@ -278,6 +344,9 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/kv_quant.json")
     ap.add_argument("--formats-only", metavar="JSON", help=argparse.SUPPRESS)  # the side-by-side child
     ap.add_argument("--capture-tokens", type=int, default=4096, help=argparse.SUPPRESS)
+    ap.add_argument("--add-format", choices=[a[0] for a in ARMS],
+                    help="measure one lcx format into the existing --out (a stock baseline of its own)")
+    ap.add_argument("--no-accuracy", action="store_true", help="with --add-format: skip the passkey accuracy run")
     ap.add_argument("--add-fp8", action="store_true",
                     help="measure only vLLM's fp8 cache (with a stock baseline of its own) into the existing --out")
     args = ap.parse_args()
@@ -306,6 +375,9 @@ def main() -> int:
     if args.add_fp8:
         _add_fp8(Path(args.out), settings, model, samples, log_dir)
         return 0
+    if args.add_format:
+        _add_format(Path(args.out), args.add_format, settings, model, samples, log_dir, not args.no_accuracy)
+        return 0
     result: dict = {"machine": machine, "machine_line": machine_line(machine)}
     with Progress(4 + 3 * len(ARMS), "bench kv_quant") as progress:
         stock = _speed("stock", {}, model, settings, log_dir)
@@ -326,7 +398,7 @@ def main() -> int:
             progress.advance(note=f"{name}: {acc['acc']}")
             speed = _speed(name, arm, model, settings, log_dir)
             progress.advance(note=f"{name}: {speed}")
-            kl = _kl(model, samples, fmt, streaming)
+            kl = _kl(model, samples, fmt, streaming, speed["block_size"])
             progress.advance(note=f"{name}: KL {kl:.4g}")
             runs.append({"format": name, "kv_tokens": speed["kv_tokens"],
                          "capacity_ratio": speed["kv_tokens"] / stock["kv_tokens"], "acc": _overall(acc),

@@ -32,7 +32,23 @@ def quant_constexprs(head_dim: int, bits: int, group: int) -> dict:
     return dict(QUANT_BITS=bits, GROUP_SIZE=min(group or head_dim, head_dim), META_AT=data + (data & 1))
 
 
+def mixed_constexprs(head_dim: int, block_size: int = 128, fraction: float = 0.125, keys_only: bool = False) -> dict:
+    """Mixed pages' constexprs (as ``triton_impl.quant_operands`` sets them): int4 rows and the
+    int8 slot pool of a ``block_size`` page (vLLM CPU's 128 tokens: 16 slots, the most unrolled)."""
+    from .paged import mixed, quant
+
+    data8 = quant.code_bytes(head_dim, 8)
+    const = dict(quant_constexprs(head_dim, 4, 0), HIGH_SLOTS=mixed.slot_count(block_size, fraction),
+                 SLOT_BYTES=mixed.slot_bytes(head_dim, head_dim), HIGH_META_AT=data8 + (data8 & 1))
+    if not keys_only:
+        const["HIGH_ROW"] = quant.row_bytes(head_dim, 8, head_dim)
+    return const
+
+
 PLAIN = dict(QUANT_BITS=0, GROUP_SIZE=1, META_AT=0)
+#: Pages without int8 slots (everything but mixed pages): the attention kernel's and the scoring kernel's.
+UNMIXED = dict(HIGH_SLOTS=0, SLOT_BYTES=0, HIGH_META_AT=0, HIGH_ROW=0)
+UNMIXED_KEYS = dict(HIGH_SLOTS=0, SLOT_BYTES=0, HIGH_META_AT=0)
 #: Kernels that turn no key (no compacted positions, no position-neutral scores): no RoPE table.
 UNTURNED = dict(inv_freq_ptr=None, ROT_DIM=0, NEOX=True)
 
@@ -67,7 +83,7 @@ def paged_attention_variants() -> list[Variant]:
                 const = dict(
                     NUM_KV_HEADS=8, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16,
                     BLOCK_M=t.BLOCK_M, TILE_N=launch.pop("TILE_N"), SEL_KIND=sel_kind, QUERY_BLOCK=query_block,
-                    FP32_DOT=fp32_dot, **PLAIN, **UNTURNED, COMPACT=False,
+                    FP32_DOT=fp32_dot, **PLAIN, **UNMIXED, **UNTURNED, COMPACT=False,
                 )
                 sig = dict(base_sig, **{k: "constexpr" for k in const})
                 out.append(Variant(f"paged_attention[d={head_dim},{sel_name},fp32_dot={fp32_dot}]",
@@ -81,7 +97,7 @@ def paged_attention_variants() -> list[Variant]:
                 const = dict(
                     NUM_KV_HEADS=8, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16,
                     BLOCK_M=t.BLOCK_M, TILE_N=launch.pop("TILE_N"), SEL_KIND=sel_kind, QUERY_BLOCK=0,
-                    FP32_DOT=fp32_dot, **quant_constexprs(head_dim, bits, group), **UNTURNED,
+                    FP32_DOT=fp32_dot, **quant_constexprs(head_dim, bits, group), **UNMIXED, **UNTURNED,
                     COMPACT=False,
                 )
                 act = "*fp32" if fp32_dot else "*bf16"
@@ -89,6 +105,19 @@ def paged_attention_variants() -> list[Variant]:
                            **{k: "constexpr" for k in const})
                 out.append(Variant(f"paged_attention[d={head_dim},{fmt},{sel_name},fp32_dot={fp32_dot}]",
                                    t._paged_attention_kernel, sig, const, launch))
+    # Mixed pages (int4 rows, int8 slots read where a token holds one): 128-token pages, page lists.
+    for head_dim in (64, 128):
+        for fp32_dot in (False, True):
+            launch = t.launch_config(head_dim, fp32_dot, 4, mixed=True)
+            const = dict(
+                NUM_KV_HEADS=8, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=128,
+                BLOCK_M=t.BLOCK_M, TILE_N=launch.pop("TILE_N"), SEL_KIND=t.SEL_PAGE, QUERY_BLOCK=0,
+                FP32_DOT=fp32_dot, **mixed_constexprs(head_dim), **UNTURNED, COMPACT=False,
+            )
+            act = "*fp32" if fp32_dot else "*bf16"
+            sig = dict(base_sig, q_ptr=act, out_ptr=act, k_ptr="*u8", v_ptr="*u8", **{k: "constexpr" for k in const})
+            out.append(Variant(f"paged_attention[d={head_dim},mixed,page,fp32_dot={fp32_dot}]",
+                               t._paged_attention_kernel, sig, const, launch))
     # Compacted positions (``COMPACT``, length extrapolation): token lists at d=64 and page lists in
     # query blocks at d=128, neox over the whole head, a bf16 cache; and int8 pages with GPT-J pairs
     # over half the head.
@@ -99,7 +128,7 @@ def paged_attention_variants() -> list[Variant]:
         quant_const = quant_constexprs(head_dim, 8, 0) if fmt else PLAIN
         const = dict(NUM_KV_HEADS=8, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, BLOCK_M=t.BLOCK_M,
                      TILE_N=launch.pop("TILE_N"), SEL_KIND=sel_kind, QUERY_BLOCK=query_block, FP32_DOT=False,
-                     **quant_const, COMPACT=True, ROT_DIM=rot, NEOX=neox)
+                     **quant_const, **UNMIXED, COMPACT=True, ROT_DIM=rot, NEOX=neox)
         sig = dict(base_sig, inv_freq_ptr="*fp64", **({"k_ptr": "*u8", "v_ptr": "*u8"} if fmt else {}),
                    **{k: "constexpr" for k in const})
         out.append(Variant(f"paged_attention[d={head_dim},{fmt or 'bf16'},{sel_name},compacted,"
@@ -118,7 +147,7 @@ def scoring_variants() -> list[Variant]:
         for cache in ("bf16", "fp32"):
             launch = t.token_launch_config(head_dim)
             const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, TILE_N=launch.pop("TILE_N"),
-                         **PLAIN, **UNTURNED, NEUTRAL=False)
+                         **PLAIN, **UNMIXED_KEYS, **UNTURNED, NEUTRAL=False)
             sig = {"q_ptr": f"*{cache}", "k_ptr": f"*{cache}", "out_ptr": "*fp32", "block_table_ptr": "*i32",
                    "seq_lens_ptr": "*i32", "scale": "fp32", "out_len": "i32", "pages_per_program": "i32",
                    **{s: "i64" for s in strides + ("stride_kb", "stride_kh", "stride_kt", "stride_kd")},
@@ -127,16 +156,24 @@ def scoring_variants() -> list[Variant]:
         for fmt, bits, group in QUANT_FORMATS:  # quantized keys: the uint8 key plane, a bf16 query
             launch = t.token_launch_config(head_dim)
             const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, TILE_N=launch.pop("TILE_N"),
-                         **quant_constexprs(head_dim, bits, group), **UNTURNED, NEUTRAL=False)
+                         **quant_constexprs(head_dim, bits, group), **UNMIXED_KEYS, **UNTURNED, NEUTRAL=False)
             sig = {"q_ptr": "*bf16", "k_ptr": "*u8", "out_ptr": "*fp32", "block_table_ptr": "*i32",
                    "seq_lens_ptr": "*i32", "scale": "fp32", "out_len": "i32", "pages_per_program": "i32",
                    **{s: "i64" for s in strides + ("stride_kb", "stride_kh", "stride_kt", "stride_kd")},
                    **{k: "constexpr" for k in const}}
             out.append(Variant(f"token_logits[d={head_dim},{fmt}]", t._token_logits_kernel, sig, const, launch))
+        launch = t.token_launch_config(head_dim)  # mixed pages' keys
+        const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=128, TILE_N=launch.pop("TILE_N"),
+                     **mixed_constexprs(head_dim, keys_only=True), **UNTURNED, NEUTRAL=False)
+        sig = {"q_ptr": "*bf16", "k_ptr": "*u8", "out_ptr": "*fp32", "block_table_ptr": "*i32",
+               "seq_lens_ptr": "*i32", "scale": "fp32", "out_len": "i32", "pages_per_program": "i32",
+               **{s: "i64" for s in strides + ("stride_kb", "stride_kh", "stride_kt", "stride_kd")},
+               **{k: "constexpr" for k in const}}
+        out.append(Variant(f"token_logits[d={head_dim},mixed]", t._token_logits_kernel, sig, const, launch))
         # Position-neutral token logits (``NEUTRAL``: keys turned back by their positions), bf16 cache.
         launch = t.token_launch_config(head_dim)
         const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_SIZE=16, TILE_N=launch.pop("TILE_N"),
-                     **PLAIN, NEUTRAL=True, ROT_DIM=head_dim, NEOX=True)
+                     **PLAIN, **UNMIXED_KEYS, NEUTRAL=True, ROT_DIM=head_dim, NEOX=True)
         sig = {"q_ptr": "*fp32", "k_ptr": "*bf16", "out_ptr": "*fp32", "block_table_ptr": "*i32",
                "seq_lens_ptr": "*i32", "scale": "fp32", "out_len": "i32", "pages_per_program": "i32",
                **{s: "i64" for s in strides + ("stride_kb", "stride_kh", "stride_kt", "stride_kd")},

@@ -50,11 +50,12 @@ def _methods() -> int:
         doc = (inspect.getdoc(cls) or "").splitlines()[0]
         params = ", ".join(f"{f.name}={f.default!r}" for f in cls.params())
         print(f"{name}: {doc}\n    parameters: {params or '(none)'}")
-    from lcx_plugin.config import KERNELS, KV_FORMATS
+    from lcx_plugin.config import DEFAULT_HIGH_FRACTION, KERNELS, KV_FORMATS
 
     print(f"engine keys, under every method: kernel={KERNELS[0]!r} (one of {list(KERNELS)}), "
           f"kv_format={KV_FORMATS[0]!r} (one of {list(KV_FORMATS)}), kv_group_size=None (channels per scale; "
-          "None: the whole head)")
+          f"None: the whole head), kv_high_fraction=None (mixed: the share of a page's tokens with an int8 copy; "
+          f"None: {DEFAULT_HIGH_FRACTION})")
     return 0
 
 

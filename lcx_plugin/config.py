@@ -25,9 +25,11 @@ from lcx_plugin.selectors.base import Selector
 
 ENV_VAR = "LCX_CONFIG"
 KERNELS = ("auto", "engine", "torch", "triton")
-ENGINE_KEYS = ("method", "kernel", "kv_format", "kv_group_size")
-#: Storage formats of the paged cache: the engine's own dtype, or quantized pages (kernels/paged/quant.py).
-KV_FORMATS = ("auto", "int8", "int4")
+ENGINE_KEYS = ("method", "kernel", "kv_format", "kv_group_size", "kv_high_fraction")
+#: Storage formats of the paged cache: the engine's own dtype, quantized pages (kernels/paged/quant.py),
+#: or mixed precision (kernels/paged/mixed.py).
+KV_FORMATS = ("auto", "int8", "int4", "mixed")
+DEFAULT_HIGH_FRACTION = 0.125
 MAX_CONFIG_BYTES = 1 << 20
 
 __all__ = ["ENV_VAR", "KERNELS", "LcxConfig", "LcxConfigError", "resolve_config"]
@@ -54,14 +56,20 @@ class LcxConfig:
             channels with a bfloat16 scale and zero point each; the engine's page shrinks, so its
             reported KV capacity grows (about 1.9x and 3.6x at head_dim 64). Quantized pages are
             read by lcx's kernels only ("auto" takes the torch twin on CPU).
+        "mixed": MiKV-style mixed precision: every token int4, and in each page a pool of int8
+            slots for its most important tokens (attention sinks, and the tokens the end of each
+            prompt chunk attends to most); about 2.8x the KV tokens of bf16 at head_dim 64.
     kv_group_size: channels per scale group of a quantized format; null (the default) is the
         whole head, the smallest cache.
+    kv_high_fraction: with "mixed", the share of each page's tokens that can hold an int8 copy
+        (default 0.125; in (0, 0.5]).
     """
 
     selector: Selector = field(default_factory=_default_selector)
     kernel: str = "auto"
     kv_format: str = "auto"
     kv_group_size: int | None = None
+    kv_high_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
@@ -74,7 +82,16 @@ class LcxConfig:
                                  "(the whole head)")
         if g is not None and self.kv_format == "auto":
             raise LcxConfigError("lcx config: kv_group_size applies to quantized pages; set kv_format to "
-                                 "'int8' or 'int4', or drop kv_group_size")
+                                 "'int8', 'int4' or 'mixed', or drop kv_group_size")
+        f = self.kv_high_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 0.5):
+            raise LcxConfigError(f"lcx config: kv_high_fraction={f!r} must be a number in (0, 0.5] or null "
+                                 f"(default {DEFAULT_HIGH_FRACTION})")
+        if f is not None and self.kv_format != "mixed":
+            raise LcxConfigError("lcx config: kv_high_fraction applies to mixed-precision pages; set kv_format to "
+                                 "'mixed', or drop kv_high_fraction")
+        if self.mixed and f is None:
+            object.__setattr__(self, "kv_high_fraction", DEFAULT_HIGH_FRACTION)  # one config, however it was spelt
         if self.kernel == "engine" and self.quantized:
             raise LcxConfigError(f"lcx config: kernel='engine' is vLLM's CPU op, which cannot read {self.kv_format} "
                                  "pages; use kernel 'auto' (lcx's torch twin on CPU, Triton on GPUs)")
@@ -104,6 +121,14 @@ class LcxConfig:
     def kv_bits(self) -> int | None:
         return {"int8": 8, "int4": 4}.get(self.kv_format)
 
+    @property
+    def mixed(self) -> bool:
+        return self.kv_format == "mixed"
+
+    @property
+    def high_fraction(self) -> float:
+        return float(self.kv_high_fraction or DEFAULT_HIGH_FRACTION)
+
     def group_size(self, head_dim: int) -> int:
         return min(self.kv_group_size or head_dim, head_dim)
 
@@ -130,7 +155,8 @@ class LcxConfig:
         params = {k: v for k, v in data.items() if k not in ENGINE_KEYS}
         selector = selectors.get(method).from_dict(params, source, ENGINE_KEYS)
         try:
-            return cls(selector=selector, kernel=kernel, kv_format=kv_format, kv_group_size=data.get("kv_group_size"))
+            return cls(selector=selector, kernel=kernel, kv_format=kv_format, kv_group_size=data.get("kv_group_size"),
+                       kv_high_fraction=data.get("kv_high_fraction"))
         except LcxConfigError as e:
             raise LcxConfigError(str(e).replace("lcx config:", f"lcx config from {source}:", 1)) from None
 
@@ -138,6 +164,8 @@ class LcxConfig:
         out = {"method": self.method, "kernel": self.kernel, **self.selector.to_dict()}
         if self.quantized:
             out.update(kv_format=self.kv_format, kv_group_size=self.kv_group_size)
+        if self.mixed:
+            out.update(kv_high_fraction=self.kv_high_fraction)
         return out
 
     def describe(self) -> str:

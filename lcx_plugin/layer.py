@@ -20,6 +20,7 @@ import torch
 from lcx_plugin.config import LcxConfig
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, paged_attention
 from lcx_plugin.kernels.paged.api import triton_cannot_compact
+from lcx_plugin.kernels.paged.mixed import observed_importance
 from lcx_plugin.kernels.paged.rope import Rope
 from lcx_plugin.kernels.paged.window import window_attention
 from lcx_plugin.metrics import Metrics
@@ -110,6 +111,7 @@ class LayerCore:
         self.info = info or LayerInfo.single(index, num_kv_heads, head_dim)
         self.layer_data = self.selector.prepare_layer(self.info)
         self.split: SplitStorage | None = None
+        self._unpromoted: list[tuple] = []  # mixed pages written this step, not yet promoted
         self.metrics: Metrics | None = None  # the process's lcx metrics, when the adapter records them
         # The model's RoPE, when the selector extrapolates: selections are read at compacted positions.
         self.rope = rope if getattr(self.selector, "extrapolate", False) else None
@@ -149,6 +151,23 @@ class LayerCore:
             engine_write(key, value, slot_mapping)
         else:
             kv.write(key, value, slot_mapping)
+            self._hold_for_promotion(kv, key, value, slot_mapping)
+
+    def _hold_for_promotion(self, kv: KVFormat, key, value, slot_mapping) -> None:
+        """Mixed-precision pages: ``run`` gives this step's tokens their high-precision slots, once
+        it has the queries that score them."""
+        if getattr(kv, "mixed", False):
+            # A write the engine never followed with a forward (a warm-up step) is stale: drop it.
+            self._unpromoted = [e for e in self._unpromoted if e[0] is not kv] + [(kv, key, value, slot_mapping)]
+
+    def _promote(self, query: torch.Tensor, plan: BatchPlan) -> None:
+        n = plan.num_tokens
+        for kv, key, value, slots in self._unpromoted:
+            if key.shape[0] < n:
+                raise RuntimeError(f"lcx: layer {self.index} wrote {key.shape[0]} tokens this step but attends "
+                                   f"with {n} query rows; mixed pages need both from the same step")
+            kv.promote(key[:n], value[:n], slots[:n], observed_importance(query[:n], key[:n], plan, self.scale))
+        self._unpromoted = []
 
     def run(self, query: torch.Tensor, kv: KVFormat, step: StepPlan, out: torch.Tensor,
             dense_kernel: DenseKernel | None = None, page_kernel: PageListKernel | None = None) -> torch.Tensor:
@@ -157,6 +176,7 @@ class LayerCore:
         ``dense_kernel`` serves the sequences that need no selection; ``page_kernel`` serves decode
         steps whose selection is page lists only (both: the engine's own op, where the adapter has
         one); lcx's kernel family serves the rest."""
+        self._promote(query, step.batch)
         if step.dense is not None:
             self._dense(query, kv, step, out, dense_kernel)
         if step.sparse is not None:
@@ -186,7 +206,9 @@ class LayerCore:
         sp = self.split
         sp.retrieval.write(kv_retrieval, key.index_select(1, sp.r_kv), value.index_select(1, sp.r_kv),
                            slots_retrieval, engine_write)
-        kv_streaming.write(key.index_select(1, sp.s_kv), value.index_select(1, sp.s_kv), slots_streaming)
+        k_s, v_s = key.index_select(1, sp.s_kv), value.index_select(1, sp.s_kv)
+        kv_streaming.write(k_s, v_s, slots_streaming)
+        self._hold_for_promotion(kv_streaming, k_s, v_s, slots_streaming)
 
     def run_split(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_retrieval: KVFormat,
                   kv_streaming: KVFormat, step: StepPlan, streaming_plan: BatchPlan, out: torch.Tensor,
@@ -199,6 +221,7 @@ class LayerCore:
         out_r = torch.empty_like(q_r)
         sp.retrieval.run(q_r, kv_retrieval, step, out_r, dense_kernel, page_kernel)
         q_s = query.index_select(1, sp.s_q)
+        self._promote(q_s, step.batch)
         out_s = torch.empty_like(q_s)
         window_attention(q_s, kv_streaming, streaming_plan, self.scale, out_s, self.selector.sink, self.selector.window,
                          key.index_select(1, sp.s_kv), value.index_select(1, sp.s_kv))

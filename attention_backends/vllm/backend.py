@@ -25,7 +25,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from lcx_plugin import machine, metrics
 from lcx_plugin.config import LcxConfig, resolve_config
-from lcx_plugin.kernels.paged import BatchPlan, KVFormat, formats, quant
+from lcx_plugin.kernels.paged import BatchPlan, KVFormat, formats, mixed, quant
 from lcx_plugin.layer import LayerCore, StepPlan, plan_step, planning_selector
 from lcx_plugin.selectors import LayerInfo
 from lcx_plugin.log import get_logger
@@ -213,6 +213,8 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
 
     def _view(self, cache: torch.Tensor) -> KVFormat:
         """lcx's view of a cache of this layer: quantized pages, or plain pages of the cache's dtype."""
+        if self.config.mixed:
+            return mixed.mixed(cache, self.head_size, self.config.group_size(self.head_size), self.config.high_fraction)
         if self.config.quantized:
             bits = self.config.kv_bits
             return quant.quantized(cache, self.head_size, bits, self.config.group_size(self.head_size),

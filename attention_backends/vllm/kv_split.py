@@ -278,13 +278,15 @@ def companion_block_size(main_block: int, retrieval: int, streaming: int) -> int
     return size
 
 
-def packed_cell_bytes(config, head_size: int) -> int | None:
+def packed_cell_bytes(config, head_size: int, block_size: int) -> int | None:
     """Bytes of one (page slot, KV head) cell, keys and values, under a quantized ``kv_format``
     (vLLM's ``AttentionSpec.state_content_bytes``); None for the engine's own dtype."""
     if not config.quantized:
         return None
-    from lcx_plugin.kernels.paged import quant
+    from lcx_plugin.kernels.paged import mixed, quant
 
+    if config.mixed:
+        return mixed.cell_bytes(head_size, config.group_size(head_size), block_size, config.high_fraction)
     return 2 * quant.row_bytes(head_size, config.kv_bits, config.group_size(head_size))
 
 
@@ -301,7 +303,7 @@ def attach(layer, vllm_config) -> None:
     if layer.attn_type != AttentionType.DECODER or layer.kv_sharing_target_layer_name:
         return
     config = resolve_config(vllm_config.additional_config or {})
-    cell = packed_cell_bytes(config, layer.head_size)
+    cell = packed_cell_bytes(config, layer.head_size, vllm_config.cache_config.block_size)
     if cell is not None:
         packed_spec = layer.get_kv_cache_spec
 

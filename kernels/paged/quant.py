@@ -148,8 +148,35 @@ def error_bound(rows: torch.Tensor, head_dim: int, bits: int, group_size: int) -
     return (scale / 2).repeat_interleave(group_size, -1)[..., :head_dim]
 
 
+class BytePages:
+    """The shape of a byte cache ``raw`` ``[num_blocks, Hkv, block_size, cell bytes]`` (uint8), as
+    every format describes itself to the kernels."""
+
+    raw: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return self.raw.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.raw.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.raw.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8
+
+
 @dataclass(frozen=True)
-class QuantKVFormat:
+class QuantKVFormat(BytePages):
     """One layer's quantized pages, over the engine's byte buffer (a view, never a copy).
 
     Offers what the kernels read through (``gather``, ``gather_tokens``, ``token``, ``write``) with
@@ -161,8 +188,12 @@ class QuantKVFormat:
     bits: int
     group_size: int
     rotate_keys: bool = False
+    #: Rows need not fill their cells (``mixed`` keeps a slot pool after them): only each row must
+    #: be contiguous and the (block, head) axes mergeable.
+    strided: bool = False
 
     packed = True
+    mixed = False
     k4 = None
     v4 = None
 
@@ -174,7 +205,10 @@ class QuantKVFormat:
         if self.raw.dim() != 4 or self.raw.dtype != torch.uint8 or self.raw.shape[-1] != 2 * r:
             raise ValueError(f"int{self.bits} pages of head_dim {self.head_dim}, group {self.group_size} need a uint8 "
                              f"cache [num_blocks, Hkv, block_size, {2 * r}], got {self.raw.dtype} {tuple(self.raw.shape)}")
-        if not self.raw.is_contiguous():
+        s = self.raw.stride()
+        n = self.raw.shape
+        rows_ok = s[3] == 1 and (n[2] == 1 or s[2] == n[3]) and (n[1] == 1 or s[0] == s[1] * n[1])
+        if not (self.raw.is_contiguous() or (self.strided and rows_ok)):
             raise ValueError("the quantized cache must be contiguous")
 
     @property
@@ -197,25 +231,6 @@ class QuantKVFormat:
         """Bytes one token of one head takes on one side (keys or values), scales included."""
         return self.row_bytes
 
-    @property
-    def num_blocks(self) -> int:
-        return self.raw.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.raw.shape[1]
-
-    @property
-    def block_size(self) -> int:
-        return self.raw.shape[2]
-
-    @property
-    def device(self) -> torch.device:
-        return self.raw.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.uint8
 
     def _decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return decode(rows, self.head_dim, self.bits, self.group_size, dtype)

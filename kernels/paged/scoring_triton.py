@@ -21,7 +21,7 @@ from .api import triton_cannot_compact
 from .formats import KVFormat
 from .plan import BatchPlan
 from .rope import Rope
-from .triton_impl import dequant_rows, quant_operands, rotate_rows
+from .triton_impl import dequant_rows, high_slot_rows, quant_operands, rotate_rows
 
 #: Cached tokens per token-logits program; its pages per program is this over the page size.
 TOKENS_PER_PROGRAM = 256
@@ -60,6 +60,9 @@ def _token_logits_kernel(
     QUANT_BITS: tl.constexpr = 0,  # 0: plain elements; 8 or 4: quantized pages, k_ptr the uint8 key plane
     GROUP_SIZE: tl.constexpr = 1,  # quantized: channels per scale/zero group (<= HEAD_DIM)
     META_AT: tl.constexpr = 0,  # quantized: byte offset of the first group's scale in a token row
+    HIGH_SLOTS: tl.constexpr = 0,  # mixed pages: int8 slots per page (0: none; see triton_impl)
+    SLOT_BYTES: tl.constexpr = 0,
+    HIGH_META_AT: tl.constexpr = 0,
     inv_freq_ptr=None,  # position-neutral: RoPE's inverse frequencies [ROT_DIM // 2] float64
     NEUTRAL: tl.constexpr = False,  # position-neutral: keys turned back by their positions
     ROT_DIM: tl.constexpr = 0,
@@ -89,6 +92,11 @@ def _token_logits_kernel(
             k = k.to(tl.float32)  # [TILE_N, BLOCK_D]
         else:
             k = dequant_rows(k_ptr, k_off, key_ok, HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
+            if HIGH_SLOTS > 0:  # mixed pages: tokens holding an int8 slot are read from it
+                pool = block * stride_kb + kv_head * stride_kh + BLOCK_SIZE * stride_kt
+                has, row = high_slot_rows(k_ptr, pool, (pos % BLOCK_SIZE).to(tl.int32), key_ok, HIGH_SLOTS, SLOT_BYTES)
+                high = dequant_rows(k_ptr, row, has, HEAD_DIM, BLOCK_D, 8, GROUP_SIZE, HIGH_META_AT)
+                k = tl.where(has[:, None], high, k)
         if NEUTRAL:
             k = rotate_rows(k, -pos, inv_freq_ptr, BLOCK_D, ROT_DIM, NEOX)
         for h in tl.static_range(GROUP):
@@ -165,6 +173,7 @@ def token_logits_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scal
                        ROT_DIM=rope.rotary_dim, NEOX=rope.neox)
     if kv.packed:
         k4, _, qconst = quant_operands(kv)
+        qconst.pop("HIGH_ROW", None)  # keys only
         query = kv.rotate_query(query)  # rotated keys are read as stored: q·k = (H q)·(H k)
     else:
         k4, qconst = kv.k4, {}

@@ -19,7 +19,9 @@ constexpr ``QUANT_BITS`` (0: plain elements). Keys and values are then byte plan
 each token row (int4: two per byte, the even channel in the low nibble, split with
 ``tl.interleave``), and each group's bfloat16 scale and zero point, read through a bfloat16
 pointer at the row's even metadata offset, upcast to float32: ``x = zero + code * scale``. The
-cache is never expanded.
+cache is never expanded. Mixed pages (``mixed.MixedKVFormat``, constexpr ``HIGH_SLOTS`` > 0) read
+their int4 rows so, then each token's offset against its page's slot headers (``high_slot_rows``):
+a token holding a slot is read from that slot's int8 rows instead.
 
 **Compacted positions** (constexpr ``COMPACT``, from ``rope``; see ``torch_impl`` for the
 definition): keys before a row's window move by ``g_ij = u(p_i - window) - u(p_j)``, ``u(x)`` the
@@ -50,11 +52,16 @@ SEL_DENSE, SEL_PAGE, SEL_TOKEN = 0, 1, 2
 BLOCK_M = QUERY_TILE
 
 
-def launch_config(head_dim: int, fp32_dot: bool, quant_bits: int = 0, compact: bool = False) -> dict:
+def launch_config(head_dim: int, fp32_dot: bool, quant_bits: int = 0, compact: bool = False,
+                  mixed: bool = False) -> dict:
     """TILE_N, warps and pipeline stages per head size, dot precision, page kind (``quant_bits``
-    8 or 4: quantized pages, dequantized tile by tile in registers; 0: plain) and compacted
-    positions (turned tiles), chosen with the sm_90 compile gate so that no variant spills
-    registers (see kernels/compile_gate.py)."""
+    8 or 4: quantized pages, dequantized tile by tile in registers; 0: plain; ``mixed``: int4
+    rows and int8 slots) and compacted positions (turned tiles), chosen with the sm_90 compile
+    gate so that no variant spills registers (see kernels/compile_gate.py)."""
+    if mixed:
+        if head_dim <= 64:
+            return {"TILE_N": 16, "num_warps": 8, "num_stages": 3}
+        return {"TILE_N": 16, "num_warps": 16 if fp32_dot else 8, "num_stages": 2}
     if head_dim <= 64:
         return {"TILE_N": 16, "num_warps": 8 if (quant_bits and fp32_dot) or compact else 4, "num_stages": 3}
     return {"TILE_N": 16 if fp32_dot or quant_bits == 8 else 32, "num_warps": 8, "num_stages": 2}
@@ -104,6 +111,19 @@ def dequant_rows(ptr, row_off, row_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.const
 
 
 @triton.jit
+def high_slot_rows(ptr, pool, off, key_ok, HIGH_SLOTS: tl.constexpr, SLOT_BYTES: tl.constexpr):
+    """Mixed pages: for each token (its cell's slot pool at byte ``pool``, its in-page offset
+    ``off``), whether it holds an int8 slot and the byte offset of that slot's key row (its value
+    row follows ``HIGH_ROW`` bytes later). Each slot opens with the held offset as int16 (-1: free)."""
+    sel = tl.full(off.shape, -1, tl.int32)
+    for s in range(HIGH_SLOTS):  # a loop, not unrolled: the held offsets are a few cached loads
+        held = tl.load((ptr + pool + s * SLOT_BYTES).to(tl.pointer_type(tl.int16)), mask=key_ok, other=-1)
+        sel = tl.where(held.to(tl.int32) == off, s, sel)
+    has = key_ok & (sel >= 0)
+    return has, pool + tl.maximum(sel, 0).to(tl.int64) * SLOT_BYTES + 4
+
+
+@triton.jit
 def rotate_rows(x, delta, inv_freq_ptr, BLOCK_D: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr):
     """``x`` ``[N, BLOCK_D]`` float32, each row turned by RoPE over ``delta`` (``[N]``) positions:
     ``Rope.rotate``. The first ``ROT_DIM`` channels rotate (a power of two dividing ``BLOCK_D``);
@@ -139,6 +159,7 @@ def _accumulate(q, pos, key_ok, visible, m_i, l_i, acc, seq, kv_head, scale,
                 d_ok, BLOCK_SIZE: tl.constexpr, FP32_DOT: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUANT_BITS: tl.constexpr,
                 GROUP_SIZE: tl.constexpr, META_AT: tl.constexpr,
+                HIGH_SLOTS: tl.constexpr, SLOT_BYTES: tl.constexpr, HIGH_META_AT: tl.constexpr, HIGH_ROW: tl.constexpr,
                 q_far=None, key_shift=None, far=None, inv_freq_ptr=None,
                 MOVES: tl.constexpr = False, ROT_DIM: tl.constexpr = 0, NEOX: tl.constexpr = True):
     """One key tile: load K/V at ``pos`` (``[TILE_N]``), mask by ``visible`` (``[BLOCK_M, TILE_N]``),
@@ -155,6 +176,12 @@ def _accumulate(q, pos, key_ok, visible, m_i, l_i, acc, seq, kv_head, scale,
     else:
         k = dequant_rows(k_ptr, k_off, key_ok, HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
         v = dequant_rows(v_ptr, v_off, key_ok, HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
+        if HIGH_SLOTS > 0:  # mixed pages: tokens holding an int8 slot are read from it
+            pool = block * stride_kb + kv_head * stride_kh + BLOCK_SIZE * stride_kt  # the cell's slot pool
+            has, row = high_slot_rows(k_ptr, pool, off, key_ok, HIGH_SLOTS, SLOT_BYTES)
+            k = tl.where(has[:, None], dequant_rows(k_ptr, row, has, HEAD_DIM, BLOCK_D, 8, GROUP_SIZE, HIGH_META_AT), k)
+            v = tl.where(has[:, None], dequant_rows(k_ptr, row + HIGH_ROW, has, HEAD_DIM, BLOCK_D, 8, GROUP_SIZE,
+                                                    HIGH_META_AT), v)
         if not FP32_DOT:
             k = k.to(q.dtype)  # tensor-core inputs in the query's dtype
             v = v.to(q.dtype)
@@ -219,6 +246,10 @@ def _paged_attention_kernel(
     QUANT_BITS: tl.constexpr = 0,  # 0: plain elements; 8 or 4: quantized pages, k_ptr/v_ptr uint8 byte planes
     GROUP_SIZE: tl.constexpr = 1,  # quantized: channels per scale/zero group (<= HEAD_DIM)
     META_AT: tl.constexpr = 0,  # quantized: byte offset of the first group's scale in a token row
+    HIGH_SLOTS: tl.constexpr = 0,  # mixed pages: int8 slots per page (0: none), in each cell after its rows
+    SLOT_BYTES: tl.constexpr = 0,  # mixed: bytes per slot (int16 offset, fp16 importance, int8 key and value rows)
+    HIGH_META_AT: tl.constexpr = 0,  # mixed: byte offset of the first scale in an int8 row
+    HIGH_ROW: tl.constexpr = 0,  # mixed: bytes of an int8 row (the value row follows the key row)
     inv_freq_ptr=None,  # compacted positions: RoPE's inverse frequencies [ROT_DIM // 2] float64
     COMPACT: tl.constexpr = False,  # compacted positions (with a selection; see the module docstring)
     ROT_DIM: tl.constexpr = 0,  # compacted: rotated channels (a power of two dividing BLOCK_D)
@@ -283,7 +314,8 @@ def _paged_attention_kernel(
                                         stride_kb, stride_kh, stride_kt, k_dim_off,
                                         stride_vb, stride_vh, stride_vt, v_dim_off,
                                         d_ok, BLOCK_SIZE, FP32_DOT,
-                                        HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
+                                        HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT,
+                                        HIGH_SLOTS, SLOT_BYTES, HIGH_META_AT, HIGH_ROW)
     else:
         # This tile's query block's list (pages or tokens): ``n_entries`` sorted entries.
         qb = 0
@@ -329,6 +361,7 @@ def _paged_attention_kernel(
                                         stride_vb, stride_vh, stride_vt, v_dim_off,
                                         d_ok, BLOCK_SIZE, FP32_DOT,
                                         HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT,
+                                        HIGH_SLOTS, SLOT_BYTES, HIGH_META_AT, HIGH_ROW,
                                         q_far, pos * 0, far, inv_freq_ptr, COMPACT, ROT_DIM, NEOX)
         # Pass 2b: the recent band, (q_pos - window, q_pos] per row, outside the sinks.
         band_lo = tl.maximum(lo_pos - window + 1, sink_end)
@@ -343,7 +376,8 @@ def _paged_attention_kernel(
                                         stride_kb, stride_kh, stride_kt, k_dim_off,
                                         stride_vb, stride_vh, stride_vt, v_dim_off,
                                         d_ok, BLOCK_SIZE, FP32_DOT,
-                                        HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT)
+                                        HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT,
+                                        HIGH_SLOTS, SLOT_BYTES, HIGH_META_AT, HIGH_ROW)
         # Pass 3: the listed pages or tokens of this tile's query block, minus what the window saw.
         n_listed = n_entries * UNIT
         for j0 in range(0, n_listed, TILE_N):
@@ -366,6 +400,7 @@ def _paged_attention_kernel(
                                         stride_vb, stride_vh, stride_vt, v_dim_off,
                                         d_ok, BLOCK_SIZE, FP32_DOT,
                                         HEAD_DIM, BLOCK_D, QUANT_BITS, GROUP_SIZE, META_AT,
+                                        HIGH_SLOTS, SLOT_BYTES, HIGH_META_AT, HIGH_ROW,
                                         q_far, key_shift, far, inv_freq_ptr, COMPACT, ROT_DIM, NEOX)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -380,11 +415,19 @@ def _interpreting() -> bool:
 
 def quant_operands(kv) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Quantized pages' key and value byte planes (views of ``kv.raw``, ``[num_blocks, Hkv,
-    block_size, R]`` uint8, strides in bytes) and the kernel constexprs that read them."""
-    r = kv.row_bytes
-    data = quant.code_bytes(kv.head_dim, kv.bits)
-    const = dict(QUANT_BITS=kv.bits, GROUP_SIZE=min(kv.group_size, kv.head_dim), META_AT=data + (data & 1))
-    return kv.raw[..., :r], kv.raw[..., r:], const
+    block_size, R]`` uint8, strides in bytes) and the kernel constexprs that read them. Mixed
+    pages: their int4 rows' planes, and the slot pool's constexprs (the pool follows each cell's
+    rows: the key plane's block and head strides reach it)."""
+    mixed = getattr(kv, "mixed", False)
+    rows = kv.low if mixed else kv
+    r = rows.row_bytes
+    data = quant.code_bytes(rows.head_dim, rows.bits)
+    const = dict(QUANT_BITS=rows.bits, GROUP_SIZE=min(rows.group_size, rows.head_dim), META_AT=data + (data & 1))
+    if mixed:
+        data8 = quant.code_bytes(kv.head_dim, 8)
+        const.update(HIGH_SLOTS=kv.slots, SLOT_BYTES=kv.pool.shape[-1], HIGH_META_AT=data8 + (data8 & 1),
+                     HIGH_ROW=quant.row_bytes(kv.head_dim, 8, kv.group_size))
+    return rows.raw[..., :r], rows.raw[..., r:], const
 
 
 def paged_attention_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
@@ -449,6 +492,7 @@ def paged_attention_triton(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, s
         FP32_DOT=fp32_dot,
         **qconst,
         **compact,
-        **launch_config(kv.head_dim, fp32_dot, qconst.get("QUANT_BITS", 0), bool(compact)),
+        **launch_config(kv.head_dim, fp32_dot, qconst.get("QUANT_BITS", 0), bool(compact),
+                        bool(qconst.get("HIGH_SLOTS"))),
     )
     return out

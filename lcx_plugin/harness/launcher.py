@@ -80,7 +80,8 @@ def kv_capacity(vllm_config) -> dict:
     backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
     if lcx.quantized and "lcx" in str(getattr(backend, "name", backend)).lower():
         # Quantized pages are sized in bytes, whatever the model's dtype: the same at bf16.
-        return {"tokens": tokens, "tokens_bf16": tokens, "dtype": lcx.kv_format}
+        return {"tokens": tokens, "tokens_bf16": tokens, "dtype": lcx.kv_format, "block_size": cc.block_size}
     dtype = vllm_config.model_config.dtype if cc.cache_dtype == "auto" else getattr(torch, cc.cache_dtype, None)
     size = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 2
-    return {"tokens": tokens, "tokens_bf16": tokens * size // 2, "dtype": str(dtype).replace("torch.", "")}
+    return {"tokens": tokens, "tokens_bf16": tokens * size // 2, "dtype": str(dtype).replace("torch.", ""),
+            "block_size": cc.block_size}

@@ -85,6 +85,11 @@ ARMS = {
     "int8": dict(backend="lcx", lcx={"method": "dense", "kv_format": "int8"}, prompts=QUANT_PROMPTS),
     "int4": dict(backend="lcx", lcx={"method": "dense", "kv_format": "int4"}, prompts=QUANT_PROMPTS),
     "head_split_int4": dict(backend="lcx", lcx={**HEAD_SPLIT, "kv_format": "int4"}, prompts=QUANT_PROMPTS),
+    # Mixed precision: each prompt one prefill chunk (the reference fills its pages the same way).
+    "mixed": dict(backend="lcx", lcx={"method": "dense", "kv_format": "mixed"}, prompts=QUANT_PROMPTS,
+                  engine={"max_num_batched_tokens": 8192}),
+    "head_split_mixed": dict(backend="lcx", lcx={**HEAD_SPLIT, "kv_format": "mixed"}, prompts=QUANT_PROMPTS,
+                             max_tokens=8),
     # The GPU path's Triton kernel, run by Triton's interpreter inside the real CPU engine: the
     # adapter's metadata, cache writes and launch are the ones a GPU fleet runs. Short prompts and
     # few tokens, because the interpreter is slow.

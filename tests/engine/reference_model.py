@@ -13,7 +13,8 @@ import functools
 import torch
 
 # window None: dense; streaming: [layers, Hkv] bool; select: a TokenSelect statement (see token_logprobs);
-# kv_quant: (bits, group_size) of quantized pages, every key and value read back as stored;
+# kv_quant: (bits, group_size) of quantized pages, every key and value read back as stored, or
+#   ("mixed", group_size, block_size, fraction, prompt_len) of mixed-precision pages;
 # kv_noise: relative noise put on keys and values before they are quantized (seeded per layer)
 # compact: every visible key read at its compacted position (see _compacted_scores)
 _MASK = {"sink": 0, "window": None, "streaming": None, "select": None, "kv_quant": None, "kv_noise": 0.0,
@@ -165,17 +166,45 @@ def _hip(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, group: i
     return out
 
 
+def _mixed_round_trip(query, key, value, scale: float, group: int, block_size: int, fraction: float, prompt_len: int):
+    """Keys and values ``[1, Hkv, T, D]`` as mixed-precision pages of ``block_size`` tokens hold them,
+    filled as the engine fills them: the prompt as one chunk, then one token per decode step, each
+    write followed by its promotion (lcx's own format defines the storage and the choice)."""
+    from lcx_plugin.kernels.paged import BatchPlan, mixed
+
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H(kv), D]
+    t, hkv, d = k.shape
+    pages = -(-t // block_size)
+    cell = mixed.cell_bytes(d, group, block_size, fraction)
+    kv = mixed.mixed(torch.full((pages, hkv, block_size, cell), 255, dtype=torch.uint8), d, group, fraction)
+    table = torch.arange(pages, dtype=torch.int32)[None]
+    bounds = [0, min(prompt_len, t)] + list(range(min(prompt_len, t) + 1, t + 1))
+    for s, e in zip(bounds, bounds[1:]):
+        slots = torch.arange(s, e)
+        kv.write(k[s:e], v[s:e], slots)
+        plan = BatchPlan.from_lists([e - s], [e], table)
+        kv.promote(k[s:e], v[s:e], slots, mixed.observed_importance(q[s:e], k[s:e], plan, scale))
+    every = torch.arange(pages)
+    kk, vv = kv.gather(every[:, None].expand(pages, hkv), torch.arange(hkv)[None].expand(pages, hkv))
+    back = [x.permute(1, 0, 2, 3).reshape(hkv, pages * block_size, d)[None, :, :t] for x in (kk, vv)]
+    return back[0], back[1]
+
+
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [B, H, T, D], key/value [B, Hkv, T, D] -> ([B, T, H, D], None), causal + sink/window."""
     group = query.shape[1] // key.shape[1]
     if _MASK["kv_quant"] is not None:  # the storage format under test: lcx's own quantizer defines it
         from lcx_plugin.kernels.paged import quant
 
-        bits, size = _MASK["kv_quant"]
+        bits, size = _MASK["kv_quant"][:2]
         if _MASK["kv_noise"]:
             g = torch.Generator().manual_seed(module.layer_idx)
             key, value = (x * (1 + _MASK["kv_noise"] * torch.randn(x.shape, generator=g)) for x in (key, value))
-        key, value = quant.round_trip(key, value, bits, size, quant.rotates_keys(key.shape[-1], bits))
+        if bits == "mixed":
+            key, value = _mixed_round_trip(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5,
+                                           size, *_MASK["kv_quant"][2:])
+        else:
+            key, value = quant.round_trip(key, value, bits, size, quant.rotates_keys(key.shape[-1], bits))
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     t = query.shape[2]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -266,7 +295,7 @@ _CACHE: dict[tuple, list[float]] = {}  # the same restriction of the same tokens
 @torch.no_grad()
 def token_logprobs(path: str, token_ids: list[int], sink: int = 0, window: int | None = None,
                    streaming: torch.Tensor | None = None, select: dict | None = None,
-                   kv_quant: tuple[int, int] | None = None, kv_noise: float = 0.0, hip: dict | None = None,
+                   kv_quant: tuple | None = None, kv_noise: float = 0.0, hip: dict | None = None,
                    compact: bool = False) -> list[float]:
     """``out[i]`` = log p(token_ids[i+1] | token_ids[:i+1]) under the restricted attention (on the
     heads marked in ``streaming`` ``[layers, kv_heads]`` only, when given). ``select``: TokenSelect
@@ -302,7 +331,7 @@ def _next_token_logp(path: str, token_ids: list[int], **mask) -> torch.Tensor:
 
 
 @torch.no_grad()
-def next_token_kl(path: str, token_ids: list[int], kv_quant: tuple[int, int] | None = None, sink: int = 0,
+def next_token_kl(path: str, token_ids: list[int], kv_quant: tuple | None = None, sink: int = 0,
                   window: int | None = None, streaming: torch.Tensor | None = None) -> list[float]:
     """Per position, KL(dense || restricted) of the next-token distribution, in nats; the
     restriction as in ``token_logprobs`` (quantized pages, and/or sinks + window on some heads)."""

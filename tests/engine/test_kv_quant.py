@@ -99,15 +99,60 @@ def test_head_split_with_int4_pages_matches_its_reference(arm, model_path, stock
     assert within(got, yard), (got, yard)
 
 
+def _mixed(result, i: int, fraction: float = 0.125) -> tuple:
+    """The reference's statement of the engine's mixed pages for prompt ``i``: its block size, and
+    the prompt as one prefill chunk (the arm's token budget holds it)."""
+    return ("mixed", GROUP, result["kv_capacity"]["block_size"], fraction, len(result["prompt_token_ids"][i]))
+
+
+def test_mixed_pages_raise_the_engines_kv_capacity(arm):
+    """int4 rows (72 bytes per token and head) plus each page's share of its int8 slot pool (one
+    token in eight: 2 x 68 bytes + a 4-byte header): 92 bytes against bf16's 256."""
+    result, log = arm("mixed")
+    assert "kv_format=mixed" in log and "kv_high_fraction=0.125" in log and "kernel=torch" in log, log[-3000:]
+    assert _capacity_ratio(arm, "mixed") >= 2.7
+
+
+def test_mixed_engine_matches_the_mixed_reference(arm, model_path, stock_yardstick):
+    """Prefill and decode, teacher-forced: the engine's mixed pages (which tokens hold int8 slots,
+    chosen from its own queries) against the float32 reference filling lcx's mixed format from its
+    queries, chunk for chunk, within the quantized yardstick."""
+    result, _ = arm("mixed")
+    got, floor = [], []
+    for i, ids in enumerate(result["prompt_token_ids"]):
+        full = ids + result["token_ids"][i]
+        ref = token_logprobs(model_path, full, kv_quant=_mixed(result, i))
+        noisy = token_logprobs(model_path, full, kv_quant=_mixed(result, i), kv_noise=_unit_roundoff())
+        got.append(gap(result["prompt_logprobs"][i][1:] + result["logprobs"][i], ref))
+        floor.append(gap(noisy, ref))
+    stock, amplified = whole(stock_yardstick), whole(floor)
+    yard = {"mean": stock["mean"] + amplified["mean"], "p99": stock["p99"] + amplified["p99"]}
+    got = whole(got)
+    print(f"mixed: engine {got} yardstick {yard}")
+    assert within(got, yard), (got, yard)
+
+
+def test_head_split_with_mixed_pages_serves_and_multiplies_the_savings(arm):
+    """Streaming heads in their own mixed companion cache (its pages half as long, the same cell):
+    the engine serves, and its capacity is the split's times mixed's."""
+    result, log = arm("head_split_mixed")
+    assert "kv_format=mixed" in log and "method=head_split" in log, log[-3000:]
+    assert all(len(t) == 8 for t in result["token_ids"]), result["token_ids"]
+    assert _capacity_ratio(arm, "head_split_mixed") >= 6.5
+
+
 def test_kl_divergence_from_dense_orders_the_formats(arm, model_path):
     """Mean KL(dense || quantized) of the next-token distribution over real prompts (the served
-    prompts, whole distributions from the reference model): int8 far tighter than int4, both small."""
+    prompts, whole distributions from the reference model): int8 far tighter than int4, both small,
+    and mixed precision (int4 plus int8 slots for the tokens the prompt's end attends to) below int4."""
     result, _ = arm("int4")
     ids = result["prompt_token_ids"][-1]  # the 1,200-token passkey prompt
     kl = {}
-    for name, bits in BITS.items():
-        per_token = next_token_kl(model_path, ids, (bits, GROUP))
+    for name, fmt in {**{n: (b, GROUP) for n, b in BITS.items()},
+                      "mixed": ("mixed", GROUP, result["kv_capacity"]["block_size"], 0.125, len(ids))}.items():
+        per_token = next_token_kl(model_path, ids, fmt)
         kl[name] = statistics.fmean(per_token)
     print(f"mean KL(dense || quantized) over {len(per_token)} positions: {kl}")
     assert kl["int8"] < kl["int4"] / 10, kl
     assert kl["int8"] < 2e-3 and kl["int4"] < 0.1, kl
+    assert kl["int8"] < kl["mixed"] < kl["int4"], kl

@@ -5,12 +5,12 @@ from dataclasses import dataclass
 
 import torch
 
-from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, formats, quant
+from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, formats, mixed, quant
 
 FORMATS = ("plain", "vllm-cpu-vec", "vllm-cpu-amx", "nhd", "token-pool")
 #: Quantized pages: "int<bits>-g<group_size>[-rot]" (group 0: the whole head; -rot: keys stored
 #: Hadamard-rotated, the int4 default at power-of-two head dims).
-QUANT_FORMATS = ("int8-g0", "int4-g0", "int4-g16", "int4-g0-rot")
+QUANT_FORMATS = ("int8-g0", "int4-g0", "int4-g16", "int4-g0-rot", "mixed-g0")
 FOUR_D_FORMATS = ("plain", "vllm-cpu-vec", "nhd", "token-pool")  # what the Triton kernel reads
 
 
@@ -26,6 +26,11 @@ def empty_format(fmt: str, num_blocks: int, num_kv_heads: int, block_size: int, 
                  dtype: torch.dtype, fill: float = float("nan")) -> KVFormat:
     """A cache in format ``fmt``, every slot holding ``fill`` (quantized pages: all bytes 0xFF,
     whose bfloat16 scales read as NaN)."""
+    if fmt.startswith("mixed"):  # a quarter of each page may hold int8 copies (all slots free: 0xFFFF is -1)
+        group = int(fmt.split("-g")[1]) or head_dim
+        c = mixed.cell_bytes(head_dim, group, block_size, 0.25)
+        return mixed.mixed(torch.full((num_blocks, num_kv_heads, block_size, c), 255, dtype=torch.uint8), head_dim,
+                           group, 0.25)
     if fmt.startswith("int"):
         rotate = fmt.endswith("-rot") and quant.rotates_keys(head_dim, 4)  # odd head dims: not rotated
         bits, group = (int(x) for x in fmt.removesuffix("-rot")[3:].split("-g"))
@@ -65,6 +70,8 @@ def make_problem(seq_lens: list[int], query_lens: list[int], num_heads: int, num
         k = torch.randn(s, num_kv_heads, head_dim, generator=g).to(dtype)
         v = torch.randn(s, num_kv_heads, head_dim, generator=g).to(dtype)
         kv.write(k, v, slots)
+        if getattr(kv, "mixed", False):  # random importance: some tokens of each page hold int8 copies
+            kv.promote(k, v, slots, torch.rand(s, num_kv_heads, generator=g))
     query = torch.randn(sum(query_lens), num_heads, head_dim, generator=g).to(dtype)
     return Problem(query, kv, BatchPlan.from_lists(query_lens, seq_lens, block_table), head_dim ** -0.5)
 

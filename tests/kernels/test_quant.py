@@ -15,9 +15,10 @@ from .paged_cases import QUANT_FORMATS, make_problem, random_selection
 
 REL = 1e-5  # attention over quantized pages vs float64 on the same dequantized values (fp32)
 IMPLS = ["torch", "triton"]
-# Every format on the torch twin; on Triton's interpreter (slow) int8 and the served int4 (rotated
-# keys), the other int4 layouts being covered there by the query-block test.
-FORMAT_IMPLS = [(f, "torch") for f in QUANT_FORMATS] + [("int8-g0", "triton"), ("int4-g0-rot", "triton")]
+# Every format on the torch twin; on Triton's interpreter (slow) int8, the served int4 (rotated
+# keys) and mixed pages, the other int4 layouts being covered there by the query-block test.
+FORMAT_IMPLS = [(f, "torch") for f in QUANT_FORMATS] + [("int8-g0", "triton"), ("int4-g0-rot", "triton"),
+                                                         ("mixed-g0", "triton")]
 
 
 def _seed() -> int:

@@ -24,7 +24,7 @@ from lcx_plugin.selectors import LayerInfo, WindowedSelector
 from ..kernels.paged_cases import empty_format
 
 KEYS = sorted({f.name for n in selectors.names() for f in selectors.get(n).params()}
-              | {"method", "kernel", "kv_format", "group_size"})
+              | {"method", "kernel", "kv_format", "group_size", "kv_group_size", "kv_high_fraction"})
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                     st.text(max_size=8), st.sampled_from(selectors.names()))
 JSONISH = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),

@@ -34,9 +34,9 @@ def test_additional_config_and_env_inline_and_file(tmp_path):
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({"lcx": {"bogus": 1}}, r"unknown key\(s\) \['bogus'\] for method 'dense'; valid keys are \['kernel', 'kv_format', 'kv_group_size', 'method'\]"),
+        ({"lcx": {"bogus": 1}}, r"unknown key\(s\) \['bogus'\] for method 'dense'; valid keys are \['kernel', 'kv_format', 'kv_group_size', 'kv_high_fraction', 'method'\]"),
         ({"lcx": {"method": "streaming", "windw": 3}},
-         r"unknown key\(s\) \['windw'\] for method 'streaming'; valid keys are \['extrapolate', 'kernel', 'kv_format', 'kv_group_size', 'method', 'min_context', 'sink', 'window'\]"),
+         r"unknown key\(s\) \['windw'\] for method 'streaming'; valid keys are \['extrapolate', 'kernel', 'kv_format', 'kv_group_size', 'kv_high_fraction', 'method', 'min_context', 'sink', 'window'\]"),
         ({"lcx": {"method": "magic"}}, r"method='magic' is not one of \['dense', 'head_split', 'hip', 'streaming'"),
         ({"lcx": {"method": 3}}, r"method=3 must be a string"),
         ({"lcx": {"kernel": 3}}, r"kernel=3 must be a string"),
@@ -49,13 +49,19 @@ def test_additional_config_and_env_inline_and_file(tmp_path):
         ({"lcx": {"method": "streaming", "window": 0}}, r"window=0 must be >= 1"),
         ({"lcx": {"method": "streaming", "sink": -1}}, r"sink=-1 must be >= 0"),
         ({"lcx": {"method": "streaming", "min_context": -5}}, r"min_context=-5 must be >= 0"),
-        ({"lcx": {"kv_format": "int3"}}, r"from --additional-config: kv_format='int3' is not one of \['auto', 'int8', 'int4'\]"),
+        ({"lcx": {"kv_format": "int3"}}, r"from --additional-config: kv_format='int3' is not one of \['auto', 'int8', 'int4', 'mixed'\]"),
         ({"lcx": {"kv_format": 4}}, r"kv_format=4 must be a string"),
         ({"lcx": {"kv_format": "int4", "kv_group_size": 0}}, r"kv_group_size=0 must be an integer in \[1, 1024\] or null"),
         ({"lcx": {"kv_format": "int4", "kv_group_size": "64"}}, r"kv_group_size='64' must be an integer"),
         ({"lcx": {"kv_format": "int4", "kv_group_size": True}}, r"kv_group_size=True must be an integer"),
         ({"lcx": {"kv_group_size": 32}}, r"kv_group_size applies to quantized pages"),
         ({"lcx": {"kv_format": "int8", "kernel": "engine"}}, r"kernel='engine' is vLLM's CPU op, which cannot read int8"),
+        ({"lcx": {"kv_format": "mixed", "kernel": "engine"}}, r"kernel='engine' is vLLM's CPU op, which cannot read mixed"),
+        ({"lcx": {"kv_format": "mixed", "kv_high_fraction": 0}}, r"kv_high_fraction=0 must be a number in \(0, 0.5\]"),
+        ({"lcx": {"kv_format": "mixed", "kv_high_fraction": 0.75}}, r"kv_high_fraction=0.75 must be a number"),
+        ({"lcx": {"kv_format": "mixed", "kv_high_fraction": "0.1"}}, r"kv_high_fraction='0.1' must be a number"),
+        ({"lcx": {"kv_format": "mixed", "kv_high_fraction": True}}, r"kv_high_fraction=True must be a number"),
+        ({"lcx": {"kv_format": "int4", "kv_high_fraction": 0.1}}, r"kv_high_fraction applies to mixed-precision pages"),
     ],
 )
 def test_bad_values_name_the_problem(raw, message):
@@ -93,6 +99,14 @@ def test_two_sources_that_disagree_are_refused():
     assert same.kernel == "torch"
 
 
+def test_mixed_format_parses_with_its_default_fraction_and_round_trips():
+    cfg = resolve_config({"lcx": {"method": "dense", "kv_format": "mixed"}}, environ={})
+    assert (cfg.quantized, cfg.mixed, cfg.high_fraction) == (True, True, 0.125)
+    assert cfg == resolve_config({"lcx": {"kv_format": "mixed", "kv_high_fraction": 0.125}}, environ={})
+    assert resolve_config({"lcx": cfg.to_dict()}, environ={}) == cfg
+    assert resolve_config({}, environ={ENV_VAR: '{"kv_format": "mixed", "kv_high_fraction": 0.25}'}).high_fraction == 0.25
+
+
 def test_quantized_formats_parse_and_round_trip():
     cfg = resolve_config({"lcx": {"method": "streaming", "kv_format": "int4", "kv_group_size": 32}}, environ={})
     assert (cfg.quantized, cfg.kv_bits, cfg.group_size(64), cfg.group_size(16)) == (True, 4, 32, 16)
@@ -106,7 +120,7 @@ def test_cli_lists_the_engine_keys_with_the_methods(capsys):
 
     assert main(["config", "--methods"]) == 0
     out = capsys.readouterr().out
-    assert "token_select:" in out and "kv_format='auto' (one of ['auto', 'int8', 'int4'])" in out, out
+    assert "token_select:" in out and "kv_format='auto' (one of ['auto', 'int8', 'int4', 'mixed'])" in out, out
 
 
 def test_extrapolate_only_where_the_method_selects_at_every_row():

@@ -93,3 +93,40 @@ def test_an_extrapolating_layer_reads_compacted_positions_on_either_kernel(monke
         plain = unmoved.run(problem.query, problem.kv, step, torch.empty_like(problem.query))
         assert (plain - outs["torch"]).abs().max() > 1e-3, f"{fmt}: nothing moved"
     assert turned == [rope], "the Triton kernel read the plain pages' compacted positions, the twin the int4 ones"
+
+
+def test_a_layer_promotes_its_steps_tokens_on_mixed_pages_before_attending():
+    """Mixed-precision pages: ``write`` stores int4 rows, ``run`` gives the step's tokens their int8
+    slots from its own queries (``observed_importance``) before any kernel reads them."""
+    from lcx_plugin.kernels.paged import mixed
+
+    q_lens, seq_lens, hq, hkv, d, bs = [40, 1], [40, 25], 4, 2, 64, 16
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    blank = make_problem(seq_lens, [0, 0], hq, hkv, block_size=bs, fmt="mixed-g0")  # only the layout and table
+    kv = blank.kv
+    kv.offsets.fill_(-1)
+    table = blank.plan.block_table
+    from lcx_plugin.kernels.paged import BatchPlan
+
+    plan = BatchPlan.from_lists(q_lens, seq_lens, table)
+    positions = plan.positions()
+    seq = torch.repeat_interleave(torch.arange(2), torch.tensor(q_lens))
+    slots = table[seq, positions // bs].long() * bs + positions % bs
+    t = sum(q_lens)
+    key, value, query = torch.randn(t, hkv, d, generator=g), torch.randn(t, hkv, d, generator=g), \
+        torch.randn(t, hq, d, generator=g)
+    config = LcxConfig.from_dict({"method": "dense", "kernel": "torch", "kv_format": "mixed"})
+    core = LayerCore(0, hq, hkv, d, blank.scale, config, "torch")
+    core.write(kv, key, value, slots)
+    assert not (kv.offsets >= 0).any()  # written at int4 only, until the step runs
+    step = plan_step(config.selector, plan, ("a", "b"))
+    out = torch.full_like(query, float("nan"))
+    core.run(query, kv, step, out)
+    importance = mixed.observed_importance(query, key, plan, blank.scale)
+    first = int(table[0, 0])
+    for h in range(hkv):
+        held = {int(o) for o in kv.offsets[first, h] if o >= 0}
+        assert held >= {0, 1, 2, 3}, held  # the sinks
+    assert (kv.offsets >= 0).sum() > 0 and importance[40].tolist() == [1.0, 1.0]
+    expected = paged_attention_reference(query, kv, plan, blank.scale)
+    assert (out.double() - expected).abs().max() < 2e-4
