@@ -19,7 +19,9 @@ so a slot, once held, is only lost to a strictly more important token. ``observe
 gives a step's new tokens their importance from the attention they receive: within each
 sequence's new chunk, the softmax share of the last ``OBSERVED`` query rows (the end of a prompt,
 where a question sits), averaged over rows and over the query heads of the KV group, times the
-chunk's length (1.0 is a uniform share; a decode token scores 1.0). Attention sinks (the first
+chunk's length (1.0 is a uniform share). A decode token scores 0: it takes a free slot and never
+displaces a prompt token, so every prompt row attends to the precisions its own step gave (and a
+reference filling the cache the same way sees what each step saw). Attention sinks (the first
 ``sink`` positions) always score +inf.
 
 **Writes.** ``write`` stores int4 rows and frees every slot at or past the lowest offset it wrote
@@ -268,7 +270,7 @@ def observed_importance(query: torch.Tensor, key: torch.Tensor, plan: BatchPlan,
     t, hq, d = query.shape
     hkv = key.shape[1]
     group = hq // hkv
-    out = torch.ones(t, hkv, dtype=torch.float32, device=query.device)
+    out = torch.zeros(t, hkv, dtype=torch.float32, device=query.device)  # decode rows: 0
     for b in range(plan.num_seqs):
         s, e = plan.starts[b], plan.starts[b + 1]
         n = e - s

@@ -85,9 +85,12 @@ ARMS = {
     "int8": dict(backend="lcx", lcx={"method": "dense", "kv_format": "int8"}, prompts=QUANT_PROMPTS),
     "int4": dict(backend="lcx", lcx={"method": "dense", "kv_format": "int4"}, prompts=QUANT_PROMPTS),
     "head_split_int4": dict(backend="lcx", lcx={**HEAD_SPLIT, "kv_format": "int4"}, prompts=QUANT_PROMPTS),
-    # Mixed precision: each prompt one prefill chunk (the reference fills its pages the same way).
-    "mixed": dict(backend="lcx", lcx={"method": "dense", "kv_format": "mixed"}, prompts=QUANT_PROMPTS,
-                  engine={"max_num_batched_tokens": 8192}),
+    # Mixed precision at its default fraction (capacity), and with half of each page in int8 slots on
+    # short prompts, where every token holds one (the engine's slots, written and read, checked
+    # against the reference's int8 values).
+    "mixed": dict(backend="lcx", lcx={"method": "dense", "kv_format": "mixed"}, prompts=QUANT_PROMPTS),
+    "mixed_all_slots": dict(backend="lcx", lcx={"method": "dense", "kv_format": "mixed", "kv_high_fraction": 0.5},
+                            prompts=SHORT_PROMPTS),
     "head_split_mixed": dict(backend="lcx", lcx={**HEAD_SPLIT, "kv_format": "mixed"}, prompts=QUANT_PROMPTS,
                              max_tokens=8),
     # The GPU path's Triton kernel, run by Triton's interpreter inside the real CPU engine: the

@@ -200,8 +200,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         if _MASK["kv_noise"]:
             g = torch.Generator().manual_seed(module.layer_idx)
             key, value = (x * (1 + _MASK["kv_noise"] * torch.randn(x.shape, generator=g)) for x in (key, value))
-        if bits == "mixed":
-            key, value = _mixed_round_trip(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5,
+        if bits == "mixed":  # which tokens hold int8 slots follows the queries too: they carry the noise as well
+            scorer = query
+            if _MASK["kv_noise"]:
+                scorer = query * (1 + _MASK["kv_noise"] * torch.randn(query.shape, generator=g))
+            key, value = _mixed_round_trip(scorer, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5,
                                            size, *_MASK["kv_quant"][2:])
         else:
             key, value = quant.round_trip(key, value, bits, size, quant.rotates_keys(key.shape[-1], bits))

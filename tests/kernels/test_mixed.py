@@ -68,6 +68,14 @@ def test_slots_are_lost_only_to_strictly_more_important_tokens():
     kv.promote(k[:1], v[:1], torch.tensor([4]), torch.tensor([[2.0, 0.5]]))
     assert _held(kv, 0, 0) == {0, 4} or _held(kv, 0, 0) == {1, 4}
     assert _held(kv, 0, 1) == {0, 1}
+    # A decode token (observed importance 0) never displaces a prompt token, however faint.
+    kv = _cache(fraction=0.125)  # positions 16.. of a sequence: page 1, past the sinks
+    kv.write(k[:3], v[:3], 16 + torch.arange(3))
+    kv.promote(k[:3], v[:3], 16 + torch.arange(3), torch.full((3, 2), 1e-6))
+    one = BatchPlan.from_lists([1], [20], torch.tensor([[0, 1]], dtype=torch.int32))
+    kv.write(k[3:4], v[3:4], torch.tensor([19]))
+    kv.promote(k[3:4], v[3:4], torch.tensor([19]), mixed.observed_importance(torch.randn(1, 4, 64), k[3:4], one, 0.125))
+    assert _held(kv, 1, 0) == {0, 1} and _held(kv, 1, 1) == {0, 1}
 
 
 @pytest.mark.parametrize("d,group", [(64, 64), (65, 16), (33, 33)])
@@ -139,7 +147,7 @@ def test_observed_importance_against_a_float64_statement():
     t = sum(q_lens)
     query, key = torch.randn(t, hq, d, generator=g), torch.randn(t, hkv, d, generator=g)
     got = mixed.observed_importance(query, key, plan, 0.25, sink=4, observed=5)
-    want = torch.ones(t, hkv, dtype=torch.float64)
+    want = torch.zeros(t, hkv, dtype=torch.float64)
     for b, (s, n, L) in enumerate(zip(plan.starts, q_lens, seq_lens)):
         if n > 1:
             o = min(5, n)
@@ -157,7 +165,7 @@ def test_observed_importance_against_a_float64_statement():
     assert torch.equal(torch.isinf(got), torch.isinf(want)), f"seed={seed}"
     fin = torch.isfinite(want)
     assert torch.allclose(got[fin].double(), want[fin], rtol=1e-5, atol=1e-6), f"seed={seed}"
-    assert got[40].tolist() == [1.0, 1.0]  # a decode token scores a uniform share
+    assert got[40].tolist() == [0.0, 0.0]  # a decode token: a free slot only
 
 
 def test_mixed_attention_is_closer_to_full_precision_than_int4_where_attention_concentrates():
