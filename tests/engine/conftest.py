@@ -88,7 +88,7 @@ ARMS = {
     # Mixed precision at its default fraction (capacity), and with half of each page in int8 slots on
     # short prompts, where every token holds one (the engine's slots, written and read, checked
     # against the reference's int8 values).
-    "mixed": dict(backend="lcx", lcx={"method": "dense", "kv_format": "mixed"}, prompts=QUANT_PROMPTS),
+    "mixed": dict(backend="lcx", lcx={"method": "dense", "kv_format": "mixed"}, prompts=SHORT_PROMPTS[:1], max_tokens=4),
     "mixed_all_slots": dict(backend="lcx", lcx={"method": "dense", "kv_format": "mixed", "kv_high_fraction": 0.5},
                             prompts=SHORT_PROMPTS),
     "head_split_mixed": dict(backend="lcx", lcx={**HEAD_SPLIT, "kv_format": "mixed"}, prompts=QUANT_PROMPTS,
