@@ -46,7 +46,8 @@ def test_serve_refuses_a_bad_lcx_config_with_one_clear_error():
                           env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "unknown key(s) ['methdo'] for method 'dense'; valid keys are ['kernel', 'kv_format', 'kv_group_size', 'method']" in out, out[-3000:]
+    assert ("unknown key(s) ['methdo'] for method 'dense'; valid keys are ['kernel', 'kv_format', 'kv_group_size', "
+            "'kv_high_fraction', 'method']") in out, out[-3000:]
 
 
 def _kv_tokens(log: str) -> int:
