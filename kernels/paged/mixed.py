@@ -131,17 +131,15 @@ class MixedKVFormat(BytePages):
         """Bytes one token of one head takes on one side, its share of the slot pool included."""
         return self.raw.shape[3] // 2
 
-    def clear(self) -> None:
-        """Free every slot (a new cache holds garbage; the adapter calls this once)."""
-        self.offsets.fill_(-1)
-
     def _high(self, entries: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot entries ``[..., S]`` -> their int8 keys (un-rotated) and values ``[..., D]``."""
         r8 = row_bytes(self.head_dim, HIGH_BITS, self.group_size)
         k = decode(entries[..., _HEADER: _HEADER + r8], self.head_dim, HIGH_BITS, self.group_size, dtype)
         v = decode(entries[..., _HEADER + r8:], self.head_dim, HIGH_BITS, self.group_size, dtype)
-        if self.rotate_keys:
-            k = torch.matmul(k, hadamard(self.head_dim, k.device, k.dtype))
+        if dtype == torch.float64 and self.rotate_keys:  # the reference's accessor: an exact H
+            k = torch.matmul(k, hadamard(self.head_dim, k.device, torch.float64))
+        else:
+            k = self.low._unrotate(k)  # the int4 rows' own H, built once
         return k, v
 
     def rotate_query(self, query: torch.Tensor) -> torch.Tensor:
@@ -243,7 +241,6 @@ class MixedKVFormat(BytePages):
         chosen_src = source.gather(-1, order)
         valid = chosen_imp > float("-inf")
         # New tokens' int8 rows, encoded once: [rows, Hkv, S - header].
-        r8 = row_bytes(self.head_dim, HIGH_BITS, self.group_size)
         stored = torch.matmul(key[rows].float(), self.low._h) if self.rotate_keys else key[rows]
         fresh = torch.cat([encode(stored, HIGH_BITS, self.group_size),
                            encode(value[rows], HIGH_BITS, self.group_size)], -1)
@@ -258,7 +255,6 @@ class MixedKVFormat(BytePages):
                               chosen_imp.clamp(max=65504.0).masked_fill(chosen_imp == float("inf"), float("inf"))
                               .to(torch.float16).view(torch.uint8).view(u, hkv, n_slots, 2)], -2)
         new[..., :_HEADER] = header.view(u, hkv, n_slots, _HEADER)
-        assert new.shape[-1] == _HEADER + 2 * r8
         self.pool[pages] = new
 
 
