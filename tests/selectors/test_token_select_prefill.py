@@ -10,7 +10,7 @@ from lcx_plugin.kernels.paged.rope import Rope
 from lcx_plugin.selectors import SelectContext
 from lcx_plugin.state import RequestStates
 
-from .test_token_select import BS, D, Cache, expected_tokens
+from .test_token_select import BS, D, Cache, Ranked, expected_tokens
 
 HKV = 2
 
@@ -28,7 +28,8 @@ def _ctx(cache: Cache, q_lens: list[int], query: torch.Tensor, rope: Rope | None
 
 def expected_blocks(keys, rows, first_pos, sel, hkv, granularity="token"):
     """The float64 statement for one prompt chunk: per query block (its rows ``rows`` [qb, Hq, D]
-    from position ``first``), the mean row soft-voted over the positions up to ``first``; the
+    from position ``first``), the mean row soft-voted over the units up to ``first`` (pages by
+    their cached summaries, which hold the chunk's later rows of ``first``'s page too); the
     budget's best units wholly before ``first``'s window and past the sinks; then the units
     between the first and the last row's windows."""
     out = []
@@ -48,7 +49,7 @@ def expected_blocks(keys, rows, first_pos, sel, hkv, granularity="token"):
             n = -(-(first + 1) // BS)
             logits = torch.zeros(hq, n, dtype=torch.float64)
             for p in range(n):
-                page = seen[p * BS: (p + 1) * BS]
+                page = keys[p * BS: (p + 1) * BS]  # the page as cached: a chunk's later rows are in its summary
                 lo, hi = page.min(0).values.repeat_interleave(group, 0), page.max(0).values.repeat_interleave(group, 0)
                 logits[:, p] = torch.maximum(mean * lo, mean * hi).sum(-1) * D ** -0.5
             lo_page = -(-sel.sink // BS)
@@ -59,7 +60,7 @@ def expected_blocks(keys, rows, first_pos, sel, hkv, granularity="token"):
         heads = []
         for g in range(hkv):
             ranked = sorted(units, key=lambda p: (-float(votes[g, p]), p))
-            heads.append(sorted(set(ranked[:k]) | set(gap)))
+            heads.append(Ranked(set(ranked[:k]) | set(gap), votes[g], ranked, k))
         out.append(heads)
     return out  # [block][head] -> units
 
