@@ -69,7 +69,9 @@ def plan_step(selector: Selector, batch: BatchPlan, request_ids: tuple[str, ...]
               dense_engine_data: Callable[[BatchPlan], object] | None = None) -> StepPlan:
     """Split ``batch`` by ``selector.dense_rows``. ``dense_engine_data(plan)``, if given, computes what the
     adapter's dense kernel needs for the dense sub-plan (once per step, not per layer)."""
-    rows = selector.dense_rows(batch)
+    # A sequence with no query rows this step (an idle row of an SGLang extend batch) computes
+    # nothing: planned dense, it is never handed to the selector.
+    rows = [d or batch.q_len(b) == 0 for b, d in enumerate(selector.dense_rows(batch))]
     step = StepPlan(batch, request_ids, rows)
     if all(rows):
         step.dense = batch if dense_engine_data is None else _with_engine(batch, dense_engine_data)

@@ -145,7 +145,7 @@ def dense_fallbacks(step: "StepPlan", selector, recorder: Metrics | None) -> dic
     reasons: dict[str, int] = {}
     plan = step.batch
     for b, dense in enumerate(step.dense_rows):
-        if dense:
+        if dense and plan.q_len(b) > 0:  # an idle row computes nothing: not a fallback
             reason = selector.dense_reason(plan.q_len(b), plan.lens[b])
             reasons[reason] = reasons.get(reason, 0) + 1
     for reason in reasons.keys() - _logged_reasons:

@@ -27,6 +27,7 @@ from lcx_plugin.kernels.paged.rope import Rope
 from lcx_plugin.layer import LayerCore, StepPlan, plan_step
 from lcx_plugin.log import get_logger
 from lcx_plugin.selectors import LayerInfo
+from lcx_plugin.selectors.base import first_kv_head
 from lcx_plugin.state import RequestStates
 
 from . import compat
@@ -38,10 +39,11 @@ def rope_for(facts: dict, head_dim: int) -> Rope:
     return rope_from_config(facts["text_config"], head_dim, facts["architecture"])
 
 
-def check_config(config: LcxConfig, model: ModelShape, tp_size: int, facts: dict | None = None,
+def check_config(config: LcxConfig, model: ModelShape, split: dict, facts: dict | None = None,
                  page_size: int = 1) -> list[str]:
-    """Why this config cannot be served through SGLang's pools (empty: it can). ``facts``:
-    ``compat.model_facts`` of the served model (None: no model config, as in pool-only tests)."""
+    """Why this config cannot be served through SGLang's pools (empty: it can). ``split``:
+    ``compat.attention_split()``; ``facts``: ``compat.model_facts`` of the served model (None: no
+    model config, as in pool-only tests)."""
     reasons = list(config.selector.check_model(model))
     if config.quantized:
         reasons.append(f"lcx config: kv_format {config.kv_format!r} is not wired into SGLang's MHATokenToKVPool yet "
@@ -57,8 +59,11 @@ def check_config(config: LcxConfig, model: ModelShape, tp_size: int, facts: dict
         config.implementation("cpu", engine_op=False)
     except ValueError as e:
         reasons.append(str(e))
-    if tp_size > 1:
-        reasons.append("lcx's SGLang adapter is tested at tensor_parallel_size 1 only")
+    if split["attn_tp_size"] != split["tp_size"] or split["dcp_size"] > 1:
+        reasons.append(f"lcx's SGLang adapter splits attention heads over the tensor-parallel group only; this "
+                       f"process's attention is also split otherwise (tp_size {split['tp_size']}, attention tp_size "
+                       f"{split['attn_tp_size']}, decode context parallel {split['dcp_size']}): data-parallel "
+                       "and context-parallel attention are not supported yet")
     return reasons
 
 
@@ -78,9 +83,14 @@ class LcxSglangBackend(compat.attention_backend_base()):
         pool = self.token_to_kv_pool
         model_config = getattr(model_runner, "model_config", None)
         facts = compat.model_facts(model_config) if model_config is not None else None
-        self.model = ModelShape(pool.layer_num, pool.head_num, pool.head_dim, facts["name"] if facts else None)
-        reasons = check_config(self.config, self.model, int(getattr(model_runner, "tp_size", 1) or 1), facts,
-                               self.page_size)
+        # Under tensor parallelism the pool holds this rank's KV heads; head patterns are indexed by
+        # the model's global KV heads, so the model shape and this rank's first head come from the
+        # model config and SGLang's published split (the same placement as vLLM's).
+        split = compat.attention_split()
+        total = compat.total_kv_heads(model_config) or pool.head_num * split["tp_size"]
+        self.model = ModelShape(pool.layer_num, total, pool.head_dim, facts["name"] if facts else None)
+        self.kv_head_offset = first_kv_head(split["tp_rank"], split["tp_size"], pool.head_num, total)
+        reasons = check_config(self.config, self.model, split, facts, self.page_size)
         if reasons:
             raise ValueError("lcx cannot serve this SGLang model: " + "; ".join(reasons))
         self.impl = self.config.implementation(self.device, engine_op=False)
@@ -95,8 +105,10 @@ class LcxSglangBackend(compat.attention_backend_base()):
         self._row_of: dict[str, int] = {}  # and back
         self._formats: dict[int, tuple[int, KVFormat]] = {}  # layer -> (key buffer address, its view)
         self.forward_metadata: LcxSglangMetadata | None = None
-        logger.info("lcx attention active in SGLang: method=%s kernel=%s page_size=%d config: %s",
-                    self.config.method, self.impl, self.page_size, self.config.describe())
+        logger.info("lcx attention active in SGLang: method=%s kernel=%s page_size=%d tp rank %d of %d (KV heads "
+                    "%d..%d of %d) config: %s", self.config.method, self.impl, self.page_size, split["tp_rank"],
+                    split["tp_size"], self.kv_head_offset, self.kv_head_offset + pool.head_num - 1, total,
+                    self.config.describe())
 
     # -- once per forward ------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch) -> None:
@@ -147,7 +159,7 @@ class LcxSglangBackend(compat.attention_backend_base()):
     def _core(self, layer) -> LayerCore:
         core = self.cores.get(layer.layer_id)
         if core is None:
-            info = LayerInfo(layer.layer_id, layer.tp_k_head_num, layer.head_dim, self.model)
+            info = LayerInfo(layer.layer_id, layer.tp_k_head_num, layer.head_dim, self.model, self.kv_head_offset)
             core = LayerCore(layer.layer_id, layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim,
                              float(layer.scaling), self.config, self.impl, self.requests, info, self.rope)
             self.cores[layer.layer_id] = core

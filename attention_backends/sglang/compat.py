@@ -37,6 +37,36 @@ def kv_write_loc(loc):
     return KVWriteLoc(loc, None)
 
 
+def attention_split() -> dict:
+    """How this process splits attention, as SGLang publishes it (``runtime_context.get_parallel()``):
+    ``tp_rank``, ``tp_size``, and the attention TP and decode-context-parallel widths. A process
+    where nothing is published (SGLang's pools used alone, as in lcx's tests) is rank 0 of 1."""
+    from sglang.srt.runtime_context import get_parallel
+
+    parallel = get_parallel()
+
+    def read(name: str, default: int) -> int:
+        try:
+            return int(getattr(parallel, name))
+        except (RuntimeError, ValueError):  # not published or derived in this process
+            return default
+
+    tp_size = read("tp_size", 1)
+    return {"tp_rank": read("tp_rank", 0), "tp_size": tp_size, "attn_tp_size": read("attn_tp_size", tp_size),
+            "dcp_size": read("dcp_size", 1)}
+
+
+def total_kv_heads(model_config) -> int | None:
+    """The model's KV heads before any split (None: no model config, as in pool-only tests)."""
+    if model_config is None:
+        return None
+    if hasattr(model_config, "get_total_num_kv_heads"):
+        return int(model_config.get_total_num_kv_heads())
+    text = getattr(model_config, "hf_text_config", None)
+    heads = getattr(text, "num_key_value_heads", None)
+    return None if heads is None else int(heads)
+
+
 def register(factory) -> None:
     """Make ``--attention-backend lcx`` (and the prefill/decode variants) parse and build ``factory``."""
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices

@@ -88,10 +88,10 @@ def kv_head_offset(num_local_kv_heads: int, total_kv_heads: int) -> int:
     vLLM replicates each KV head over ``tp / total`` consecutive ranks."""
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-    tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-    if total_kv_heads >= tp:
-        return rank * num_local_kv_heads
-    return rank // (tp // total_kv_heads)
+    from lcx_plugin.selectors.base import first_kv_head
+
+    return first_kv_head(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(),
+                         num_local_kv_heads, total_kv_heads)
 
 
 # -- request identity per batch row (filled by patches/vllm_step_identity.py) --------------------

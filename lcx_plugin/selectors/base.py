@@ -40,6 +40,15 @@ class LayerInfo:
         return cls(index, num_kv_heads, head_dim, ModelShape(num_layers or index + 1, num_kv_heads, head_dim))
 
 
+def first_kv_head(rank: int, tp_size: int, local_kv_heads: int, total_kv_heads: int) -> int:
+    """The first global KV head tensor-parallel rank ``rank`` of ``tp_size`` holds, as both engines
+    split attention: KV heads partitioned in order over the ranks, or, with fewer KV heads than
+    ranks, each one replicated over ``tp_size / total_kv_heads`` consecutive ranks."""
+    if total_kv_heads >= tp_size:
+        return rank * local_kv_heads
+    return rank // (tp_size // total_kv_heads)
+
+
 @dataclass
 class SelectContext:
     """Everything a selector may read for one layer and one batch of sequences (its ``plan``)."""

@@ -22,13 +22,14 @@ HQ, HKV, D, LAYERS, SLOTS = 6, 2, 16, 2, 2048
 class Engine:
     """SGLang's pools with requests admitted at random, permuted slots."""
 
-    def __init__(self, page_size: int = 1, seed: int = 0):
+    def __init__(self, page_size: int = 1, seed: int = 0, hq: int = HQ, hkv: int = HKV):
+        """``hq``/``hkv``: the heads this process holds (a tensor-parallel rank holds a share)."""
         self.gen = torch.Generator().manual_seed(seed)
         self.page_size = page_size
         self.req_pool = ReqToTokenPool(size=8, max_context_len=512, device="cpu", enable_memory_saver=False)
-        self.kv_pool = MHATokenToKVPool(size=SLOTS, page_size=page_size, dtype=torch.float32, head_num=HKV,
+        self.kv_pool = MHATokenToKVPool(size=SLOTS, page_size=page_size, dtype=torch.float32, head_num=hkv,
                                         head_dim=D, layer_num=LAYERS, device="cpu", enable_memory_saver=False)
-        self.layers = [RadixAttention(HQ, D, 1 / math.sqrt(D), HKV, layer_id=i) for i in range(LAYERS)]
+        self.layers = [RadixAttention(hq, D, 1 / math.sqrt(D), hkv, layer_id=i) for i in range(LAYERS)]
         pages = (torch.randperm(SLOTS // page_size - 1, generator=self.gen) + 1).tolist()  # page 0: padding
         self.free = pages
         self.history: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # row -> per-layer K, V
@@ -406,3 +407,73 @@ def test_past_the_trained_length_only_an_extrapolating_method_starts(monkeypatch
         backend_for(monkeypatch, engine, EXTRAPOLATING["streaming"], model_config(architecture="GPT2LMHeadModel"))
     with pytest.raises(ValueError, match="gave no model config"):
         backend_for(monkeypatch, engine, EXTRAPOLATING["streaming"])
+
+
+TP = 2  # the pool's 2 KV heads (6 query heads) split over 2 ranks: one KV head and 3 query heads each
+
+
+@pytest.mark.parametrize("name", ["head_split", "token_select", "token_select_prefill", "hip"])
+def test_split_over_ranks_each_rank_computes_its_heads_as_one_process_does(monkeypatch, tmp_path, name):
+    """tensor_parallel_size 2 as SGLang publishes it (``get_parallel()``): each rank's pool holds one
+    KV head, and its backend serves that head's slice of the same inputs exactly as one process
+    serves all heads, head-pattern rows and selections included. A rank that read pattern rows from
+    head 0 (the placement before the split was wired) would stream the wrong heads."""
+    from sglang.srt.runtime_context import get_parallel
+
+    from lcx_plugin.head_patterns import HeadPattern, ModelShape
+
+    if name == "head_split":  # KV head 1 streams in layer 0, KV head 0 in layer 1
+        scores = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64)
+        path = HeadPattern(scores, ModelShape(LAYERS, HKV, D, "test")).save(tmp_path / "pattern.json")
+        config = {"method": "head_split", "pattern": str(path), "threshold": 0.5, "sink": 2, "window": 4}
+    else:
+        config = COMPRESSED[name]
+    whole = Engine(page_size=4)
+    ranks = [Engine(page_size=4, hq=HQ // TP, hkv=HKV // TP) for _ in range(TP)]
+    one = backend_for(monkeypatch, whole, config)
+    backends = []
+    for r in range(TP):
+        with get_parallel().override(tp_rank=r, tp_size=TP, attn_tp_rank=r, attn_tp_size=TP):
+            backends.append(backend_for(monkeypatch, ranks[r], config))
+    assert [b.kv_head_offset for b in backends] == [0, 1] and backends[1].model.num_kv_heads == HKV
+    gen = torch.Generator().manual_seed(11)
+    rows, lens = [1, 4], [70, 45]
+    for e in (whole, *ranks):
+        for r, n in zip(rows, lens):
+            e.admit(r, n + 4)
+    steps = [([0, 0], [40, 45], False), ([40, 45], [30, 0], False)] + \
+            [([70 + i, 45 + i], [1, 1], True) for i in range(3)]
+    hq, hkv = HQ // TP, HKV // TP
+    for prefix, new, decode in steps:
+        fbs = [e.batch(rows, prefix, new, decode) for e in (whole, *ranks)]
+        for b, fb in zip((one, *backends), fbs):
+            b.init_forward_metadata(fb)
+        n = sum(new)
+        for layer_id in range(LAYERS):
+            q, k, v = (torch.randn(n, h, D, generator=gen) for h in (HQ, HKV, HKV))
+            want = one.forward(q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1), whole.layers[layer_id], fbs[0])
+            want = want.view(n, HQ, D)
+            for r in range(TP):
+                got = backends[r].forward(q[:, r * hq:(r + 1) * hq].reshape(n, -1), k[:, r * hkv:(r + 1) * hkv].reshape(n, -1),
+                                          v[:, r * hkv:(r + 1) * hkv].reshape(n, -1), ranks[r].layers[layer_id], fbs[1 + r])
+                torch.testing.assert_close(got.view(n, hq, D), want[:, r * hq:(r + 1) * hq], atol=1e-6, rtol=1e-5,
+                                           msg=lambda m, r=r, layer_id=layer_id: f"rank {r} layer {layer_id}: {m}")
+
+
+def test_attention_split_otherwise_than_by_tensor_parallelism_is_refused(monkeypatch):
+    from sglang.srt.runtime_context import get_parallel
+
+    engine = Engine(hq=HQ // TP, hkv=HKV // TP)
+    with get_parallel().override(tp_rank=0, tp_size=TP, attn_tp_rank=0, attn_tp_size=1):
+        with pytest.raises(ValueError, match="data-parallel and context-parallel attention are not supported"):
+            backend_for(monkeypatch, engine, {"method": "dense"})
+
+
+def test_replicated_kv_heads_are_placed_as_the_engine_loads_them():
+    """Fewer KV heads than ranks: each KV head serves ``tp / heads`` consecutive ranks (the shard
+    SGLang's and vLLM's QKV loaders give a rank)."""
+    from lcx_plugin.selectors.base import first_kv_head
+
+    assert [first_kv_head(r, 6, 1, 3) for r in range(6)] == [0, 0, 1, 1, 2, 2]
+    assert [first_kv_head(r, 2, 4, 8) for r in range(2)] == [0, 4]
+    assert [first_kv_head(r, 3, 1, 3) for r in range(3)] == [0, 1, 2]
