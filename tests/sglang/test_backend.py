@@ -36,7 +36,7 @@ class Engine:
 
     def runner(self, model_config=None):
         return SimpleNamespace(req_to_token_pool=self.req_pool, token_to_kv_pool=self.kv_pool, device="cpu",
-                               page_size=self.page_size, tp_size=1, model_config=model_config)
+                               page_size=self.page_size, model_config=model_config)
 
     def admit(self, row: int, length: int) -> None:
         p = self.page_size
