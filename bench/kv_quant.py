@@ -115,7 +115,8 @@ def _add_format(path: Path, name: str, settings, model: str, samples, log_dir: P
                    "speed ratios against that run's own stock"}
     if accuracy:
         acc = _accuracy(f"kvq_{name}", arm, samples, model, settings, log_dir)
-        row.update(acc=_overall(acc), acc_by_length=acc["acc"], by_depth=acc["by_depth"], outputs=acc["outputs"])
+        row.update(acc=_overall(acc), acc_by_length=acc["acc"], by_depth=acc["by_depth"], outputs=acc["outputs"],
+                   dense_acc_same_machine=_dense_on_this_machine(result, samples, model, settings, log_dir))
     else:
         row["note"] += "; passkey accuracy not measured (run without --no-accuracy)"
     result["runs"] = [r for r in result["runs"] if r["format"] != label] + [row]
@@ -135,12 +136,34 @@ def _add_format(path: Path, name: str, settings, model: str, samples, log_dir: P
                       "attn_out_rel_err": side["attn_out_rel_err"], "bytes_per_token": nbytes}))
 
 
+def _dense_on_this_machine(result: dict, samples, model: str, settings, log_dir: Path) -> float:
+    """Dense passkey accuracy on this machine and settings. A row added by a second run on another
+    machine (another dtype) is compared with it rather than with the first run's dense; measured
+    once per machine line and kept in the file (``dense_by_machine``)."""
+    from lcx_plugin.harness.ab.report import machine_line
+    from lcx_plugin.harness.settings import machine_record
+
+    line = machine_line(machine_record(settings))
+    if line == result["machine_line"]:
+        return result["dense_acc"]
+    kept = result.setdefault("dense_by_machine", {})
+    if line not in kept:
+        acc = _accuracy("kvq_dense", {"backend": "lcx", "lcx": {"method": "dense"}}, samples, model, settings, log_dir)
+        kept[line] = {"acc": _overall(acc), "acc_by_length": acc["acc"], "n": acc["n"]}
+    return kept[line]["acc"]
+
+
 def _add_fp8(path: Path, settings, model: str, samples, log_dir: Path) -> None:
     """Measure the fp8 arm (and stock again, for its speed ratios) into an existing result file."""
+    from lcx_plugin.harness.ab.report import machine_line
+    from lcx_plugin.harness.settings import machine_record
+
     result = json.loads(path.read_text())
     stock = _speed("stock-fp8-baseline", {}, model, settings, log_dir)
     row = {**_fp8_run(stock, samples, model, settings, log_dir),
-           "note": "measured by --add-fp8 in a second run; speed ratios against that run's own stock"}
+           "dense_acc_same_machine": _dense_on_this_machine(result, samples, model, settings, log_dir),
+           "note": f"measured by --add-fp8 in a second run on {machine_line(machine_record(settings))}; speed "
+                   "ratios against that run's own stock"}
     result["runs"] = [row if r["format"] == "stock fp8" else r for r in result["runs"]]
     if not any(r["format"] == "stock fp8" for r in result["runs"]):
         result["runs"].insert(0, row)
@@ -314,7 +337,9 @@ def plot(result: dict, path: Path) -> None:
     ax.scatter([1.0], [result["dense_acc"]], marker="*", s=140, color="black", label="dense bf16")
     for r in result["runs"]:
         if r.get("acc") is not None:
-            ax.scatter([r["capacity_ratio"]], [r["acc"]], s=60, label=r["format"])
+            other = r.get("dense_acc_same_machine")
+            label = r["format"] if other in (None, result["dense_acc"]) else f"{r['format']} (dense {other:.2f} on its machine)"
+            ax.scatter([r["capacity_ratio"]], [r["acc"]], s=60, label=label)
     ax.axhline(result["dense_acc"] - 0.02, color="grey", lw=0.8, ls="--", label="dense - 2 pts")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("engine KV tokens / stock bf16 (same memory)")
