@@ -2,7 +2,7 @@
 
 Shape: ``{"method": NAME, "kernel": KERNEL, ...NAME's parameters}``, flat, for example
 ``{"method": "streaming", "sink": 64, "window": 1024}``. The method's own dataclass
-(``lcx_plugin/selectors/<method>.py``) validates its parameters; ``lcx config --help-methods``
+(``lcx_plugin/selectors/<method>.py``) validates its parameters; ``lcx config --methods``
 lists them.
 
 Sources, in the engine process that starts first:

@@ -96,7 +96,7 @@ class LcxSglangBackend(compat.attention_backend_base()):
         self.impl = self.config.implementation(self.device, engine_op=False)
         # Compacted positions: the model's RoPE, re-applied to what each query reads.
         self.rope = rope_for(facts, pool.head_dim) if getattr(self.config.selector, "extrapolate", False) else None
-        if getattr(self.config.selector, "save_memory", False):
+        if getattr(self.config.selector, "stores_apart", False):
             logger.warning("lcx head_split on SGLang: streaming heads attend to sinks + window, but their KV is not "
                            "stored apart (SGLang's pool keeps one buffer per layer), so no memory is saved")
         self.requests = RequestStates()

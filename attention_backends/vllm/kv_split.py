@@ -313,7 +313,7 @@ def attach(layer, vllm_config) -> None:
 
         layer.get_kv_cache_spec = get_packed_spec
     selector = config.selector
-    if selector.name != "head_split" or not selector.save_memory:
+    if selector.name != "head_split" or not selector.stores_apart:
         return
     shape = compat.model_shape(vllm_config)
     index = compat.layer_index(layer.layer_name)

@@ -69,6 +69,8 @@ class HeadSplit(WindowedSelector):
     retrieval: the method that serves the retrieval heads, as its own object (default: dense).
     save_memory: on vLLM's CPU build, store the streaming heads apart, holding only their sinks and
         window, so the engine's KV capacity grows (default true); false keeps every head's cache.
+        Only a ``streaming_fraction`` split is stored apart (``stores_apart``): a ``threshold`` may
+        stream a different number of heads in each layer, so it is applied as a selection only.
     sink, window: what a streaming head keeps; min_context: shorter contexts stay dense.
     """
 
@@ -93,8 +95,14 @@ class HeadSplit(WindowedSelector):
         require(bool(self.pattern), "lcx config: pattern must be a file path or \"auto\"")
         require(not isinstance(self.retrieval, HeadSplit), "lcx config: head_split cannot nest another head_split")
 
+    @property
+    def stores_apart(self) -> bool:
+        """The streaming heads live in a cache group of their own (vLLM, ``kv_split``): asked for,
+        and every layer streams the same number of heads (a fraction, not a threshold)."""
+        return self.save_memory and self.threshold is None
+
     def prefix_cache_hits(self) -> bool:
-        return not self.save_memory  # stored apart: the streaming group never reports a hit (kv_split)
+        return not self.stores_apart  # stored apart: the streaming group never reports a hit (kv_split)
 
     # -- the pattern ---------------------------------------------------------------------------
     def pattern_path(self, model: ModelShape) -> str:

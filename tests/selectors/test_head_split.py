@@ -40,6 +40,17 @@ def test_pattern_picks_streaming_heads_per_layer_and_per_rank(pattern_file):
     assert HeadSplit(pattern=pattern_file, threshold=0.75).prepare_layer(_info(1)).streaming_heads == [1, 2]
 
 
+def test_only_a_fraction_split_is_stored_apart(pattern_file):
+    """A threshold may stream a different number of heads per layer (here 2 in layer 1, and in
+    layer 0 whatever falls below it): such a split is applied as a selection only and keeps the
+    engine's prefix-cache hits; a fraction split is stored apart unless save_memory is off."""
+    assert HeadSplit(pattern=pattern_file, streaming_fraction=0.5).stores_apart
+    assert not HeadSplit(pattern=pattern_file, streaming_fraction=0.5, save_memory=False).stores_apart
+    by_threshold = HeadSplit(pattern=pattern_file, threshold=0.75)
+    assert not by_threshold.stores_apart and by_threshold.prefix_cache_hits()
+    assert not HeadSplit(pattern=pattern_file).prefix_cache_hits()  # the default fraction is stored apart
+
+
 def test_a_pattern_for_another_model_is_one_clear_startup_error(pattern_file):
     sel = HeadSplit(pattern=pattern_file)
     assert sel.check_model(ModelShape(2, 3, 16)) == []
