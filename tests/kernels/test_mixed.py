@@ -115,7 +115,9 @@ def test_each_token_reads_back_within_its_precisions_bound(d, group):
                 continue
             assert torch.allclose(k64.float(), high_k[t, h], atol=1e-5), f"seed={seed}"
             bound = quant.error_bound(quant.encode(v[t, h], 8, group), d, 8, group).double()  # half a step of int8
-            assert bool(((v64 - v[t, h].double()).abs() <= bound * (1 + 1e-6)).all()), f"seed={seed}: token {t} head {h}"
+            # plus float32 reconstruction, as in test_quant (seed 807741 exceeded a 1e-6 relative slack by 9.6e-6)
+            slack = 4 * torch.finfo(torch.float32).eps * (v[t, h].double().abs() + bound * (1 << 8))
+            assert bool(((v64 - v[t, h].double()).abs() <= bound + slack).all()), f"seed={seed}: token {t} head {h}"
     assert 0 < highs < n * hkv
 
 
