@@ -172,8 +172,16 @@ def test_observed_importance_against_a_float64_statement():
 
 def test_mixed_attention_is_closer_to_full_precision_than_int4_where_attention_concentrates():
     """The end-to-end point: keys the last queries attend to are kept at int8, and the attention
-    output's error falls below int4's on the same tensors."""
+    output's error falls below int4's on the same tensors: at most half of it over six draws (one
+    draw's ratio varies: median 0.14, 3 in 100 above 0.5, one at 0.84, when a few hot keys share
+    a page whose two slots cannot hold them all)."""
     seed = _seed()
+    errs = [_attention_errors(seed + i) for i in range(6)]
+    mixed_err, int4_err = sum(e["mixed"] for e in errs), sum(e["int4"] for e in errs)
+    assert mixed_err < int4_err * 0.5, f"seed={seed}: {errs}"
+
+
+def _attention_errors(seed: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(seed)
     n, hq, hkv, d, bs = 256, 4, 2, 64, 16
     key = torch.randn(n, hkv, d, generator=g) * 2 + torch.randn(d, generator=g) * 3
@@ -204,8 +212,7 @@ def test_mixed_attention_is_closer_to_full_precision_than_int4_where_attention_c
             assert len(held & set(hot.tolist())) >= 8, f"seed={seed}: {sorted(held)}"
         outs[fmt] = paged_attention(query[-32:], kv, BatchPlan.from_lists([32], [n], plan.block_table), d ** -0.5,
                                     torch.empty(32, hq, d))
-    err = {f: ((outs[f] - outs["plain"]).norm() / outs["plain"].norm()).item() for f in ("int4", "mixed")}
-    assert err["mixed"] < err["int4"] * 0.5, f"seed={seed}: {err}"
+    return {f: ((outs[f] - outs["plain"]).norm() / outs["plain"].norm()).item() for f in ("int4", "mixed")}
 
 
 def test_the_triton_kernels_read_each_token_from_its_slot_or_its_int4_row():
