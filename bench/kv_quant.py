@@ -106,60 +106,51 @@ def _add_format(path: Path, name: str, settings, model: str, samples, log_dir: P
 
     label, arm, fmt, streaming = next(a for a in ARMS if a[0] == name)
     result = json.loads(path.read_text())
+    machine = machine_line(machine_record(settings))
     with Progress(5 + 2 * accuracy, f"bench kv_quant --add-format {name}") as progress:
-        _add_format_steps(path, result, name, label, arm, fmt, streaming, settings, model, samples, log_dir, accuracy,
-                          progress, machine_line(machine_record(settings)))
+        stock = _speed(f"stock-{name}-baseline", {}, model, settings, log_dir)
+        progress.advance(note="stock speed")
+        speed = _speed(name, arm, model, settings, log_dir)
+        progress.advance(note=f"{name} speed")
+        kl = _kl(model, samples, fmt, streaming, speed["block_size"])
+        progress.advance(note=f"KL {kl:.4g}")
+        row = {"format": label, "kv_tokens": speed["kv_tokens"], "capacity_ratio": speed["kv_tokens"] / stock["kv_tokens"],
+               "acc": None, "kl": kl, "decode_tps_ratio": speed["decode_tps"] / stock["decode_tps"],
+               "ttft_ratio": speed["ttft_s"] / stock["ttft_s"], "config": arm["lcx"],
+               "note": f"measured by --add-format in a second run on {machine}; "
+                       "speed ratios against that run's own stock"}
+        if accuracy:
+            acc = _accuracy(f"kvq_{name}", arm, samples, model, settings, log_dir)
+            progress.advance(note=f"{name} passkey accuracy {_overall(acc):.3f}")
+            dense = _dense_on_this_machine(result, machine, samples, model, settings, log_dir)
+            progress.advance(note=f"dense passkey accuracy on this machine {dense:.3f}")
+            row.update(acc=_overall(acc), acc_by_length=acc["acc"], by_depth=acc["by_depth"], outputs=acc["outputs"],
+                       dense_acc_same_machine=dense)
+        else:
+            row["note"] += "; passkey accuracy not measured (run without --no-accuracy)"
+        result["runs"] = [r for r in result["runs"] if r["format"] != label] + [row]
+        captured = capture(model)
+        progress.advance(note="tensors captured")
+        errs, nbytes = [], None
+        for layer, (q, k, v) in captured.items():
+            k_hat, v_hat, nbytes = _lcx_roundtrip(name, k, v, q)
+            ref = _attn(q, k, v)
+            errs.append(float((_attn(q, k_hat.float(), v_hat.float()) - ref).norm() / ref.norm()))
+        side = {"format": name, "owner": "lcx", "bytes_per_token": nbytes, "attn_out_rel_err": statistics.fmean(errs),
+                "per_layer": dict(zip(map(str, captured), errs))}
+        result["vs_engine_formats"] = [r for r in result["vs_engine_formats"]
+                                       if not (r["owner"] == "lcx" and r["format"] == name)] + [side]
+        path.write_text(json.dumps(result, indent=1))
+        plot(result, path.with_suffix(".png"))
+        progress.advance(note="side by side")
+        print(json.dumps({**{k: row.get(k) for k in ("format", "capacity_ratio", "acc", "kl", "decode_tps_ratio")},
+                          "attn_out_rel_err": side["attn_out_rel_err"], "bytes_per_token": nbytes}))
 
 
-def _add_format_steps(path, result, name, label, arm, fmt, streaming, settings, model, samples, log_dir, accuracy,
-                      progress, machine) -> None:
-    stock = _speed(f"stock-{name}-baseline", {}, model, settings, log_dir)
-    progress.advance(note="stock speed")
-    speed = _speed(name, arm, model, settings, log_dir)
-    progress.advance(note=f"{name} speed")
-    kl = _kl(model, samples, fmt, streaming, speed["block_size"])
-    progress.advance(note=f"KL {kl:.4g}")
-    row = {"format": label, "kv_tokens": speed["kv_tokens"], "capacity_ratio": speed["kv_tokens"] / stock["kv_tokens"],
-           "acc": None, "kl": kl, "decode_tps_ratio": speed["decode_tps"] / stock["decode_tps"],
-           "ttft_ratio": speed["ttft_s"] / stock["ttft_s"], "config": arm["lcx"],
-           "note": f"measured by --add-format in a second run on {machine}; "
-                   "speed ratios against that run's own stock"}
-    if accuracy:
-        acc = _accuracy(f"kvq_{name}", arm, samples, model, settings, log_dir)
-        progress.advance(note=f"{name} passkey accuracy {_overall(acc):.3f}")
-        dense = _dense_on_this_machine(result, samples, model, settings, log_dir)
-        progress.advance(note=f"dense passkey accuracy on this machine {dense:.3f}")
-        row.update(acc=_overall(acc), acc_by_length=acc["acc"], by_depth=acc["by_depth"], outputs=acc["outputs"],
-                   dense_acc_same_machine=dense)
-    else:
-        row["note"] += "; passkey accuracy not measured (run without --no-accuracy)"
-    result["runs"] = [r for r in result["runs"] if r["format"] != label] + [row]
-    captured = capture(model)
-    progress.advance(note="tensors captured")
-    errs, nbytes = [], None
-    for layer, (q, k, v) in captured.items():
-        k_hat, v_hat, nbytes = _lcx_roundtrip(name, k, v, q)
-        ref = _attn(q, k, v)
-        errs.append(float((_attn(q, k_hat.float(), v_hat.float()) - ref).norm() / ref.norm()))
-    side = {"format": name, "owner": "lcx", "bytes_per_token": nbytes, "attn_out_rel_err": statistics.fmean(errs),
-            "per_layer": dict(zip(map(str, captured), errs))}
-    result["vs_engine_formats"] = [r for r in result["vs_engine_formats"]
-                                   if not (r["owner"] == "lcx" and r["format"] == name)] + [side]
-    path.write_text(json.dumps(result, indent=1))
-    plot(result, path.with_suffix(".png"))
-    progress.advance(note="side by side")
-    print(json.dumps({**{k: row.get(k) for k in ("format", "capacity_ratio", "acc", "kl", "decode_tps_ratio")},
-                      "attn_out_rel_err": side["attn_out_rel_err"], "bytes_per_token": nbytes}))
-
-
-def _dense_on_this_machine(result: dict, samples, model: str, settings, log_dir: Path) -> float:
-    """Dense passkey accuracy on this machine and settings. A row added by a second run on another
-    machine (another dtype) is compared with it rather than with the first run's dense; measured
-    once per machine line and kept in the file (``dense_by_machine``)."""
-    from lcx_plugin.harness.ab.report import machine_line
-    from lcx_plugin.harness.settings import machine_record
-
-    line = machine_line(machine_record(settings))
+def _dense_on_this_machine(result: dict, line: str, samples, model: str, settings, log_dir: Path) -> float:
+    """Dense passkey accuracy on this machine (``line``: its machine line) and settings. A row
+    added by a second run on another machine (another dtype) is compared with it rather than with
+    the first run's dense; measured once per machine line and kept in the file (``dense_by_machine``)."""
     if line == result["machine_line"]:
         return result["dense_acc"]
     kept = result.setdefault("dense_by_machine", {})
@@ -176,15 +167,16 @@ def _add_fp8(path: Path, settings, model: str, samples, log_dir: Path) -> None:
     from lcx_plugin.harness.settings import machine_record
 
     result = json.loads(path.read_text())
+    machine = machine_line(machine_record(settings))
     with Progress(3, "bench kv_quant --add-fp8") as progress:
         stock = _speed("stock-fp8-baseline", {}, model, settings, log_dir)
         progress.advance(note="stock speed")
         fp8 = _fp8_run(stock, samples, model, settings, log_dir)
         progress.advance(note=f"fp8: speed and passkey accuracy {fp8['acc']:.3f}")
-        dense = _dense_on_this_machine(result, samples, model, settings, log_dir)
+        dense = _dense_on_this_machine(result, machine, samples, model, settings, log_dir)
         progress.advance(note=f"dense passkey accuracy on this machine {dense:.3f}")
     row = {**fp8, "dense_acc_same_machine": dense,
-           "note": f"measured by --add-fp8 in a second run on {machine_line(machine_record(settings))}; speed "
+           "note": f"measured by --add-fp8 in a second run on {machine}; speed "
                    "ratios against that run's own stock"}
     result["runs"] = [row if r["format"] == "stock fp8" else r for r in result["runs"]]
     if not any(r["format"] == "stock fp8" for r in result["runs"]):
