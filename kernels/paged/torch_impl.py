@@ -149,6 +149,83 @@ def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, fi
     return tile
 
 
+#: Tiles whose masks are built together by ``_prepare_tiles`` (bounds its temporaries: 32 tiles of
+#: 64 rows over 15 pages of 128 tokens and 3 KV heads is 23 MB of booleans).
+TILE_GROUP = 32
+
+
+def _prepare_tiles(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, first_pos: int, qlen: int,
+                   height: int, bs: int) -> list[_Tile]:
+    """Every row tile of one sequence (``height`` rows each, the last one possibly shorter), each
+    inside one query block, without compacted positions: the same tiles as ``_prepare_tile``,
+    built ``TILE_GROUP`` at a time, so that a long prefill's index work is a few dozen tensor
+    operations rather than a few dozen per tile."""
+    hkv = sel.counts.shape[1]
+    sink, window, dense = sel.sink[b].cpu().long(), sel.window[b].cpu().long(), sel.dense[b].cpu()
+    has_lists = sel.indices.shape[3] > 0 and bool((sel.counts[b] > 0).any())
+    if has_lists:
+        idx_all, cnt_all = sel.indices[b].long().cpu(), sel.counts[b].long().cpu()  # [Hkv, NQB, K], [Hkv, NQB]
+    tiles: list[_Tile] = []
+    offs = torch.arange(bs)
+    for g0 in range(0, qlen, TILE_GROUP * height):
+        starts = torch.arange(g0, min(qlen, g0 + TILE_GROUP * height), height)  # [T]
+        lo = first_pos + starts
+        hi = first_pos + (starts + height).clamp(max=qlen) - 1
+        n_pages = hi // bs + 1  # [T]: pages up to each tile's last row
+        n_max = int(n_pages.max())
+        page = torch.arange(n_max)
+        page_start = page * bs
+        band_lo = (lo[:, None] - window[None, :] + 1).clamp(min=0)  # [T, Hkv]
+        wanted = (page_start[None, None, :] < sink[None, :, None]) | (
+            (page_start[None, None, :] + bs > band_lo[:, :, None]) & (window[None, :, None] > 0))
+        wanted |= dense[None, :, None]
+        exists = page[None, None, :] < n_pages[:, None, None]  # [T, 1, P]
+        if has_lists:
+            qb = torch.tensor([sel.query_block_of(int(s)) for s in starts])
+            idx = idx_all[:, qb].transpose(0, 1)  # [T, Hkv, K]
+            live_list = torch.arange(idx.shape[-1]) < cnt_all[:, qb].transpose(0, 1)[..., None]
+            pages = idx if sel.granularity == "page" else idx // bs
+            listed_page = torch.zeros(len(starts), hkv, n_max + 1, dtype=torch.bool)  # last column: padding
+            ok = live_list & (pages >= 0) & (pages < n_pages[:, None, None])
+            listed_page.scatter_(2, torch.where(ok, pages, n_max), True)
+            wanted |= listed_page[..., :n_max]
+        wanted &= exists
+        counts = wanted.sum(2)  # [T, Hkv]
+        n_sel = counts.amax(1)  # [T]
+        width = int(n_sel.max())
+        if width == 0:
+            tiles += [_Tile(int(s), int(min(height, qlen - s)), blocks[:0], None, None) for s in starts]
+            continue
+        order = torch.argsort((~wanted).to(torch.int8), dim=2, stable=True)[..., :width]  # [T, Hkv, W]
+        pos = (order[..., None] * bs + offs).flatten(2)  # [T, Hkv, L]
+        q_pos = lo[:, None] + torch.arange(height)  # [T, rows] (a short last tile's extra rows are cut below)
+        past_end = pos >= seq_len
+        always = (pos < sink[None, :, None]) | dense[None, :, None]
+        if has_lists:
+            if sel.granularity == "page":
+                always |= listed_page.gather(2, pos // bs)
+            else:  # ascending lists, a sentinel past any position keeps each row sorted
+                keyed = torch.where(live_list, idx, torch.iinfo(torch.int64).max).flatten(0, 1)
+                at = torch.searchsorted(keyed, pos.flatten(0, 1)).clamp(max=keyed.shape[1] - 1)
+                always |= (keyed.gather(1, at) == pos.flatten(0, 1)).view_as(pos)
+        p4, q4 = pos[:, :, None, :], q_pos[:, None, :, None]
+        mask = (p4 > q4 - window[None, :, None, None]) | always[:, :, None, :]
+        # No liveness term (``_prepare_tile``'s ``live``): a padding page holds no sink, band or
+        # listed position of any row of the tile, and the unwritten tail lies past every row.
+        mask &= p4 <= q4  # [T, Hkv, rows, L]
+        sees = mask.any(3)  # [T, Hkv, rows]
+        tail_any = past_end.any(2).any(1)  # [T]
+        for t, s in enumerate(starts.tolist()):
+            rows, n = min(height, qlen - s), int(n_sel[t])
+            if n == 0:
+                tiles.append(_Tile(s, rows, blocks[:0], None, None))
+                continue
+            tail = past_end[t, :, : n * bs] if bool(tail_any[t]) else None
+            tiles.append(_Tile(s, rows, blocks[order[t, :, :n]], mask[t, :, :rows, : n * bs],
+                               tail if tail is not None and bool(tail.any()) else None, bool(sees[t, :, :rows].all())))
+    return tiles
+
+
 def _compaction(held: torch.Tensor, pos: torch.Tensor, q_pos: torch.Tensor, window: torch.Tensor,
                 dense: torch.Tensor, mask: torch.Tensor):
     """Rotations of compacted positions for one tile (see the module docstring). ``held``
@@ -240,8 +317,13 @@ def _prepare(sel: Selection, plan: BatchPlan, bs: int, compact: bool = False) ->
         tile = min(ROW_TILE, sel.query_block) if sel.query_block else ROW_TILE
         if compact and sel.query_block:  # one list per tile (``_compaction``): tiles inside query blocks
             tile = math.gcd(sel.query_block, ROW_TILE)
-        prep.append([_prepare_tile(sel, b, blocks, seq_len, seq_len - qlen, range(i, min(i + tile, qlen)), bs,
-                                   compact) for i in range(0, qlen, tile)])
+        first = seq_len - qlen
+        if not compact and all(sel.query_block_of(i) == sel.query_block_of(min(i + tile, qlen) - 1)
+                               for i in range(0, qlen, tile)):
+            prep.append(_prepare_tiles(sel, b, blocks, seq_len, first, qlen, tile, bs))
+        else:
+            prep.append([_prepare_tile(sel, b, blocks, seq_len, first, range(i, min(i + tile, qlen)), bs, compact)
+                         for i in range(0, qlen, tile)])
     sel.memo[key] = (plan, prep)
     return prep
 
@@ -258,9 +340,62 @@ def _compact_scores(q: torch.Tensor, k: torch.Tensor, tile: _Tile, rope: Rope, g
     return torch.where(tile.far.to(dev)[:, None], far, near)
 
 
+#: Row tiles attended in one SDPA call when they gather as many pages each (``_runs``): fewer
+#: calls, and more (tile, KV head) units for the threads to share.
+TILE_BATCH = 8
+
+
+def _fused(tile: _Tile, rope: Rope | None) -> bool:
+    """Whether the tile goes to SDPA's fused kernel: every row has a candidate and no pair moves
+    (compacted positions that move anything need the two-product scores of ``_compact_scores``)."""
+    moves = rope is not None and tile.far is not None and bool(tile.far.any())
+    return tile.mask is not None and tile.every_row_sees_one and not moves
+
+
+def _runs(tiles: list[_Tile], rope: Rope | None):
+    """Consecutive tiles in runs of up to ``TILE_BATCH`` fused tiles of equal height and page
+    count; any other tile alone."""
+    run: list[_Tile] = []
+    for t in tiles:
+        fused = _fused(t, rope)
+        if run and not (fused and len(run) < TILE_BATCH and t.rows == run[0].rows
+                        and t.blocks.shape[1] == run[0].blocks.shape[1]):
+            yield run
+            run = []
+        run.append(t)
+        if not fused:
+            yield run
+            run = []
+    if run:
+        yield run
+
+
+def _fused_run(q: torch.Tensor, kv: KVFormat, run: list[_Tile], scale: float, group: int) -> torch.Tensor:
+    """Consecutive fused tiles of equal height and page count: ``q`` ``[Hq, rows * len(run), D]``
+    float32 -> ``[rows * len(run), Hq, D]``, one gather and one SDPA call. (Tile, KV head) pairs are
+    SDPA's batch, each with its group of query heads, so one mask row per KV head broadcasts over
+    the group rather than being copied for each query head."""
+    n, hkv, d, rows = len(run), kv.num_kv_heads, kv.head_dim, run[0].rows
+    blocks = torch.stack([t.blocks for t in run])  # [n, Hkv, P]
+    heads = torch.arange(hkv)[None, :, None].expand_as(blocks)
+    k, v = kv.gather(blocks.to(kv.device), heads.to(kv.device), torch.float32)  # [n, Hkv, P, bs, D]
+    k, v = k.reshape(n * hkv, 1, -1, d), v.reshape(n * hkv, 1, -1, d)
+    if any(t.tail is not None for t in run):  # the unwritten tail of a last page may hold NaN: zeroed
+        tail = torch.stack([t.tail if t.tail is not None else torch.zeros_like(run[0].mask[:, 0]) for t in run])
+        tail = tail.reshape(n * hkv, 1, -1, 1).to(kv.device)
+        k, v = k.masked_fill(tail, 0.0), v.masked_fill(tail, 0.0)
+    # An additive float mask (0 / -inf): SDPA's CPU kernel reads it about a third faster than the
+    # same mask as booleans, with identical outputs (the boolean one becomes this inside).
+    mask = torch.stack([t.mask for t in run]).to(kv.device)  # [n, Hkv, rows, L]
+    bias = torch.where(mask, 0.0, float("-inf")).to(q.dtype).reshape(n * hkv, 1, rows, -1)
+    qr = q.reshape(hkv, group, n, rows, d).permute(2, 0, 1, 3, 4).reshape(n * hkv, group, rows, d)
+    o = F.scaled_dot_product_attention(qr, k, v, attn_mask=bias, scale=scale, enable_gqa=group > 1)
+    return o.reshape(n, hkv * group, rows, d).transpose(1, 2).reshape(n * rows, hkv * group, d)
+
+
 def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, group: int,
                    rope: Rope | None = None) -> torch.Tensor:
-    """One row tile: ``q`` ``[Hq, rows, D]`` float32 -> ``[rows, Hq, D]``."""
+    """One row tile that ``_fused_run`` does not take: ``q`` ``[Hq, rows, D]`` float32 -> ``[rows, Hq, D]``."""
     hkv, d, rows = kv.num_kv_heads, kv.head_dim, tile.rows
     if tile.mask is None:
         return torch.zeros(rows, q.shape[0], d, dtype=torch.float32)
@@ -271,17 +406,6 @@ def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, gro
         kf, vf = _flat(k, tile), _flat(v, tile)
         scores = _compact_scores(q.reshape(hkv, group, rows, d), kf, tile, rope, group).mul_(scale)
         return _attend(scores, tile, vf)
-    if tile.every_row_sees_one:
-        # Every row has a candidate: the fused SDPA kernel with the tile's mask.
-        kf, vf = _flat(k, tile), _flat(v, tile)
-        # An additive float mask (0 / -inf): SDPA's CPU kernel reads it about a third faster than
-        # the same mask as booleans, with identical outputs (the boolean one becomes this inside).
-        bias = torch.zeros(tile.mask.shape, dtype=q.dtype, device=kv.device).masked_fill_(
-            ~tile.mask.to(kv.device), float("-inf"))
-        mask = bias[:, None].expand(hkv, group, rows, kf.shape[1]).reshape(1, hkv * group, rows, -1)
-        o = F.scaled_dot_product_attention(q[None], kf[None], vf[None], attn_mask=mask, scale=scale,
-                                           enable_gqa=group > 1)[0]  # [Hq, rows, D]
-        return o.transpose(0, 1)
     # Scores per KV head for its group of query heads, page by page: [Hkv, G*rows, n_sel*bs].
     scores = torch.matmul(q.reshape(hkv, 1, group * rows, d), k.transpose(-1, -2))  # [Hkv, n_sel, G*rows, bs]
     scores = scores.permute(0, 2, 1, 3).reshape(hkv, group, rows, -1)
@@ -322,7 +446,9 @@ def paged_attention_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, sc
         elif isinstance(prep[b], _TokenRow):
             o = _token_row(q, kv, prep[b], scale, group, rope)
         else:
-            o = torch.cat([_selected_tile(q[:, t.start: t.start + t.rows], kv, t, scale, group, rope)
-                           for t in prep[b]])
+            o = torch.cat([_fused_run(q[:, run[0].start: run[-1].start + run[-1].rows], kv, run, scale, group)
+                           if _fused(run[0], rope) else
+                           _selected_tile(q[:, run[0].start: run[0].start + run[0].rows], kv, run[0], scale, group, rope)
+                           for run in _runs(prep[b], rope)])
         out[start: start + qlen] = o.to(out.dtype)
     return out
