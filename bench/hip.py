@@ -77,7 +77,7 @@ def prefill_scaling(dtype_name: str) -> dict:
         q = torch.randn(t, hq, d, generator=g).to(dtype)
         o = torch.empty_like(q)
         scale = d ** -0.5
-        repeats = 2 if t <= 16384 else 1
+        repeats = 2 if t <= 32768 else 1  # 64k's dense run alone takes most of a minute
         dense_ms = _timed(lambda: paged_attention(q, kv, plan, scale, o, impl="torch"), repeats)
         search_ms = []
 
@@ -217,6 +217,20 @@ def _add_accuracy(out: Path, samples, model, settings, log_dir) -> int:
     return 0
 
 
+def _kept_accuracy(out: Path, settings) -> dict:
+    """``--keep-accuracy``: the results file's (d), refused unless it exists and used this machine's settings."""
+    if not out.is_file():
+        raise SystemExit(f"--keep-accuracy keeps an earlier run's accuracy, and {out} does not exist")
+    res = json.loads(out.read_text())
+    here = {"bind": settings.bind, "dtype": settings.dtype}
+    if res.get("settings") != here or "hip" not in res or "dense" not in res:
+        raise SystemExit(f"{out} holds no accuracy measured with the settings this machine chooses ({here}): "
+                         "run ./lcx bench hip in full")
+    kept = {k: res[k] for k in ("dense", "hip", "accuracy_machine") if k in res}
+    return {**kept, "dense_acc": res["dense"]["acc"], "acc": res["hip"]["acc"],
+            "accuracy_kept": res.get("accuracy_kept") or f"(d) from an earlier run of {out.name} (--keep-accuracy)"}
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -266,6 +280,10 @@ def main() -> int:
     what.add_argument("--only-accuracy", action="store_true",
                       help="measure (d) only and add it to the results file's (a)-(c), which must have used "
                            "the settings this machine chooses")
+    what.add_argument("--keep-accuracy", action="store_true",
+                      help="measure (a)-(c) again and keep the results file's (d), which must have used the "
+                           "settings this machine chooses: only after changes that leave HiP's outputs as they "
+                           "were (speed work checked bit-identical); the file says which run (d) came from")
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -276,18 +294,20 @@ def main() -> int:
     samples = [] if args.skip_accuracy else _accuracy_prompts(AutoTokenizer.from_pretrained(model))
     if args.only_accuracy:
         return _add_accuracy(out, samples, model, settings, log_dir)
+    kept = _kept_accuracy(out, settings) if args.keep_accuracy else {}
     res: dict = {"config": HIP, "settings": {"bind": settings.bind, "dtype": settings.dtype}}
-    with Progress(3 if args.skip_accuracy else 5, "bench hip") as p:
+    skip = args.skip_accuracy or args.keep_accuracy
+    with Progress(3 if skip else 5, "bench hip") as p:
         res["prefill"] = _attention_child(settings, "hip", "prefill_scaling", timeout=3600)
         p.advance(note=f"prefill at 32k: {res['prefill']['lengths']['32768']['speedup']:.1f}x")
         res["attention_32k"] = _attention_child(settings, "hip")
         p.advance(note="decode attention at 32k")
         res["ttft_7k"] = _ttft(model, settings, log_dir)
         p.advance(note="ttft at 7k")
-        for name, kw in () if args.skip_accuracy else ARMS:
+        for name, kw in () if skip else ARMS:
             res[name] = _accuracy(name, kw, samples, model, settings, log_dir)
             p.advance(note=f"accuracy {name} {res[name]['acc']:.2f}")
-    acc = {} if args.skip_accuracy else {"dense_acc": res["dense"]["acc"], "acc": res["hip"]["acc"]}
+    acc = kept or ({} if skip else {"dense_acc": res["dense"]["acc"], "acc": res["hip"]["acc"]})
     res.update({
         "prefill_speedup": {t: v["speedup"] for t, v in res["prefill"]["lengths"].items()},
         "prefill_slope": res["prefill"]["hip_slope"], "dense_slope": res["prefill"]["dense_slope"],
