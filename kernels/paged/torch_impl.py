@@ -353,21 +353,21 @@ def _fused(tile: _Tile, rope: Rope | None) -> bool:
 
 
 def _runs(tiles: list[_Tile], rope: Rope | None):
-    """Consecutive tiles in runs of up to ``TILE_BATCH`` fused tiles of equal height and page
-    count; any other tile alone."""
+    """``(fused, run)``: consecutive tiles in runs of up to ``TILE_BATCH`` fused tiles of equal
+    height and page count; any other tile alone (``fused`` False)."""
     run: list[_Tile] = []
     for t in tiles:
         fused = _fused(t, rope)
         if run and not (fused and len(run) < TILE_BATCH and t.rows == run[0].rows
                         and t.blocks.shape[1] == run[0].blocks.shape[1]):
-            yield run
+            yield True, run
             run = []
         run.append(t)
         if not fused:
-            yield run
+            yield False, run
             run = []
     if run:
-        yield run
+        yield True, run
 
 
 def _fused_run(q: torch.Tensor, kv: KVFormat, run: list[_Tile], scale: float, group: int) -> torch.Tensor:
@@ -447,8 +447,8 @@ def paged_attention_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, sc
             o = _token_row(q, kv, prep[b], scale, group, rope)
         else:
             o = torch.cat([_fused_run(q[:, run[0].start: run[-1].start + run[-1].rows], kv, run, scale, group)
-                           if _fused(run[0], rope) else
+                           if fused else
                            _selected_tile(q[:, run[0].start: run[0].start + run[0].rows], kv, run[0], scale, group, rope)
-                           for run in _runs(prep[b], rope)])
+                           for fused, run in _runs(prep[b], rope)])
         out[start: start + qlen] = o.to(out.dtype)
     return out
