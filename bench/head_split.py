@@ -91,7 +91,15 @@ def plot(result: dict, path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results/head_split.json")
+    ap.add_argument("--arms", default=None,
+                    help="comma-separated subset of the compressed arms (" + ", ".join(n for n, _, _ in _configs("random"))
+                         + "); stock and dense always run. Default: every arm")
     args = ap.parse_args()
+    names = [n for n, _, _ in _configs("random")]
+    wanted = names if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(wanted) - set(names))
+    if unknown or not wanted:
+        ap.error(f"--arms: unknown arm(s) {unknown or args.arms!r}; choose from {', '.join(names)}")
 
     from transformers import AutoTokenizer
 
@@ -112,7 +120,8 @@ def main() -> int:
     shipped = get("head_split")().load_pattern(_shape(model))
     tmp = tempfile.mkdtemp(prefix="lcx-bench-")
     random_path = str(random_pattern(shipped.model, RANDOM_SEED).save(Path(tmp) / "random.json"))
-    configs = _configs(random_path)
+    by_name = {c[0]: c for c in _configs(random_path)}
+    configs = [by_name[n] for n in wanted]  # in the order asked for
     samples = _accuracy_prompts(AutoTokenizer.from_pretrained(model))
     result: dict = {"machine": machine, "machine_line": machine_line(machine)}
     with Progress(2 + 2 * len(configs), "bench head_split") as progress:
@@ -124,6 +133,7 @@ def main() -> int:
         result["dense_acc"] = _overall(dense)
         progress.advance(note=f"dense {dense['acc']}")
         result["runs"] = []
+        _write(result, stock_speed, configs, shipped, Path(args.out), complete=False)
         for name, cfg, record in configs:
             arm = {"backend": "lcx", "lcx": cfg}
             acc = _accuracy(f"hs_{name}", arm, samples, model, settings, log_dir)
@@ -135,22 +145,30 @@ def main() -> int:
                 "acc": _overall(acc), "acc_by_length": acc["acc"], "by_depth": acc["by_depth"],
                 "decode_tps_ratio": speed["decode_tps"] / stock_speed["decode_tps"],
                 "ttft_ratio": speed["ttft_s"] / stock_speed["ttft_s"], "config": cfg, "outputs": acc["outputs"]})
-    result["speed_stock_7k"] = stock_speed
-    result["setup"] = {"lengths": LENGTHS, "depths": DEPTHS, "seeds_per_depth": SEEDS_PER_DEPTH, "sink": SINK,
-                       "window": WINDOW, "random_seed": RANDOM_SEED, "pattern": shipped.path,
-                       "pattern_source": shipped.source,
-                       "scoring": "strict: the output's 5-digit numbers are exactly the pass key",
-                       "capacity": "engine-reported KV tokens at bf16 for the same VLLM_CPU_KVCACHE_SPACE, max_model_len 8192, "
-                                   "default max_num_batched_tokens"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+            _write(result, stock_speed, configs, shipped, Path(args.out), complete=False)
+    out = _write(result, stock_speed, configs, shipped, Path(args.out), complete=True)
     plot(result, out.with_suffix(".png"))
     print(json.dumps({"stock_kv_tokens": result["stock_kv_tokens"], "dense_acc": result["dense_acc"],
                       "runs": [{k: r[k] for k in ("pattern", "streaming_fraction", "capacity_ratio", "acc",
                                                   "decode_tps_ratio", "ttft_ratio")} for r in result["runs"]]}, indent=1))
     print(f"written: {out}")
     return 0
+
+
+def _write(result: dict, stock_speed: dict, configs, shipped, out: Path, complete: bool) -> Path:
+    """The result so far (after every arm, so a long run that is stopped keeps what it measured)."""
+    result["speed_stock_7k"] = stock_speed
+    result["complete"] = complete
+    result["setup"] = {"arms": [c[0] for c in configs], "lengths": LENGTHS, "depths": DEPTHS,
+                       "seeds_per_depth": SEEDS_PER_DEPTH, "sink": SINK,
+                       "window": WINDOW, "random_seed": RANDOM_SEED, "pattern": shipped.path,
+                       "pattern_source": shipped.source,
+                       "scoring": "strict: the output's 5-digit numbers are exactly the pass key",
+                       "capacity": "engine-reported KV tokens at bf16 for the same VLLM_CPU_KVCACHE_SPACE, max_model_len 8192, "
+                                   "default max_num_batched_tokens"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return out
 
 
 def _overall(acc: dict) -> float:

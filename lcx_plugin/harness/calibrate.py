@@ -1,9 +1,16 @@
 """``lcx calibrate``: score every KV head of a model as retrieval or streaming, on one CPU, and write
 a head pattern (``lcx_plugin/head_patterns.py``).
 
-Two modes, both on synthetic needle prompts (lcx ab's generator, seeds of their own):
+Three modes, all on synthetic needle prompts (lcx ab's generator, seeds of their own), with the
+answer appended and teacher-forced:
 
-- ``mass`` (training-free, about a minute on the embedded model): run the model in float32 and, at
+- ``ablate`` (default, training-free, measured): for every layer and KV head, stream that head
+  alone (the rest of the model full) and, separately, keep that head alone full while the layer's
+  other heads stream; each time, measure how much the answer's negative log-likelihood grows.
+  A head's score is the first growth minus the second, in nats: streaming a retrieval head costs
+  the answer much, and keeping it alone full costs little. Layers below the ablated one are never
+  recomputed (their outputs are cached from the full run).
+- ``mass`` (training-free, a few minutes on the embedded model): run the model in float32 and, at
   the rows that answer (the question's last tokens and the answer itself, teacher-forced), measure
   how much attention each head puts outside its sinks and recent window. A head that must look far
   back to answer is a retrieval head. A KV head scores the largest mass of its query heads.
@@ -34,12 +41,13 @@ SEED_BASE = 90_001  # calibration prompts never coincide with the tests' or the 
 
 @dataclass
 class _State:
-    mode: str = "off"  # "mass" | "gates" | "off"
+    mode: str = "off"  # "mass" | "gates" | "ablate" | "off"
     sink: int = 64
     window: int = 256
     rows: torch.Tensor | None = None  # query rows that are scored
     mass: torch.Tensor | None = None  # [layers, q_heads] summed mass outside sink + window
     gates: torch.Tensor | None = None  # [layers, kv_heads] logits (trained)
+    stream: dict | None = None  # ablate: layer -> bool [kv_heads], the heads that stream
 
 
 STATE = _State()
@@ -74,13 +82,27 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         stream = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=band, scale=scale)
         a = torch.sigmoid(STATE.gates[layer]).repeat_interleave(group)[None, :, None, None]
         full = a * full + (1 - a) * stream
+    elif STATE.mode == "ablate" and layer in STATE.stream:
+        heads = STATE.stream[layer].repeat_interleave(group).nonzero().flatten()
+        _, band = _visible(torch.arange(t), t, STATE.sink, STATE.window)
+        full = full.clone()
+        full[:, heads] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, heads], k[:, heads], v[:, heads], attn_mask=band, scale=scale)
     return full.transpose(1, 2).contiguous(), None
 
 
-def _load_model(path: str):
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+def register_attention() -> str:
+    """Make lcx's calibration attention known to transformers; returns its name."""
+    from transformers import AttentionInterface
 
     AttentionInterface.register("lcx_calibrate", _attention)
+    return "lcx_calibrate"
+
+
+def _load_model(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    register_attention()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="lcx_calibrate")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -132,6 +154,55 @@ def score_mass(model, data, sink: int, window: int, progress) -> torch.Tensor:
     return per_q.view(c.num_hidden_layers, c.num_key_value_heads, group).amax(-1)
 
 
+def _decoder(model):
+    inner = getattr(model, "model", None)
+    if not all(hasattr(inner, a) for a in ("layers", "rotary_emb", "norm")) or not hasattr(model, "lm_head"):
+        raise ValueError(f"--mode ablate needs a Llama-style decoder (model.layers, rotary_emb, norm, lm_head); "
+                         f"{type(model).__name__} is not one: use --mode mass or gates")
+    return inner
+
+
+def _answer_nll(model, inner, h: torch.Tensor, first: int, ids: list[int], start: int) -> torch.Tensor:
+    """Run layers ``first``.. on ``h`` (the input of layer ``first``); the answer's NLL per token."""
+    pos = torch.arange(h.shape[1])[None]
+    pe = inner.rotary_emb(h, position_ids=pos)
+    for layer in inner.layers[first:]:
+        h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
+        h = h[0] if isinstance(h, tuple) else h
+    logits = model.lm_head(inner.norm(h[0, start - 1:len(ids) - 1])).float()
+    return -torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[start:])[:, None])[:, 0]
+
+
+@torch.no_grad()
+def score_ablate(model, data, sink: int, window: int, progress) -> torch.Tensor:
+    c = model.config
+    inner = _decoder(model)
+    n_layers, n_kv = c.num_hidden_layers, c.num_key_value_heads
+    STATE.mode, STATE.sink, STATE.window, STATE.stream = "off", sink, window, {}
+    cached = []  # per prompt: the input of every layer, and the full model's answer NLL
+    for ids, start in data:
+        hs = model(torch.tensor([ids]), output_hidden_states=True, logits_to_keep=1).hidden_states
+        cached.append((ids, start, hs[:n_layers], _answer_nll(model, inner, hs[0], 0, ids, start)))
+        progress.advance()
+    growth = torch.zeros(2, n_layers, n_kv, dtype=torch.float64)  # [stream it alone | keep it alone]
+    STATE.mode = "ablate"
+    try:
+        for layer in range(n_layers):
+            for head in range(n_kv):
+                for which in (0, 1):
+                    streams = torch.full((n_kv,), bool(which))
+                    streams[head] = not which
+                    if streams.any():
+                        STATE.stream = {layer: streams}
+                        growth[which, layer, head] = sum(
+                            float((_answer_nll(model, inner, hs[layer], layer, ids, start) - base).sum())
+                            for ids, start, hs, base in cached) / len(cached)
+                    progress.advance()
+    finally:
+        STATE.mode, STATE.stream = "off", None
+    return growth[0] - growth[1]
+
+
 def train_gates(model, data, sink: int, window: int, steps: int, l1: float, lr: float, progress) -> torch.Tensor:
     c = model.config
     targets = []
@@ -160,24 +231,35 @@ def train_gates(model, data, sink: int, window: int, steps: int, l1: float, lr: 
     return torch.sigmoid(STATE.gates.detach()).double()
 
 
-def calibrate(model_path: str, mode: str = "mass", n_prompts: int = 12, length: int = 2048, sink: int = 64,
-              window: int = 256, steps: int = 60, l1: float = 0.05, lr: float = 0.1,
+# Per mode: (prompts, tokens per prompt). ablate runs 2 x layers x KV heads partial forwards per
+# prompt (about 25 minutes on the embedded model on 2 cores with its defaults).
+DEFAULTS = {"ablate": (6, 1280), "mass": (12, 2048), "gates": (12, 2048)}
+
+
+def calibrate(model_path: str, mode: str = "ablate", n_prompts: int | None = None, length: int | None = None,
+              sink: int = 64, window: int = 256, steps: int = 60, l1: float = 0.05, lr: float = 0.1,
               name: str | None = None) -> HeadPattern:
     from lcx_plugin.harness.progress import Progress
 
+    if mode not in DEFAULTS:
+        raise ValueError(f"mode={mode!r} is not one of {sorted(DEFAULTS)}")
+    n_prompts = n_prompts or DEFAULTS[mode][0]
+    length = length or DEFAULTS[mode][1]
     torch.manual_seed(0)
     model, tok = _load_model(model_path)
     shape = shape_of(model, name or Path(model_path.rstrip("/")).name)
     data = prompts(tok, n_prompts, length)
     t0 = time.perf_counter()
-    if mode == "mass":
+    if mode == "ablate":
+        c = model.config
+        with Progress(len(data) + 2 * c.num_hidden_layers * c.num_key_value_heads, "lcx calibrate (ablate)") as p:
+            scores = score_ablate(model, data, sink, window, p)
+    elif mode == "mass":
         with Progress(len(data), "lcx calibrate (mass)") as p:
             scores = score_mass(model, data, sink, window, p)
     elif mode == "gates":
         with Progress(steps, "lcx calibrate (gates)") as p:
             scores = train_gates(model, data, sink, window, steps, l1, lr, p)
-    else:
-        raise ValueError(f"mode={mode!r} is not 'mass' or 'gates'")
     source = {"method": mode, "prompts": n_prompts, "length": length, "sink": sink, "window": window,
               "seconds": round(time.perf_counter() - t0, 1)}
     if mode == "gates":
@@ -189,10 +271,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="score KV heads as retrieval or streaming; write a head pattern",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
-    p.add_argument("--mode", choices=("mass", "gates"), default="mass")
+    p.add_argument("--mode", choices=tuple(DEFAULTS), default="ablate")
     p.add_argument("--out", required=True, help="where to write the pattern (JSON)")
-    p.add_argument("--prompts", type=int, default=12, help="synthetic needle prompts (default 12)")
-    p.add_argument("--length", type=int, default=2048, help="tokens per prompt (default 2048)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="synthetic needle prompts (default: " + ", ".join(f"{m} {n}" for m, (n, _) in DEFAULTS.items()) + ")")
+    p.add_argument("--length", type=int, default=None,
+                   help="tokens per prompt (default: " + ", ".join(f"{m} {t}" for m, (_, t) in DEFAULTS.items()) + ")")
     p.add_argument("--sink", type=int, default=64)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--steps", type=int, default=60, help="gates mode: optimiser steps")
@@ -205,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     from lcx_plugin.harness.model import prepare
 
     for key in ("prompts", "length", "sink", "window", "steps"):
-        if getattr(args, key) < (0 if key == "sink" else 1):
+        if getattr(args, key) is not None and getattr(args, key) < (0 if key == "sink" else 1):
             print(f"lcx calibrate: error: --{key} must be positive", file=sys.stderr)
             return 2
     if not math.isfinite(args.l1) or args.l1 < 0:
