@@ -94,7 +94,7 @@ def test_the_shipped_pattern_fits_the_embedded_model():
     found = head_patterns.shipped("SmolLM2-135M-Instruct")
     assert found is not None
     pat = head_patterns.load(found)
-    assert pat.check(ModelShape(30, 3, 64)) == [] and pat.source.get("method") in ("mass", "gates")
+    assert pat.check(ModelShape(30, 3, 64)) == [] and pat.source.get("method") == "ablate"
     assert head_patterns.shipped("HuggingFaceTB/SmolLM2-135M-Instruct") == found
     assert head_patterns.shipped("some-other-model") is None
 
