@@ -91,11 +91,11 @@ def plot(result: dict, path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results/head_split.json")
-    ap.add_argument("--arms", default=None,
-                    help="comma-separated subset of the compressed arms (" + ", ".join(n for n, _, _ in _configs("random"))
-                         + "); stock and dense always run. Default: every arm")
-    args = ap.parse_args()
     names = [n for n, _, _ in _configs("random")]
+    ap.add_argument("--arms", default=None,
+                    help=f"comma-separated subset of the compressed arms ({', '.join(names)}); stock and dense always "
+                         "run. Default: every arm")
+    args = ap.parse_args()
     wanted = names if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(wanted) - set(names))
     if unknown or not wanted:

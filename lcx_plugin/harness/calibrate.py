@@ -76,9 +76,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)  # [B, H, R, T]
         STATE.mass[layer] += p.masked_fill(kept, 0.0).sum(-1).mean(-1).sum(0)
     elif STATE.mode == "gates":
-        i = torch.arange(t)[:, None]
-        j = torch.arange(t)[None, :]
-        band = (j <= i) & ((j < STATE.sink) | (j > i - STATE.window))
+        _, band = _visible(torch.arange(t), t, STATE.sink, STATE.window)
         stream = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=band, scale=scale)
         a = torch.sigmoid(STATE.gates[layer]).repeat_interleave(group)[None, :, None, None]
         full = a * full + (1 - a) * stream
