@@ -95,6 +95,9 @@ def main() -> int:
     ap.add_argument("--arms", default=None,
                     help=f"comma-separated subset of the compressed arms ({', '.join(names)}); stock and dense always "
                          "run. Default: every arm")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a stopped run in --out: keep its dense accuracy and finished arms when the machine "
+                         "line and the shipped pattern are the same, re-measure stock's speed, run the arms it lacks")
     args = ap.parse_args()
     wanted = names if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(wanted) - set(names))
@@ -124,16 +127,29 @@ def main() -> int:
     configs = [by_name[n] for n in wanted]  # in the order asked for
     samples = _accuracy_prompts(AutoTokenizer.from_pretrained(model))
     result: dict = {"machine": machine, "machine_line": machine_line(machine)}
-    with Progress(2 + 2 * len(configs), "bench head_split") as progress:
+    if args.resume:
+        result = _resumable(Path(args.out), result["machine_line"], shipped)
+        done = {_arm_name(r) for r in result["runs"]}
+        configs = [c for c in configs if c[0] not in done]
+        print(f"resuming {args.out}: kept dense and {sorted(done) or 'no arms'}; to run: "
+              f"{[c[0] for c in configs] or 'nothing'}", flush=True)
+    with Progress((1 if args.resume else 2) + 2 * len(configs), "bench head_split") as progress:
         stock_speed = _speed("stock", {}, model, settings, log_dir)
+        if args.resume and stock_speed["kv_tokens"] != result["stock_kv_tokens"]:
+            raise SystemExit(f"--resume: stock now reports {stock_speed['kv_tokens']} KV tokens, the stopped run "
+                             f"{result['stock_kv_tokens']}: not the same engine setup; run without --resume")
         result["stock_kv_tokens"] = stock_speed["kv_tokens"]
         progress.advance(note=f"stock: {stock_speed}")
-        dense = _accuracy("hs_dense", {"backend": "lcx", "lcx": {"method": "dense"}}, samples, model, settings, log_dir)
-        result["dense"] = dense
-        result["dense_acc"] = _overall(dense)
-        progress.advance(note=f"dense {dense['acc']}")
-        result["runs"] = []
-        _write(result, stock_speed, configs, shipped, Path(args.out), complete=False)
+        if not args.resume:
+            dense = _accuracy("hs_dense", {"backend": "lcx", "lcx": {"method": "dense"}}, samples, model, settings,
+                              log_dir)
+            result["dense"] = dense
+            result["dense_acc"] = _overall(dense)
+            progress.advance(note=f"dense {dense['acc']}")
+            result["runs"] = []
+        all_arms = [c[0] for c in configs] if not args.resume else \
+            [n for n in names if n in {_arm_name(r) for r in result["runs"]} | {c[0] for c in configs}]
+        _write(result, stock_speed, all_arms, shipped, Path(args.out), complete=False)
         for name, cfg, record in configs:
             arm = {"backend": "lcx", "lcx": cfg}
             acc = _accuracy(f"hs_{name}", arm, samples, model, settings, log_dir)
@@ -144,9 +160,10 @@ def main() -> int:
                 **record, "kv_tokens": speed["kv_tokens"], "capacity_ratio": speed["kv_tokens"] / result["stock_kv_tokens"],
                 "acc": _overall(acc), "acc_by_length": acc["acc"], "by_depth": acc["by_depth"],
                 "decode_tps_ratio": speed["decode_tps"] / stock_speed["decode_tps"],
-                "ttft_ratio": speed["ttft_s"] / stock_speed["ttft_s"], "config": cfg, "outputs": acc["outputs"]})
-            _write(result, stock_speed, configs, shipped, Path(args.out), complete=False)
-    out = _write(result, stock_speed, configs, shipped, Path(args.out), complete=True)
+                "ttft_ratio": speed["ttft_s"] / stock_speed["ttft_s"], "stock_speed_7k": stock_speed,
+                "config": cfg, "outputs": acc["outputs"]})
+            _write(result, stock_speed, all_arms, shipped, Path(args.out), complete=False)
+    out = _write(result, stock_speed, all_arms, shipped, Path(args.out), complete=True)
     plot(result, out.with_suffix(".png"))
     print(json.dumps({"stock_kv_tokens": result["stock_kv_tokens"], "dense_acc": result["dense_acc"],
                       "runs": [{k: r[k] for k in ("pattern", "streaming_fraction", "capacity_ratio", "acc",
@@ -155,11 +172,35 @@ def main() -> int:
     return 0
 
 
-def _write(result: dict, stock_speed: dict, configs, shipped, out: Path, complete: bool) -> Path:
-    """The result so far (after every arm, so a long run that is stopped keeps what it measured)."""
+def _arm_name(run: dict) -> str:
+    return "streaming-all" if run["pattern"] == "streaming-all" else f"{run['pattern']}-{run['streaming_fraction']:.2f}"
+
+
+def _resumable(out: Path, line: str, shipped) -> dict:
+    """The stopped run in ``out``, when it was measured on this machine line with this pattern."""
+    try:
+        result = json.loads(out.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--resume: cannot read {out}: {e}") from None
+    if result.get("machine_line") != line:
+        raise SystemExit(f"--resume: {out} was measured on {result.get('machine_line')!r}, this is {line!r}; "
+                         "accuracy and speed ratios would mix machines: run without --resume")
+    if result.get("setup", {}).get("pattern_source") != shipped.source:
+        raise SystemExit(f"--resume: {out} used another shipped pattern ({result.get('setup', {}).get('pattern_source')}); "
+                         "run without --resume")
+    if "dense" not in result or "runs" not in result:
+        raise SystemExit(f"--resume: {out} has no dense accuracy yet; run without --resume")
+    for run in result["runs"]:  # the stock speed a finished arm's ratios were taken against
+        run.setdefault("stock_speed_7k", result.get("speed_stock_7k"))
+    return result
+
+
+def _write(result: dict, stock_speed: dict, arms: list[str], shipped, out: Path, complete: bool) -> Path:
+    """The result so far (after every arm, so a long run that is stopped keeps what it measured). Every
+    run keeps the stock speed its ratios were taken against (a resumed run re-measures it)."""
     result["speed_stock_7k"] = stock_speed
     result["complete"] = complete
-    result["setup"] = {"arms": [c[0] for c in configs], "lengths": LENGTHS, "depths": DEPTHS,
+    result["setup"] = {"arms": arms, "lengths": LENGTHS, "depths": DEPTHS,
                        "seeds_per_depth": SEEDS_PER_DEPTH, "sink": SINK,
                        "window": WINDOW, "random_seed": RANDOM_SEED, "pattern": shipped.path,
                        "pattern_source": shipped.source,

@@ -1,0 +1,69 @@
+"""bench/extrapolation.py's bookkeeping: the prompt grid, resuming only a run of the same machine
+and config, and the targets read from the cells (the engine runs themselves are the benchmark)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_extrapolation", REPO / "bench" / "extrapolation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cell(passkey: float, multikey: float) -> dict:
+    return {"acc": {"passkey": passkey, "multikey": multikey}, "n": {"passkey": 24, "multikey": 24}}
+
+
+def test_grid_is_24_prompts_per_task_of_the_asked_length(bench):
+    from transformers import AutoTokenizer
+
+    from lcx_plugin.harness.ab.tasks import token_tolerance
+    from lcx_plugin.harness.model import prepare
+
+    tok = AutoTokenizer.from_pretrained(str(prepare()))
+    samples = bench.samples_for(4096, tok)
+    for task in bench.TASKS:
+        mine = [s for s in samples if s.task == task]
+        assert len(mine) == 24 and len({s.seed for s in mine}) == 24
+        assert all(abs(s.prompt_tokens - 4096) <= token_tolerance(4096) for s in mine)
+        assert all(s.prompt_tokens + s.max_tokens <= bench.MAX_LEN for s in mine)
+    # the longest target still fits the engine's max_model_len with its answer
+    assert 32768 + token_tolerance(32768) + 24 <= bench.MAX_LEN
+
+
+def test_resume_refuses_another_machine_or_config(bench, tmp_path):
+    out = tmp_path / "x.json"
+    first = bench._load(out, "machine A", bench.LCX_CONFIG, fresh=False)
+    first["lcx"]["4096"] = _cell(0.5, 0.5)
+    bench._write(first, out)
+    again = bench._load(out, "machine A", bench.LCX_CONFIG, fresh=False)
+    assert again["lcx"]["4096"]["acc"] == {"passkey": 0.5, "multikey": 0.5} and again["complete"] is False
+    with pytest.raises(SystemExit, match="machine B"):
+        bench._load(out, "machine B", bench.LCX_CONFIG, fresh=False)
+    with pytest.raises(SystemExit, match="--fresh"):
+        bench._load(out, "machine A", {**bench.LCX_CONFIG, "budget": 1024}, fresh=False)
+    assert bench._load(out, "machine B", bench.LCX_CONFIG, fresh=True)["lcx"] == {}
+    out.write_text("{not json")
+    with pytest.raises(SystemExit, match="not a result file"):
+        bench._load(out, "machine A", bench.LCX_CONFIG, fresh=False)
+
+
+def test_targets_compare_with_lcx_own_4k(bench, tmp_path):
+    result = bench._load(tmp_path / "y.json", "m", bench.LCX_CONFIG, fresh=False)
+    result["lcx"].update({"4096": _cell(0.8, 0.6), "16384": _cell(0.7, 0.55), "32768": _cell(0.5, 0.45)})
+    s = bench._summary(result)
+    assert s["lcx"]["4096"]["all"] == pytest.approx(0.7)
+    assert s["targets"] == {"lcx 16384 within 10 points of lcx 4k": True,  # 0.625 >= 0.6
+                            "lcx 32768 within 20 points of lcx 4k": False}  # 0.475 < 0.5
+    result["lcx"].pop("32768")
+    assert bench._summary(result)["targets"]["lcx 32768 within 20 points of lcx 4k"] is None
+    json.dumps(s)
