@@ -88,6 +88,18 @@ def _speed(name: str, arm_kwargs: dict, model: str, settings, log_dir: Path) -> 
             "kv_tokens": r["kv_capacity"]["tokens_bf16"], "block_size": r["kv_capacity"].get("block_size")}
 
 
+def fp8_unsupported() -> str | None:
+    """Why vLLM's CPU build cannot run its fp8 cache on this CPU (None: it can). Its CPU attention
+    backend refuses fp8 without AVX-512 or AMX (``vllm/v1/attention/backends/cpu_attn.py``)."""
+    import torch
+
+    from lcx_plugin.machine import cpu_info
+
+    if torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported():  # the checks vLLM makes
+        return None
+    return f"vLLM's CPU fp8 KV cache needs x86 with AVX-512 or AMX; this CPU ({cpu_info().line()}) has neither"
+
+
 def _fp8_run(stock: dict, samples, model: str, settings, log_dir: Path) -> dict:
     speed = _speed("fp8", FP8[1], model, settings, log_dir)
     acc = _accuracy("kvq_fp8", FP8[1], samples, model, settings, log_dir)
@@ -129,22 +141,28 @@ def _add_format(path: Path, name: str, settings, model: str, samples, log_dir: P
         else:
             row["note"] += "; passkey accuracy not measured (run without --no-accuracy)"
         result["runs"] = [r for r in result["runs"] if r["format"] != label] + [row]
-        captured = capture(model)
-        progress.advance(note="tensors captured")
-        errs, nbytes = [], None
-        for layer, (q, k, v) in captured.items():
-            k_hat, v_hat, nbytes = _lcx_roundtrip(name, k, v, q)
-            ref = _attn(q, k, v)
-            errs.append(float((_attn(q, k_hat.float(), v_hat.float()) - ref).norm() / ref.norm()))
-        side = {"format": name, "owner": "lcx", "bytes_per_token": nbytes, "attn_out_rel_err": statistics.fmean(errs),
-                "per_layer": dict(zip(map(str, captured), errs))}
-        result["vs_engine_formats"] = [r for r in result["vs_engine_formats"]
-                                       if not (r["owner"] == "lcx" and r["format"] == name)] + [side]
-        path.write_text(json.dumps(result, indent=1))
+        path.write_text(json.dumps(result, indent=1))  # the row is kept whatever happens next
+        side = None
+        if name in LCX_FORMATS:  # a storage format of its own (split+int4 stores int4's pages)
+            captured = capture(model)
+            progress.advance(note="tensors captured")
+            errs, nbytes = [], None
+            for layer, (q, k, v) in captured.items():
+                k_hat, v_hat, nbytes = _lcx_roundtrip(name, k, v, q)
+                ref = _attn(q, k, v)
+                errs.append(float((_attn(q, k_hat.float(), v_hat.float()) - ref).norm() / ref.norm()))
+            side = {"format": name, "owner": "lcx", "bytes_per_token": nbytes,
+                    "attn_out_rel_err": statistics.fmean(errs), "per_layer": dict(zip(map(str, captured), errs))}
+            result["vs_engine_formats"] = [r for r in result["vs_engine_formats"]
+                                           if not (r["owner"] == "lcx" and r["format"] == name)] + [side]
+            path.write_text(json.dumps(result, indent=1))
+        else:
+            progress.advance(note=f"{name} stores another format's pages: no side-by-side row of its own")
         plot(result, path.with_suffix(".png"))
-        progress.advance(note="side by side")
+        progress.advance(note="side by side" if side else "plot")
         print(json.dumps({**{k: row.get(k) for k in ("format", "capacity_ratio", "acc", "kl", "decode_tps_ratio")},
-                          "attn_out_rel_err": side["attn_out_rel_err"], "bytes_per_token": nbytes}))
+                          **({"attn_out_rel_err": side["attn_out_rel_err"], "bytes_per_token": side["bytes_per_token"]}
+                             if side else {})}))
 
 
 def _dense_on_this_machine(result: dict, line: str, samples, model: str, settings, log_dir: Path) -> float:
@@ -396,6 +414,9 @@ def main() -> int:
         Path(args.formats_only).write_text(json.dumps(rows))
         return 0
 
+    if args.add_fp8 and fp8_unsupported():
+        raise SystemExit(f"--add-fp8: {fp8_unsupported()}; run it on a machine that has one")
+
     from transformers import AutoTokenizer
 
     from lcx_plugin.harness.ab.report import machine_line
@@ -428,7 +449,9 @@ def main() -> int:
         progress.advance(note=f"dense {dense['acc']}")
         runs = []
         try:  # vLLM CPU's fp8 cache: accuracy and capacity where this CPU build runs it
-            runs.append(_fp8_run(stock, samples, model, settings, log_dir))
+            why = fp8_unsupported()
+            runs.append({"format": "stock fp8", "error": why} if why else _fp8_run(stock, samples, model, settings,
+                                                                                    log_dir))
         except Exception as e:
             runs.append({"format": "stock fp8", "error": f"{type(e).__name__}: {str(e)[-400:]}"})
         progress.advance(note=f"fp8: {runs[-1].get('acc', runs[-1].get('error', '')[:80])}")
