@@ -127,10 +127,12 @@ def main() -> int:
     configs = [by_name[n] for n in wanted]  # in the order asked for
     samples = _accuracy_prompts(AutoTokenizer.from_pretrained(model))
     result: dict = {"machine": machine, "machine_line": machine_line(machine)}
+    all_arms = list(wanted)  # what the file's setup lists: a resumed run's finished arms too
     if args.resume:
         result = _resumable(Path(args.out), result["machine_line"], shipped)
         done = {_arm_name(r) for r in result["runs"]}
         configs = [c for c in configs if c[0] not in done]
+        all_arms = [n for n in names if n in done or n in wanted]
         print(f"resuming {args.out}: kept dense and {sorted(done) or 'no arms'}; to run: "
               f"{[c[0] for c in configs] or 'nothing'}", flush=True)
     with Progress((1 if args.resume else 2) + 2 * len(configs), "bench head_split") as progress:
@@ -147,8 +149,6 @@ def main() -> int:
             result["dense_acc"] = _overall(dense)
             progress.advance(note=f"dense {dense['acc']}")
             result["runs"] = []
-        all_arms = [c[0] for c in configs] if not args.resume else \
-            [n for n in names if n in {_arm_name(r) for r in result["runs"]} | {c[0] for c in configs}]
         _write(result, stock_speed, all_arms, shipped, Path(args.out), complete=False)
         for name, cfg, record in configs:
             arm = {"backend": "lcx", "lcx": cfg}

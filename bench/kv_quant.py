@@ -414,8 +414,8 @@ def main() -> int:
         Path(args.formats_only).write_text(json.dumps(rows))
         return 0
 
-    if args.add_fp8 and fp8_unsupported():
-        raise SystemExit(f"--add-fp8: {fp8_unsupported()}; run it on a machine that has one")
+    if args.add_fp8 and (why := fp8_unsupported()):
+        raise SystemExit(f"--add-fp8: {why}; run it on a machine that has one")
 
     from transformers import AutoTokenizer
 
