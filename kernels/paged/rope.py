@@ -39,19 +39,46 @@ class Rope:
         return cls(head_dim, r, inv / position_scale, neox)
 
     def rotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[..., head_dim]`` rotated by ``delta`` positions (broadcast against ``x.shape[:-1]``)."""
+        """``x`` ``[..., head_dim]`` rotated by ``delta`` positions (broadcast against ``x.shape[:-1]``).
+
+        Integer ``delta`` reads cos and sin from a table of the same float64 angles, cast once per
+        dtype and device (a long prefill re-positions every key of every layer: the angles would
+        otherwise be recomputed for each)."""
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"last dimension {x.shape[-1]} != head_dim {self.head_dim}")
-        angle = torch.as_tensor(delta, dtype=torch.float64, device=x.device)[..., None] * self.inv_freq.to(x.device)
-        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+        delta = torch.as_tensor(delta, device=x.device)
+        if delta.is_floating_point() or delta.is_complex():
+            angle = delta.to(torch.float64)[..., None] * self.inv_freq.to(x.device)
+            cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+        else:
+            cos, sin = self._cos_sin(delta, x.dtype)
         r, half = self.rotary_dim, self.rotary_dim // 2
-        if self.neox:
-            a, b = x[..., :half], x[..., half:r]
-        else:
+        if not self.neox:
             a, b = x[..., 0:r:2], x[..., 1:r:2]
-        ra, rb = a * cos - b * sin, b * cos + a * sin
-        if self.neox:
-            rot = torch.cat([ra, rb], -1)
-        else:
-            rot = torch.stack([ra, rb], -1).flatten(-2)
-        return torch.cat([rot, x[..., r:].expand(*rot.shape[:-1], -1)], -1) if r < self.head_dim else rot
+            rot = torch.stack([a * cos - b * sin, b * cos + a * sin], -1).flatten(-2)
+            return torch.cat([rot, x[..., r:].expand(*rot.shape[:-1], -1)], -1) if r < self.head_dim else rot
+        a, b = x[..., :half], x[..., half:r]
+        shape = torch.broadcast_shapes(a.shape, cos.shape)
+        out = torch.empty(*shape[:-1], self.head_dim, dtype=torch.result_type(x, cos), device=x.device)
+        ra, rb = out[..., :half], out[..., half:r]
+        torch.mul(a, cos, out=ra).addcmul_(b, sin, value=-1)
+        torch.mul(b, cos, out=rb).addcmul_(a, sin)
+        if r < self.head_dim:
+            out[..., r:] = x[..., r:]
+        return out
+
+    def _cos_sin(self, delta: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``delta x inv_freq`` (``delta`` integer), ``[*delta.shape, rotary_dim / 2]``."""
+        reach = int(delta.abs().max()) if delta.numel() else 0
+        key = (delta.device, dtype)
+        tables = self.__dict__.setdefault("_tables", {})
+        have = tables.get(key)
+        if have is None or have[0] < reach:
+            m = max(1024, 1 << max(0, reach).bit_length())  # grows by doubling: few rebuilds
+            angle = torch.arange(-m, m + 1, dtype=torch.float64)[:, None] * self.inv_freq
+            have = (m, angle.cos().to(device=delta.device, dtype=dtype), angle.sin().to(device=delta.device, dtype=dtype))
+            tables[key] = have
+        m, cos, sin = have
+        at = (delta.long() + m).reshape(-1)
+        shape = (*delta.shape, self.rotary_dim // 2)
+        return cos.index_select(0, at).reshape(shape), sin.index_select(0, at).reshape(shape)

@@ -131,20 +131,29 @@ def _token_logits_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scal
     lens = plan.seq_lens[:b].to(device=dev, dtype=torch.int64)
     n_pages = (lens + bs - 1) // bs
     table = plan.block_table[:b].to(device=dev, dtype=torch.int64)
-    q = query.to(torch.float32).reshape(b, hkv, 1, group, d)  # one [G, D] block per KV head
+    q = query.to(torch.float32).reshape(b, hkv, group, d)  # one [G, D] block per KV head
     heads = torch.arange(hkv, device=dev)[None, :, None]
+    # Rows that all read one sequence's pages (a prompt's query blocks, scored at once) gather and
+    # re-position each key once for all of them; their lengths still mask each row.
+    rows_of_one = b > 1 and bool((table == table[:1]).all())
+    rb = 1 if rows_of_one else b
     for p0 in range(0, _cdiv(width, bs), chunk_pages):
         p1 = min(p0 + chunk_pages, _cdiv(width, bs))
         n = p1 - p0
         page = torch.arange(p0, p1, device=dev)
         # Pages past a sequence's end may hold anything in the table: read block 0 there (every
         # cache has one) and mask its logits.
-        blocks = torch.where(page[None, :] < n_pages[:, None], table[:, p0:p1], 0)  # [B, n]
-        k, _ = kv.gather(blocks[:, None, :].expand(b, hkv, n), heads.expand(b, hkv, n), torch.float32)
+        live = page[None, :] < (n_pages.max() if rows_of_one else n_pages)[..., None]
+        blocks = torch.where(live, table[:rb, p0:p1], 0)  # [B or 1, n]
+        k, _ = kv.gather(blocks[:, None, :].expand(rb, hkv, n), heads.expand(rb, hkv, n), torch.float32)
         if rope is not None:  # keys back to position 0: [B, Hkv, n, bs, D] turned by -(page * bs + offset)
             k = rope.rotate(k, -(page[:, None] * bs + torch.arange(bs, device=dev)))
-        s = torch.matmul(q, k.transpose(-1, -2))  # [B, Hkv, n, G, bs], page by page
-        s = s.permute(0, 1, 3, 2, 4).reshape(b, hq, n * bs)
+        k = k.reshape(rb, hkv, n * bs, d).transpose(-1, -2)  # [B or 1, Hkv, D, n * bs]
+        if rows_of_one:  # every row's query heads against the one sequence's keys: [Hkv, B * G, n * bs]
+            s = torch.matmul(q.permute(1, 0, 2, 3).reshape(hkv, b * group, d), k[0])
+            s = s.view(hkv, b, group, n * bs).transpose(0, 1).reshape(b, hq, n * bs)
+        else:
+            s = torch.matmul(q, k).reshape(b, hq, n * bs)  # [B, Hkv, G, n * bs]
         lo, hi = p0 * bs, min(p1 * bs, width)
         pos = torch.arange(lo, hi, device=dev)
         s = s[:, :, : hi - lo].mul_(scale)

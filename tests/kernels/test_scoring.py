@@ -111,6 +111,23 @@ def test_position_neutral_token_logits_match_reference(case, rope, impl):
     assert (res.double() - plain).abs()[torch.isfinite(plain)].max() > 0.1, f"seed={seed}: nothing was turned"
 
 
+@pytest.mark.parametrize("rope", [None, ROPES["neox_theta1e4"]], ids=["rotated", "position_neutral"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_rows_reading_one_sequence_match_reference(rope, impl):
+    """A prompt's query blocks, scored at once: every row reads the same sequence's pages up to its
+    own length (the torch twin gathers and re-positions those keys once for all rows)."""
+    seed = _seed()
+    one = make_problem([70], [1], 6, 2, block_size=16, seed=seed)
+    lens = [70, 37, 16, 1, 64]
+    plan = BatchPlan.from_lists([1] * len(lens), lens, one.plan.block_table[:1].expand(len(lens), -1))
+    query = torch.randn(len(lens), 6, 64, generator=torch.Generator().manual_seed(seed))
+    qpos = None if rope is None else torch.tensor(lens) - 1
+    expected = token_logits_reference(query, one.kv, plan, one.scale, rope, qpos)
+    out = _poisoned(query, expected.shape[2])
+    res = token_logits(query, one.kv, plan, one.scale, out, rope=rope, query_positions=qpos, chunk_pages=2, impl=impl)
+    _check(res, out, expected, lens, seed)
+
+
 def test_position_neutral_logits_are_the_unrotated_products():
     """Keys cached rotated at their positions and a query rotated at a position far past them score
     exactly what the un-rotated vectors give: distance no longer enters."""
