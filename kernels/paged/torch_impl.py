@@ -103,6 +103,9 @@ class _Tile:
     far: torch.Tensor | None = None  # [Hkv, rows, L] bool
     row_shift: torch.Tensor | None = None  # [Hkv, rows] int64: u(p_i - window)
     key_shift: torch.Tensor | None = None  # [Hkv, L] int64: u(p_j)
+    # A token tile (``_prepare_token_tile``): ``blocks`` and ``offsets`` ``[Hkv, L]`` place each
+    # candidate token; None: ``blocks`` lists whole pages.
+    offsets: torch.Tensor | None = None
 
 
 def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, first_pos: int, rows: range,
@@ -147,6 +150,65 @@ def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, fi
         held = ((pos < sink[:, None]) | listed[:, 0]) & live  # sinks and listed tokens
         tile.far, tile.row_shift, tile.key_shift = _compaction(held, pos, q_pos, window, dense, mask)
     return tile
+
+
+#: A row tile under token lists gathers its candidate tokens one by one, instead of every page
+#: holding one, when they are at most this share of the positions up to its last row: a top-k of
+#: 2,048 scattered tokens in a 32k context touches nearly every page, so a page tile would read the
+#: whole context for each row tile.
+TOKEN_TILE_SHARE = 0.5
+
+
+def _token_tile_fits(sel: Selection, b: int, hi_pos: int, qb: int, rows: int) -> bool:
+    if sel.granularity != "token" or bool(sel.dense[b].any()):
+        return False
+    most = int((sel.sink[b] + sel.window[b]).max()) + rows + int(sel.counts[b, :, qb].max())
+    return most <= TOKEN_TILE_SHARE * (hi_pos + 1)
+
+
+def _prepare_token_tile(sel: Selection, b: int, blocks: torch.Tensor, first_pos: int, rows: range, bs: int,
+                        compact: bool = False) -> _Tile:
+    """One row tile (inside one query block) under token lists, no dense head: per KV head its
+    sinks, listed tokens up to the tile's last row and the window band of its rows, ascending;
+    the mask per row as ``_prepare_tile`` makes it, over exactly those tokens."""
+    hkv = sel.counts.shape[1]
+    lo_pos, hi_pos = first_pos + rows.start, first_pos + rows.stop - 1
+    qb = sel.query_block_of(rows.start)
+    sink, window = sel.sink[b].cpu().long(), sel.window[b].cpu().long()
+    per_head, listed_of = [], []
+    for g in range(hkv):
+        listed = sel.indices[b, g, qb, : int(sel.counts[b, g, qb])].long().cpu()
+        listed = listed[listed <= hi_pos]
+        band_lo = max(0, lo_pos - int(window[g]) + 1) if int(window[g]) > 0 else hi_pos + 1
+        cand = torch.unique(torch.cat([torch.arange(min(int(sink[g]), hi_pos + 1)), listed,
+                                       torch.arange(band_lo, hi_pos + 1)]))
+        per_head.append(cand)
+        listed_of.append(torch.isin(cand, listed))
+    width = max(len(c) for c in per_head)
+    if width == 0:
+        return _Tile(rows.start, len(rows), blocks[:0], None, None)
+    pos = torch.zeros(hkv, width, dtype=torch.int64)  # padding: position 0, masked out
+    live = torch.zeros(hkv, width, dtype=torch.bool)
+    listed = torch.zeros(hkv, width, dtype=torch.bool)
+    for g, (c, f) in enumerate(zip(per_head, listed_of)):
+        pos[g, : len(c)], live[g, : len(c)], listed[g, : len(c)] = c, True, f
+    q_pos = torch.arange(lo_pos, hi_pos + 1)
+    keep = (pos[:, None, :] < sink[:, None, None]) | (pos[:, None, :] > q_pos[None, :, None] - window[:, None, None])
+    mask = (keep | listed[:, None, :]) & live[:, None, :] & (pos[:, None, :] <= q_pos[None, :, None])
+    tile = _Tile(rows.start, len(rows), blocks[pos // bs], mask, None, bool(mask.any(-1).all()), offsets=pos % bs)
+    if compact:
+        held = ((pos < sink[:, None]) | listed) & live
+        tile.far, tile.row_shift, tile.key_shift = _compaction(held, pos, q_pos, window, sel.dense[b].cpu(), mask)
+    return tile
+
+
+def _row_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, first_pos: int, rows: range, bs: int,
+              compact: bool) -> _Tile:
+    """A token tile where the tile's candidates are few (``TOKEN_TILE_SHARE``), else a page tile."""
+    qb = sel.query_block_of(rows.start)
+    if qb == sel.query_block_of(rows.stop - 1) and _token_tile_fits(sel, b, first_pos + rows.stop - 1, qb, len(rows)):
+        return _prepare_token_tile(sel, b, blocks, first_pos, rows, bs, compact)
+    return _prepare_tile(sel, b, blocks, seq_len, first_pos, rows, bs, compact)
 
 
 #: Tiles whose masks are built together by ``_prepare_tiles`` (bounds its temporaries: 32 tiles of
@@ -318,11 +380,12 @@ def _prepare(sel: Selection, plan: BatchPlan, bs: int, compact: bool = False) ->
         if compact and sel.query_block:  # one list per tile (``_compaction``): tiles inside query blocks
             tile = math.gcd(sel.query_block, ROW_TILE)
         first = seq_len - qlen
-        if not compact and all(sel.query_block_of(i) == sel.query_block_of(min(i + tile, qlen) - 1)
+        sparse_tokens = _token_tile_fits(sel, b, seq_len - 1, sel.query_block_of(qlen - 1), tile)
+        if not compact and not sparse_tokens and all(sel.query_block_of(i) == sel.query_block_of(min(i + tile, qlen) - 1)
                                for i in range(0, qlen, tile)):
             prep.append(_prepare_tiles(sel, b, blocks, seq_len, first, qlen, tile, bs))
         else:
-            prep.append([_prepare_tile(sel, b, blocks, seq_len, first, range(i, min(i + tile, qlen)), bs, compact)
+            prep.append([_row_tile(sel, b, blocks, seq_len, first, range(i, min(i + tile, qlen)), bs, compact)
                          for i in range(0, qlen, tile)])
     sel.memo[key] = (plan, prep)
     return prep
@@ -349,7 +412,7 @@ def _fused(tile: _Tile, rope: Rope | None) -> bool:
     """Whether the tile goes to SDPA's fused kernel: every row has a candidate and no pair moves
     (compacted positions that move anything need the two-product scores of ``_compact_scores``)."""
     moves = rope is not None and tile.far is not None and bool(tile.far.any())
-    return tile.mask is not None and tile.every_row_sees_one and not moves
+    return tile.mask is not None and tile.offsets is None and tile.every_row_sees_one and not moves
 
 
 def _runs(tiles: list[_Tile], rope: Rope | None):
@@ -401,6 +464,15 @@ def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, gro
         return torch.zeros(rows, q.shape[0], d, dtype=torch.float32)
     n_sel = tile.blocks.shape[1]
     heads = torch.arange(hkv)[:, None].expand(hkv, n_sel)
+    if tile.offsets is not None:  # a token tile: exactly its candidates, [Hkv, L, D]
+        dev = kv.device
+        kf, vf = kv.gather_tokens(tile.blocks.to(dev), heads.to(dev), tile.offsets.to(dev), torch.float32)
+        qg = q.reshape(hkv, group, rows, d)
+        if rope is not None and tile.far is not None and bool(tile.far.any()):
+            scores = _compact_scores(qg, kf, tile, rope, group)
+        else:
+            scores = torch.matmul(qg, kf[:, None].transpose(-1, -2))
+        return _attend(scores.mul_(scale), tile, vf)
     k, v = kv.gather(tile.blocks.to(kv.device), heads.to(kv.device), torch.float32)  # [Hkv, n_sel, bs, D]
     if rope is not None and tile.far is not None and bool(tile.far.any()):  # otherwise nothing moves
         kf, vf = _flat(k, tile), _flat(v, tile)

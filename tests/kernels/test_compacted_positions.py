@@ -11,6 +11,7 @@ import torch
 
 from lcx_plugin.kernels.paged import BatchPlan, Selection, paged_attention
 from lcx_plugin.kernels.paged.reference import compacted_attention_reference
+from lcx_plugin.kernels.paged import torch_impl
 from lcx_plugin.kernels.paged.rope import Rope
 
 from .paged_cases import Problem, empty_format, random_selection
@@ -67,14 +68,18 @@ CASES = [
     ("decode_page_lists_no_window", [90, 41, 300], [1, 1, 1], 6, 2, 16, "page", 0.4, dict(sink=0, window=0)),
     ("prefill_token_lists_no_window", [120, 75], [33, 20], 4, 1, 8, "token", 0.3, dict(sink=0, window=0)),
     ("decode_token_lists_no_window", [90, 300], [1, 1], 6, 2, 16, "token", 0.2, dict(sink=2, window=0)),
+    # A list per block of 16 prompt rows, sparse enough that the twin gathers single tokens.
+    ("prefill_token_query_blocks", [200, 130], [96, 130], 4, 2, 8, "token", 0.1, dict(sink=2, window=6, query_block=16)),
 ]
 
 
-def _check_against_reference(case, rope_name, impl):
+def _check_against_reference(case, rope_name, impl, tiles=None):
     name, lens, qlens, hq, hkv, bs, gran, keep, kw = case
     rope, seed = ROPES[rope_name], _seed()
     q0, query, keys0, values, kv, plan, scale = _problem(lens, qlens, hq, hkv, bs, rope, seed)
     sel = _selection(query, plan, kv, gran, keep, seed + 1, **kw)
+    if tiles is not None:  # which kind of row tile the twin built, for the caller to check
+        tiles.extend(t for seq in torch_impl._prepare(sel, plan, bs, True) if isinstance(seq, list) for t in seq)
     expected = compacted_attention_reference(q0, keys0, values, plan, scale, sel, rope, bs)
     out = torch.full_like(query, float("nan"))
     paged_attention(query, kv, plan, scale, out, sel, impl=impl, rope=rope)
@@ -91,6 +96,22 @@ def _check_against_reference(case, rope_name, impl):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_compacted_attention_matches_the_float64_reference(case, rope_name):
     _check_against_reference(case, rope_name, "torch")
+
+
+TOKEN_PREFILL = [c for c in CASES if c[6] == "token" and max(c[2]) > 1]
+
+
+@pytest.mark.parametrize("share, kind", [(0.0, "page"), (1e9, "token")], ids=["page_tiles", "token_tiles"])
+@pytest.mark.parametrize("case", TOKEN_PREFILL, ids=[c[0] for c in TOKEN_PREFILL])
+def test_prompt_rows_under_token_lists_gather_pages_or_single_tokens_alike(case, share, kind, monkeypatch):
+    """The twin reads a prompt tile under token lists either as the pages holding its candidates
+    or as exactly those tokens (``TOKEN_TILE_SHARE`` decides; forced both ways here): the same
+    compacted attention."""
+    monkeypatch.setattr(torch_impl, "TOKEN_TILE_SHARE", share)
+    tiles = []
+    _check_against_reference(case, "neox_default", "torch", tiles)
+    built = {"token" if t.offsets is not None else "page" for t in tiles if t.mask is not None}
+    assert built == {kind}, f"built {built} tiles"
 
 
 #: The interpreter runs a program at a time: a spread of the cases above, each rope style once or more.

@@ -6,7 +6,7 @@ with NaN first and keeps every cache slot nobody owns at NaN.
 import pytest
 import torch
 
-from lcx_plugin.kernels.paged import Selection, paged_attention
+from lcx_plugin.kernels.paged import Selection, paged_attention, torch_impl
 from lcx_plugin.kernels.paged.reference import paged_attention_reference
 
 from .paged_cases import FORMATS, FOUR_D_FORMATS, make_problem, random_selection
@@ -96,6 +96,18 @@ def test_selection_matches_reference(name, case, kw, impl):
     kw = dict(kw)
     sel = random_selection(problem, kw.pop("granularity"), kw.pop("keep"), seed + 1, **kw)
     _check(problem, impl, sel, seed)
+
+
+TOKEN_PROMPTS = [s for s in SELECTIONS if s[2]["granularity"] == "token" and max(s[1][2]) > 1]
+
+
+@pytest.mark.parametrize("share", [0.0, 1e9], ids=["page_tiles", "token_tiles"])
+@pytest.mark.parametrize("name, case, kw", TOKEN_PROMPTS, ids=[s[0] for s in TOKEN_PROMPTS])
+def test_prompt_rows_under_token_lists_gather_pages_or_single_tokens_alike(name, case, kw, share, monkeypatch):
+    """The twin reads a prompt tile under token lists as the pages holding its candidates or as
+    exactly those tokens (``TOKEN_TILE_SHARE``, forced both ways here): both are the reference."""
+    monkeypatch.setattr(torch_impl, "TOKEN_TILE_SHARE", share)
+    test_selection_matches_reference(name, case, kw, "torch")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -43,7 +43,8 @@ def _problem(case, seed):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("draw", range(4))
-def test_grouped_tiles_are_the_tiles_built_one_by_one(case, draw):
+def test_grouped_tiles_are_the_tiles_built_one_by_one(case, draw, monkeypatch):
+    monkeypatch.setattr(torch_impl, "TOKEN_TILE_SHARE", 0.0)  # page tiles only (token tiles: test_paged_attention)
     seed = _seed()
     problem, sel = _problem(case, seed)
     plan, bs = problem.plan, problem.kv.block_size
