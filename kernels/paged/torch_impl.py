@@ -393,14 +393,31 @@ def _prepare(sel: Selection, plan: BatchPlan, bs: int, compact: bool = False) ->
 
 def _compact_scores(q: torch.Tensor, k: torch.Tensor, tile: _Tile, rope: Rope, group: int) -> torch.Tensor:
     """Scores at compacted positions: ``q`` ``[Hkv, G, rows, D]``, ``k`` ``[Hkv, L, D]`` ->
-    ``[Hkv, G, rows, L]`` (unscaled). A pair that moves by ``g = row_shift - key_shift`` is
-    ``q R(g) k = (R(-row_shift) q) . (R(-key_shift) k)``; the others are the plain product."""
-    near = torch.matmul(q, k[:, None].transpose(-1, -2))
+    ``[Hkv, G, rows, L]`` (unscaled; a pair outside the tile's mask holds anything). A pair that
+    moves by ``g = row_shift - key_shift`` is ``q R(g) k = (R(-row_shift) q) . (R(-key_shift) k)``;
+    the others are the plain product.
+
+    Keys are gathered in position order, so the ones that move for some row (sinks and listed
+    tokens before the rows' windows) come first and the window band last: the moved product runs
+    over the columns up to the last that moves, the plain one from the first a row reads unmoved,
+    and only the columns in between (keys between the first and the last row's window edge) take both."""
     dev = q.device
+    far = tile.far.to(dev)
+    width = k.shape[1]
+    moves = far.any(1).any(0).nonzero()
+    stays = (tile.mask.to(dev) & ~far).any(1).any(0).nonzero()
+    f_end = int(moves.max()) + 1 if len(moves) else 0  # columns [0, f_end) may move
+    n_start = int(stays.min()) if len(stays) else width  # columns [n_start, width) may stay
     q_far = rope.rotate(q, -tile.row_shift.to(dev)[:, None, :].expand(-1, group, -1))
-    k_far = rope.rotate(k, -tile.key_shift.to(dev))
-    far = torch.matmul(q_far, k_far[:, None].transpose(-1, -2))
-    return torch.where(tile.far.to(dev)[:, None], far, near)
+    k_far = rope.rotate(k[:, :f_end], -tile.key_shift.to(dev)[:, :f_end])
+    moved = torch.matmul(q_far, k_far[:, None].transpose(-1, -2))  # [Hkv, G, rows, f_end]
+    plain = torch.matmul(q, k[:, None, n_start:].transpose(-1, -2))  # [Hkv, G, rows, width - n_start]
+    if n_start >= f_end:  # columns in between are read by no row
+        hkv, _, rows, _ = q.shape
+        between = torch.zeros(hkv, group, rows, n_start - f_end, dtype=moved.dtype, device=dev)
+        return torch.cat([moved, between, plain], -1)
+    both = torch.where(far[:, None, :, n_start:f_end], moved[..., n_start:], plain[..., : f_end - n_start])
+    return torch.cat([moved[..., :n_start], both, plain[..., f_end - n_start:]], -1)
 
 
 #: Row tiles attended in one SDPA call when they gather as many pages each (``_runs``): fewer

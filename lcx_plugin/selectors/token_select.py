@@ -71,17 +71,30 @@ def soft_vote(logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 def top_units(votes: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k[b]`` best eligible units of every (sequence b, KV head), ascending.
 
-    votes ``[B, Hkv, N]``, eligible ``[B, N]`` bool, k ``[B]`` int. Ties go to the lower unit (a
-    stable sort of the negated votes), so the set is deterministic. Returns ``indices [B, Hkv, K]``
-    int32 (K = max k; entries past the count hold N) and ``counts [B, Hkv]`` int32."""
+    votes ``[B, Hkv, N]``, eligible ``[B, N]`` bool, k ``[B]`` int. Ties go to the lower unit, so
+    the set is deterministic. Returns ``indices [B, Hkv, K]`` int32 (K = max k; entries past the
+    count hold N) and ``counts [B, Hkv]`` int32.
+
+    The k-th best vote is found with a partial selection (``topk``), not a sort of all N: every
+    unit above it is in, and of the units equal to it the lowest ones fill the rest."""
     b, h, n = votes.shape
-    kmax = int(k.max()) if k.numel() else 0
-    kmax = min(kmax, n)
-    masked = votes.masked_fill(~eligible[:, None, :], float("-inf"))
-    order = torch.sort(-masked, dim=-1, stable=True).indices[..., :kmax]  # best first, ties: lower unit
-    keep = (torch.arange(kmax)[None, None, :] < k[:, None, None]) & (masked.gather(-1, order) > float("-inf"))
-    idx = torch.where(keep, order, n).sort(dim=-1).values
-    return idx.to(torch.int32), keep.sum(-1).to(torch.int32)
+    kmax = min(int(k.max()) if k.numel() else 0, n)
+    if kmax == 0:
+        return torch.full((b, h, 0), n, dtype=torch.int32), torch.zeros(b, h, dtype=torch.int32)
+    masked = votes.float().masked_fill(~eligible[:, None, :], float("-inf"))
+    best = torch.topk(masked, kmax, dim=-1, sorted=True).values  # [B, Hkv, kmax], descending
+    kb = k.clamp(min=1, max=kmax).long()[:, None, None].expand(b, h, 1)
+    kth = best.gather(-1, kb - 1)  # [B, Hkv, 1]: the k-th best vote (-inf: fewer eligible than k)
+    above = masked > kth
+    tie = (masked == kth) & (kth > float("-inf"))
+    room = kb - above.sum(-1, keepdim=True)  # how many of the ties fit
+    keep = above | (tie & (tie.cumsum(-1) <= room))
+    keep &= (k > 0)[:, None, None]
+    counts = keep.sum(-1)
+    slot = torch.where(keep, keep.cumsum(-1) - 1, kmax)  # each kept unit's place in its list; the rest: a dump column
+    idx = torch.full((b, h, kmax + 1), n, dtype=torch.int64)
+    idx.scatter_(-1, slot, torch.arange(n).expand(b, h, n))
+    return idx[..., :kmax].to(torch.int32), counts.to(torch.int32)
 
 
 @register
