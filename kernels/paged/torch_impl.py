@@ -170,35 +170,44 @@ def _prepare_token_tile(sel: Selection, b: int, blocks: torch.Tensor, first_pos:
                         compact: bool = False) -> _Tile:
     """One row tile (inside one query block) under token lists, no dense head: per KV head its
     sinks, listed tokens up to the tile's last row and the window band of its rows, ascending;
-    the mask per row as ``_prepare_tile`` makes it, over exactly those tokens."""
+    the mask per row as ``_prepare_tile`` makes it, over exactly those tokens. Built from one
+    boolean row per head over the positions up to the tile's last row (a few vector operations
+    whatever the list's length)."""
     hkv = sel.counts.shape[1]
     lo_pos, hi_pos = first_pos + rows.start, first_pos + rows.stop - 1
+    span = hi_pos + 1
     qb = sel.query_block_of(rows.start)
     sink, window = sel.sink[b].cpu().long(), sel.window[b].cpu().long()
-    per_head, listed_of = [], []
-    for g in range(hkv):
-        listed = sel.indices[b, g, qb, : int(sel.counts[b, g, qb])].long().cpu()
-        listed = listed[listed <= hi_pos]
-        band_lo = max(0, lo_pos - int(window[g]) + 1) if int(window[g]) > 0 else hi_pos + 1
-        cand = torch.unique(torch.cat([torch.arange(min(int(sink[g]), hi_pos + 1)), listed,
-                                       torch.arange(band_lo, hi_pos + 1)]))
-        per_head.append(cand)
-        listed_of.append(torch.isin(cand, listed))
-    width = max(len(c) for c in per_head)
+    at = torch.arange(span)
+    idx = sel.indices[b, :, qb].long().cpu()  # [Hkv, K]
+    ok = (torch.arange(idx.shape[1])[None, :] < sel.counts[b, :, qb].cpu()[:, None]) & (idx >= 0) & (idx < span)
+    listed_at = torch.zeros(hkv, span + 1, dtype=torch.bool)  # last column: a dump for dead entries
+    listed_at.scatter_(1, torch.where(ok, idx, span), True)
+    held_at = listed_at[:, :span] | (at[None, :] < sink[:, None])  # sinks and listed, by position
+    band_lo = torch.where(window > 0, (lo_pos - window + 1).clamp(min=0), span)
+    chosen = held_at | (at[None, :] >= band_lo[:, None])
+    counts = chosen.sum(1)
+    width = int(counts.max())
     if width == 0:
         return _Tile(rows.start, len(rows), blocks[:0], None, None)
-    pos = torch.zeros(hkv, width, dtype=torch.int64)  # padding: position 0, masked out
-    live = torch.zeros(hkv, width, dtype=torch.bool)
-    listed = torch.zeros(hkv, width, dtype=torch.bool)
-    for g, (c, f) in enumerate(zip(per_head, listed_of)):
-        pos[g, : len(c)], live[g, : len(c)], listed[g, : len(c)] = c, True, f
+    slot = torch.where(chosen, chosen.cumsum(1) - 1, width)
+    pos = torch.zeros(hkv, width + 1, dtype=torch.int64).scatter_(1, slot, at.expand(hkv, span))[:, :width]
+    live = torch.arange(width)[None, :] < counts[:, None]
+    pos = torch.where(live, pos, span + torch.arange(width))  # padding: past every row, still ascending
+    listed = listed_at.gather(1, pos.clamp(max=span)) & live
     q_pos = torch.arange(lo_pos, hi_pos + 1)
     keep = (pos[:, None, :] < sink[:, None, None]) | (pos[:, None, :] > q_pos[None, :, None] - window[:, None, None])
-    mask = (keep | listed[:, None, :]) & live[:, None, :] & (pos[:, None, :] <= q_pos[None, :, None])
-    tile = _Tile(rows.start, len(rows), blocks[pos // bs], mask, None, bool(mask.any(-1).all()), offsets=pos % bs)
+    mask = (keep | listed[:, None, :]) & (pos[:, None, :] <= q_pos[None, :, None])
+    cells = torch.where(live, pos, 0)
+    tile = _Tile(rows.start, len(rows), blocks[cells // bs], mask, None, bool(mask.any(-1).all()), offsets=cells % bs)
     if compact:
         held = ((pos < sink[:, None]) | listed) & live
-        tile.far, tile.row_shift, tile.key_shift = _compaction(held, pos, q_pos, window, sel.dense[b].cpu(), mask)
+        # Held positions up to each row's window edge, counted on the position rows.
+        edge = q_pos[None, :] - window[:, None]
+        upto = torch.cat([torch.zeros(hkv, 1, dtype=torch.int64), held_at.cumsum(1)], 1)  # [Hkv, span + 1]
+        counted = (upto.gather(1, (edge + 1).clamp(min=0, max=span)), held_at.gather(1, q_pos.expand(hkv, -1)))
+        tile.far, tile.row_shift, tile.key_shift = _compaction(held, pos, q_pos, window, sel.dense[b].cpu(), mask,
+                                                              counted)
     return tile
 
 
@@ -289,17 +298,22 @@ def _prepare_tiles(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, f
 
 
 def _compaction(held: torch.Tensor, pos: torch.Tensor, q_pos: torch.Tensor, window: torch.Tensor,
-                dense: torch.Tensor, mask: torch.Tensor):
+                dense: torch.Tensor, mask: torch.Tensor, counted: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Rotations of compacted positions for one tile (see the module docstring). ``held``
-    ``[Hkv, L]``: the gathered positions that are sinks or listed."""
+    ``[Hkv, L]``: the gathered positions that are sinks or listed. ``counted``: the held positions
+    up to each row's window edge and whether each row's own position is held (``[Hkv, rows]``
+    each), where the caller has them; otherwise counted here over the gathered positions."""
     rank = held.cumsum(1)  # held positions <= pos[j]
     key_shift = pos + 1 - rank  # u(p_j)
     edge = q_pos[None, :] - window[:, None]  # [Hkv, rows]: the last position before each row's window
-    held_to_edge = (held[:, None, :] & (pos[:, None, :] <= edge[:, :, None])).sum(-1)
+    if counted is None:
+        held_to_edge = (held[:, None, :] & (pos[:, None, :] <= edge[:, :, None])).sum(-1)
+        at_query = (held[:, None, :] & (pos[:, None, :] == q_pos[None, :, None])).any(-1)
+    else:
+        held_to_edge, at_query = counted
     row_shift = edge + 1 - held_to_edge  # u(p_i - window)
     # Without a window a query need not attend to itself; it then sits right after its last
     # candidate, one position nearer to all of them than u counts.
-    at_query = (held[:, None, :] & (pos[:, None, :] == q_pos[None, :, None])).any(-1)
     row_shift = row_shift - ((window[:, None] == 0) & ~at_query).long()
     far = mask & (pos[:, None, :] <= edge[:, :, None]) & (row_shift[:, :, None] != key_shift[:, None, :])
     far &= ~dense[:, None, None]
