@@ -16,6 +16,12 @@ from dataclasses import dataclass
 import torch
 
 
+#: Shifts up to this many positions either way read cos and sin from a table (cos and sin rows of
+#: ``rotary_dim / 2`` per shift, 2^17 + 1 shifts at most: 32 MiB in float32 at rotary_dim 64);
+#: farther ones are computed.
+TABLE_REACH = 1 << 16
+
+
 @dataclass(frozen=True)
 class Rope:
     head_dim: int
@@ -47,11 +53,13 @@ class Rope:
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"last dimension {x.shape[-1]} != head_dim {self.head_dim}")
         delta = torch.as_tensor(delta, device=x.device)
-        if delta.is_floating_point() or delta.is_complex():
+        integer = not (delta.is_floating_point() or delta.is_complex())
+        reach = int(delta.abs().max()) if integer and delta.numel() else 0
+        if not integer or reach > TABLE_REACH:
             angle = delta.to(torch.float64)[..., None] * self.inv_freq.to(x.device)
             cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
         else:
-            cos, sin = self._cos_sin(delta, x.dtype)
+            cos, sin = self._cos_sin(delta, reach, x.dtype)
         r, half = self.rotary_dim, self.rotary_dim // 2
         if not self.neox:
             a, b = x[..., 0:r:2], x[..., 1:r:2]
@@ -67,14 +75,14 @@ class Rope:
             out[..., r:] = x[..., r:]
         return out
 
-    def _cos_sin(self, delta: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of ``delta x inv_freq`` (``delta`` integer), ``[*delta.shape, rotary_dim / 2]``."""
-        reach = int(delta.abs().max()) if delta.numel() else 0
+    def _cos_sin(self, delta: torch.Tensor, reach: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``delta x inv_freq`` (``delta`` integer, at most ``reach`` either way),
+        ``[*delta.shape, rotary_dim / 2]``."""
         key = (delta.device, dtype)
         tables = self.__dict__.setdefault("_tables", {})
         have = tables.get(key)
         if have is None or have[0] < reach:
-            m = max(1024, 1 << max(0, reach).bit_length())  # grows by doubling: few rebuilds
+            m = max(1024, 1 << (reach - 1).bit_length())  # a power of two >= reach: few rebuilds
             angle = torch.arange(-m, m + 1, dtype=torch.float64)[:, None] * self.inv_freq
             have = (m, angle.cos().to(device=delta.device, dtype=dtype), angle.sin().to(device=delta.device, dtype=dtype))
             tables[key] = have

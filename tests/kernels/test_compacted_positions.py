@@ -12,6 +12,7 @@ import torch
 from lcx_plugin.kernels.paged import BatchPlan, Selection, paged_attention
 from lcx_plugin.kernels.paged.reference import compacted_attention_reference
 from lcx_plugin.kernels.paged import torch_impl
+from lcx_plugin.kernels.paged import rope as rope_module
 from lcx_plugin.kernels.paged.rope import Rope
 
 from .paged_cases import Problem, empty_format, random_selection
@@ -207,3 +208,17 @@ def test_rope_rotation_composes_and_matches_the_pairing_style():
     half_pi = torch.tensor(torch.pi / 2 / 1.0)  # inv_freq[0] = 1: a quarter turn
     torch.testing.assert_close(neox.rotate(e0, half_pi), torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(gptj.rotate(e0, half_pi), torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rope_name", list(ROPES))
+def test_integer_shifts_read_the_same_cos_and_sin_from_the_table(rope_name):
+    """Integer shifts take cos and sin from a table built from the same float64 angles (grown as
+    farther shifts come, computed directly past ``TABLE_REACH``): bit for bit the direct rotation,
+    forward and backward, for float32 and float64 inputs."""
+    rope, seed = ROPES[rope_name], _seed()
+    g = torch.Generator().manual_seed(seed)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(4, 9, 64, generator=g).to(dtype)
+        for reach in (5, 3000, 70000, rope_module.TABLE_REACH, 3 * rope_module.TABLE_REACH):
+            shift = torch.randint(-reach, reach + 1, (4, 9), generator=g)
+            assert torch.equal(rope.rotate(x, shift), rope.rotate(x, shift.double())), f"seed={seed}, reach {reach}"
