@@ -88,6 +88,16 @@ def _listed_tokens(sel: Selection, b: int, qb: int, pos: torch.Tensor, bs: int) 
     return idx.gather(1, at) == units
 
 
+def _row_mask(pos: torch.Tensor, q_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor,
+              listed: torch.Tensor) -> torch.Tensor:
+    """``[Hkv, rows, L]`` bool: row ``q_pos[i]`` of KV head ``h`` reads gathered position ``pos[h, j]``
+    when it is a sink, inside the row's window band or ``listed`` (``[Hkv, rows or 1, L]``), and not
+    after the row."""
+    key, row = pos[:, None, :], q_pos[None, :, None]
+    keep = (key < sink[:, None, None]) | (key > row - window[:, None, None]) | listed
+    return keep & (key <= row)
+
+
 @dataclass
 class _Tile:
     """Index work for one row tile of one sequence under a selection: which cells to gather and the
@@ -131,8 +141,6 @@ def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, fi
     order = torch.argsort((~wanted).to(torch.int8), dim=1, stable=True)[:, :n_sel]  # [Hkv, n_sel]
     pos = (order[:, :, None] * bs + torch.arange(bs)).reshape(hkv, -1)  # [Hkv, L]
     q_pos = torch.arange(lo_pos, hi_pos + 1)
-    keep = (pos[:, None, :] < sink[:, None, None]) | (pos[:, None, :] > q_pos[None, :, None] - window[:, None, None])
-    keep |= dense[:, None, None]
     listed = torch.zeros(hkv, len(rows), pos.shape[1], dtype=torch.bool)
     if has_lists:
         if sel.query_block == 0:
@@ -140,10 +148,9 @@ def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, fi
         else:
             per_qb = torch.stack([_listed_tokens(sel, b, qb, pos, bs) for qb in qbs], 1)  # [Hkv, nqb, L]
             listed |= per_qb[:, torch.tensor([sel.query_block_of(i) - qbs.start for i in rows])]
-    keep |= listed
     past_end = pos >= seq_len
     live = (torch.arange(n_sel)[None, :] < counts[:, None]).repeat_interleave(bs, 1) & ~past_end
-    mask = keep & live[:, None, :] & (pos[:, None, :] <= q_pos[None, :, None])  # [Hkv, rows, L]
+    mask = _row_mask(pos, q_pos, sink, window, listed | dense[:, None, None]) & live[:, None, :]
     tile = _Tile(rows.start, len(rows), blocks[order], mask, past_end if bool(past_end.any()) else None,
                  bool(mask.any(-1).all()))
     if compact:  # one list per tile (tiles never span query blocks here): row 0's is every row's
@@ -196,8 +203,7 @@ def _prepare_token_tile(sel: Selection, b: int, blocks: torch.Tensor, first_pos:
     pos = torch.where(live, pos, span + torch.arange(width))  # padding: past every row, still ascending
     listed = listed_at.gather(1, pos.clamp(max=span)) & live
     q_pos = torch.arange(lo_pos, hi_pos + 1)
-    keep = (pos[:, None, :] < sink[:, None, None]) | (pos[:, None, :] > q_pos[None, :, None] - window[:, None, None])
-    mask = (keep | listed[:, None, :]) & (pos[:, None, :] <= q_pos[None, :, None])
+    mask = _row_mask(pos, q_pos, sink, window, listed[:, None, :])
     cells = torch.where(live, pos, 0)
     tile = _Tile(rows.start, len(rows), blocks[cells // bs], mask, None, bool(mask.any(-1).all()), offsets=cells % bs)
     if compact:
