@@ -116,6 +116,19 @@ class _Tile:
     # A token tile (``_prepare_token_tile``): ``blocks`` and ``offsets`` ``[Hkv, L]`` place each
     # candidate token; None: ``blocks`` lists whole pages.
     offsets: torch.Tensor | None = None
+    # What ``_compact_scores`` needs of ``far``, found once with it (``compacted``): whether any
+    # pair moves, the columns ``[0, far_end)`` that may move and ``[plain_start, L)`` that may stay.
+    moves: bool = False
+    far_end: int = 0
+    plain_start: int = 0
+
+    def compacted(self, far: torch.Tensor, row_shift: torch.Tensor, key_shift: torch.Tensor) -> None:
+        self.far, self.row_shift, self.key_shift = far, row_shift, key_shift
+        moving = far.any(1).any(0).nonzero()
+        staying = (self.mask & ~far).any(1).any(0).nonzero()
+        self.moves = len(moving) > 0
+        self.far_end = int(moving.max()) + 1 if self.moves else 0
+        self.plain_start = int(staying.min()) if len(staying) else far.shape[-1]
 
 
 def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, first_pos: int, rows: range,
@@ -155,7 +168,7 @@ def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, fi
                  bool(mask.any(-1).all()))
     if compact:  # one list per tile (tiles never span query blocks here): row 0's is every row's
         held = ((pos < sink[:, None]) | listed[:, 0]) & live  # sinks and listed tokens
-        tile.far, tile.row_shift, tile.key_shift = _compaction(held, pos, q_pos, window, dense, mask)
+        tile.compacted(*_compaction(held, pos, q_pos, window, dense, mask))
     return tile
 
 
@@ -214,8 +227,7 @@ def _prepare_token_tile(sel: Selection, b: int, blocks: torch.Tensor, first_pos:
         edge = q_pos[None, :] - window[:, None]
         upto = torch.cat([torch.zeros(hkv, 1, dtype=torch.int64), held_at.cumsum(1)], 1)  # [Hkv, span + 1]
         counted = (upto.gather(1, (edge + 1).clamp(min=0, max=span)), held_at.gather(1, q_pos.expand(hkv, -1)))
-        tile.far, tile.row_shift, tile.key_shift = _compaction(held, pos, q_pos, window, sel.dense[b].cpu(), mask,
-                                                              counted)
+        tile.compacted(*_compaction(held, pos, q_pos, window, sel.dense[b].cpu(), mask, counted))
     return tile
 
 
@@ -425,15 +437,11 @@ def _compact_scores(q: torch.Tensor, k: torch.Tensor, tile: _Tile, rope: Rope, g
     and only the columns in between (keys between the first and the last row's window edge) take both."""
     dev = q.device
     far = tile.far.to(dev)
-    width = k.shape[1]
-    moves = far.any(1).any(0).nonzero()
-    stays = (tile.mask.to(dev) & ~far).any(1).any(0).nonzero()
-    f_end = int(moves.max()) + 1 if len(moves) else 0  # columns [0, f_end) may move
-    n_start = int(stays.min()) if len(stays) else width  # columns [n_start, width) may stay
+    f_end, n_start = tile.far_end, tile.plain_start
     q_far = rope.rotate(q, -tile.row_shift.to(dev)[:, None, :].expand(-1, group, -1))
     k_far = rope.rotate(k[:, :f_end], -tile.key_shift.to(dev)[:, :f_end])
     moved = torch.matmul(q_far, k_far[:, None].transpose(-1, -2))  # [Hkv, G, rows, f_end]
-    plain = torch.matmul(q, k[:, None, n_start:].transpose(-1, -2))  # [Hkv, G, rows, width - n_start]
+    plain = torch.matmul(q, k[:, None, n_start:].transpose(-1, -2))  # [Hkv, G, rows, L - n_start]
     if n_start >= f_end:  # columns in between are read by no row
         hkv, _, rows, _ = q.shape
         between = torch.zeros(hkv, group, rows, n_start - f_end, dtype=moved.dtype, device=dev)
@@ -450,7 +458,7 @@ TILE_BATCH = 8
 def _fused(tile: _Tile, rope: Rope | None) -> bool:
     """Whether the tile goes to SDPA's fused kernel: every row has a candidate and no pair moves
     (compacted positions that move anything need the two-product scores of ``_compact_scores``)."""
-    moves = rope is not None and tile.far is not None and bool(tile.far.any())
+    moves = rope is not None and tile.moves
     return tile.mask is not None and tile.offsets is None and tile.every_row_sees_one and not moves
 
 
@@ -507,13 +515,13 @@ def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, gro
         dev = kv.device
         kf, vf = kv.gather_tokens(tile.blocks.to(dev), heads.to(dev), tile.offsets.to(dev), torch.float32)
         qg = q.reshape(hkv, group, rows, d)
-        if rope is not None and tile.far is not None and bool(tile.far.any()):
+        if rope is not None and tile.moves:
             scores = _compact_scores(qg, kf, tile, rope, group)
         else:
             scores = torch.matmul(qg, kf[:, None].transpose(-1, -2))
         return _attend(scores.mul_(scale), tile, vf)
     k, v = kv.gather(tile.blocks.to(kv.device), heads.to(kv.device), torch.float32)  # [Hkv, n_sel, bs, D]
-    if rope is not None and tile.far is not None and bool(tile.far.any()):  # otherwise nothing moves
+    if rope is not None and tile.moves:  # otherwise nothing moves
         kf, vf = _flat(k, tile), _flat(v, tile)
         scores = _compact_scores(q.reshape(hkv, group, rows, d), kf, tile, rope, group).mul_(scale)
         return _attend(scores, tile, vf)
