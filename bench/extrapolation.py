@@ -5,6 +5,7 @@ The model was trained to 8,192 positions. Passkey and multi-key needle accuracy 
 
     ./lcx bench extrapolation                      # every cell; resumes a stopped run
     ./lcx bench extrapolation --lengths 4096,8192  # some lengths only (the rest stay to do)
+    ./lcx bench extrapolation --speed-only         # the decode-speed cells at 32k only
 
 Arms, each a real vLLM engine with the machine's settings (``lcx machine``), both with
 ``hf_overrides={"max_position_embeddings": 36864}`` and ``max_model_len`` 36864 (what serving
@@ -160,6 +161,14 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def to_run(result: dict, lengths: list[int], arms: list[str], speed: str = "with") -> tuple[list, list]:
+    """``(accuracy cells, speed arms)`` not yet in ``result``: the speed cells come ``"with"`` the
+    accuracy cells when 32k is asked, are skipped (``"skip"``), or run alone (``"only"``)."""
+    cells = [] if speed == "only" else [(arm, n) for n in lengths for arm in arms if str(n) not in result[arm]]
+    wanted = speed == "only" or (speed == "with" and LENGTHS[-1] in lengths)
+    return cells, [a for a in arms if wanted and "speed" not in result[a]]
+
+
 def _ints(text: str, allowed: tuple[int, ...], flag: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -176,7 +185,9 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/extrapolation.json")
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="comma-separated subset of the lengths")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of stock,lcx")
-    ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed cells at 32k")
+    speed = ap.add_mutually_exclusive_group()
+    speed.add_argument("--no-speed", action="store_true", help="skip the decode-speed cells at 32k")
+    speed.add_argument("--speed-only", action="store_true", help="run only the decode-speed cells at 32k")
     ap.add_argument("--lcx-config", default=None, help="JSON lcx config instead of the default token_select one")
     ap.add_argument("--fresh", action="store_true", help="start over instead of continuing --out")
     args = ap.parse_args()
@@ -208,8 +219,7 @@ def main() -> int:
     out = Path(args.out)
     result = _load(out, machine_line(machine_record(settings)), lcx_config, args.fresh)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    todo = [(arm, n) for n in lengths for arm in arms if str(n) not in result[arm]]
-    speed = [] if args.no_speed or 32768 not in lengths else [a for a in arms if "speed" not in result[a]]
+    todo, speed = to_run(result, lengths, arms, "skip" if args.no_speed else "only" if args.speed_only else "with")
     print(f"{out}: to run {todo + [(a, 'speed') for a in speed] or 'nothing'}", flush=True)
     with Progress(len(todo) + len(speed), "bench extrapolation") as progress:
         for arm, n in todo:

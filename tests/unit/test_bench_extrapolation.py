@@ -67,3 +67,15 @@ def test_targets_compare_with_lcx_own_4k(bench, tmp_path):
     result["lcx"].pop("32768")
     assert bench._summary(result)["targets"]["lcx 32768 within 20 points of lcx 4k"] is None
     json.dumps(s)
+
+
+def test_cells_to_run_skip_what_is_in_and_take_the_speed_cells_as_asked(bench, tmp_path):
+    result = bench._load(tmp_path / "z.json", "m", bench.LCX_CONFIG, fresh=False)
+    result["stock"]["4096"] = _cell(0.5, 0.5)
+    result["lcx"]["speed"] = {"decode_tps": 1.0}
+    every, arms = list(bench.LENGTHS), list(bench.ARMS)
+    cells, speed = bench.to_run(result, every, arms)
+    assert ("stock", 4096) not in cells and ("lcx", 4096) in cells and len(cells) == 7 and speed == ["stock"]
+    assert bench.to_run(result, [4096, 8192], arms) == ([("lcx", 4096), ("stock", 8192), ("lcx", 8192)], [])
+    assert bench.to_run(result, every, arms, "skip")[1] == []
+    assert bench.to_run(result, [4096], arms, "only") == ([], ["stock"])
