@@ -69,6 +69,8 @@ def _markdown(res: dict) -> str:
         "(`lcx_plugin/harness/compare.py`): every generated step's log-probability within `tol`, a flip of",
         "the greedy token only at a near-tie (both runs rank the two tokens within `tie`). `noise` is the",
         "stock engine's own largest prompt log-probability change under pressure on this machine.",
+        "Every engine of the matrix runs in float32 on every machine (`matrix.MATRIX_DTYPE`): in bfloat16,",
+        "batching moves the logits by about as much as the near-ties that selections decide.",
         "",
         "| row | requests | preemptions | prefix-cached tokens | prompt gap max / mean (nats) | decode gap max (nats) | flips at near-ties | resumed | tolerance / tie / after preemption (nats) | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -136,7 +138,7 @@ def main() -> int:
     from lcx_plugin.harness.model import prepare
     from lcx_plugin.harness.progress import Progress
     from lcx_plugin.harness.reliability import PRESSURED
-    from lcx_plugin.harness.settings import choose, machine_record
+    from lcx_plugin.harness.settings import machine_record
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--copies", type=int, default=6, help="times each prompt is batched under pressure (CI: 3)")
@@ -167,7 +169,7 @@ def main() -> int:
           "rows": [matrix.evaluate_tensor_parallel(row, runs[row][0], tp_runs[row], tp_noise) for row in rows],
           "dense_equals_stock": tp_runs["dense"]["tf_batched"] == tp_runs["stock"]["tf_batched"]}
     commit = _commit()
-    res = {"machine": machine_record(choose()), "commit": commit, "copies": args.copies, "rows": evaluated,
+    res = {"machine": machine_record(matrix.matrix_settings()), "commit": commit, "copies": args.copies, "rows": evaluated,
            "lengths": list(matrix.LENGTHS), "pressured": PRESSURED,
            "dense_equals_stock": same, "tensor_parallel": tp, "fuzz": fuzz, "wall_s": time.time() - t0,
            "totals": {"requests": sum(r["requests"] for r in evaluated + tp["rows"]),

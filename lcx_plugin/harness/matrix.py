@@ -5,7 +5,7 @@ the report (``bench/reliability.py``) share.
 Dense lcx must equal stock exactly. Every row must match its own run at ease teacher-forced: prompt
 log-probabilities and every generated step's log-probability within ``tol`` nats, flips only at
 near-ties (``compare.decode_agreement``). The tolerances grow with the stock engine's own batching
-noise on the machine (float32 or bf16), measured in the same run.
+noise on the machine, measured in the same run (every engine here runs in float32: ``MATRIX_DTYPE``).
 
 A method whose prefill selection follows the scheduler's chunks (``Selector.selection_follows_chunks``:
 HiP's query blocks tile each chunk's rows) cannot match whole prefill under chunked prefill; its
@@ -23,6 +23,7 @@ from lcx_plugin.selectors import TopKSelector
 
 from .compare import decode_agreement, problems, prompt_gap
 from .reliability import PAGE, MatrixJob, run_matrix_engine, shared_tokens
+from .settings import RunSettings, choose
 
 #: Four mixed lengths, from under one page to nine pages: the shortest stays dense under every
 #: example config, the others select. Each ends 8 tokens before a page boundary, so every request
@@ -93,6 +94,19 @@ def prompt_ids(model: str) -> list[list[int]]:
     return out
 
 
+#: Every engine of the matrix runs in float32, on every machine. In bfloat16 (the settings' choice
+#: where the CPU has native bf16) batching and recomputation move the logits by about as much as
+#: the near-ties between pages or tokens that HiP's and TokenSelect's selections decide (HiP's
+#: pressured row failed on an AVX-512 EPYC in bf16; it passes in float32 there). The matrix is about
+#: batching, preemption and the cache, so its verdict must not depend on which dtype the CPU chose.
+MATRIX_DTYPE = "float32"
+
+
+def matrix_settings() -> RunSettings:
+    """This machine's settings (thread binding), in ``MATRIX_DTYPE``."""
+    return choose(dtype=MATRIX_DTYPE)
+
+
 def run_row(row: str, model: str, log_dir: str | Path, copies: int = COPIES) -> tuple[dict, dict]:
     """The row's two engines: ``(at ease, pressured)``."""
     backend, lcx = row_config(row)
@@ -101,7 +115,7 @@ def run_row(row: str, model: str, log_dir: str | Path, copies: int = COPIES) -> 
         job = MatrixJob(model=model, prompts=prompt_ids(model), backend=backend, lcx=lcx, pressured=pressured,
                         copies=copies, engine=pressured_engine(row) if pressured else {})
         log = Path(log_dir) / f"{row}-{'pressured' if pressured else 'easy'}.log"
-        out.append(run_matrix_engine(job, log_path=str(log)))
+        out.append(run_matrix_engine(job, log_path=str(log), settings=matrix_settings()))
         log.with_suffix(".json").write_text(json.dumps(out[-1]))  # beside its log, for a failing test's reader
     return out[0], out[1]
 
@@ -123,7 +137,7 @@ def run_tensor_parallel(row: str, model: str, log_dir: str | Path, ranks: int = 
     backend, lcx = row_config(row)
     job = MatrixJob(model=model, prompts=prompt_ids(model), backend=backend, lcx=lcx, tensor_parallel=ranks)
     log = Path(log_dir) / f"{row}-tp{ranks}.log"
-    out = run_matrix_engine(job, log_path=str(log))
+    out = run_matrix_engine(job, log_path=str(log), settings=matrix_settings())
     log.with_suffix(".json").write_text(json.dumps(out))
     return out
 

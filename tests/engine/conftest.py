@@ -17,6 +17,7 @@ import pytest
 from lcx_plugin.harness.batch import ArmSpec, run_arm
 from lcx_plugin.harness.model import prepare
 from lcx_plugin.harness.prompts import SHORT_PROMPTS, long_prompt
+from lcx_plugin.harness.settings import choose
 
 PASS_KEYS = ("7421", "5150")
 PROMPTS = SHORT_PROMPTS + [long_prompt(3000, seed=1, key=PASS_KEYS[0]), long_prompt(1200, seed=2, key=PASS_KEYS[1])]
@@ -46,9 +47,16 @@ HIP_EXTRAPOLATE = {**HIP, "window": 128, "budget": 128, "dense_layers": [], "ext
 # compacted positions, and scores are position-neutral.
 TOKEN_SELECT_EXTRAPOLATE = {**TOKEN_SELECT, "budget": 128, "prefill": "select", "query_block": 64, "extrapolate": True}
 SELECT_PROMPTS = [long_prompt(400 + 120 * i, seed=20 + i, key=str(3100 + 7 * i)) for i in range(8)]
+# Arms checked against a float32 reference that states a data-dependent selection (a top-k of q.k,
+# HiP's page bounds) or a reading whose distance from another is judged against the noise floor
+# run the engine in float32 on every machine, against a float32 stock yardstick ("stock_f32"): in
+# bfloat16 (the settings' choice on a CPU with native bf16) the engine's rounding flips near-tied
+# selections that the reference makes in float32, and the verdict would depend on the CPU.
+REFERENCE_DTYPE = {"dtype": "float32"}
 
 ARMS = {
     "stock": dict(),
+    "stock_f32": dict(engine=REFERENCE_DTYPE),  # "stock" itself where the settings chose float32
     "stock_chunked": dict(engine=CHUNKED),
     "dense": dict(backend="lcx", lcx={"method": "dense"}),
     "dense_chunked": dict(backend="lcx", lcx={"method": "dense"}, engine=CHUNKED),
@@ -63,21 +71,22 @@ ARMS = {
     # A window longer than every prompt, every head's cache kept: every sequence stays dense.
     "head_split_wide": dict(backend="lcx", lcx={**HEAD_SPLIT, "window": 8192, "save_memory": False}),
     "token_select": dict(backend="lcx", lcx=TOKEN_SELECT, prompts=SELECT_PROMPTS, max_tokens=16,
-                         engine={"max_num_seqs": 3}),
+                         engine={"max_num_seqs": 3, **REFERENCE_DTYPE}),
     # HiP against its float32 statement.
-    "hip": dict(backend="lcx", lcx=HIP, engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False}),
+    "hip": dict(backend="lcx", lcx=HIP, engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False,
+                                                 **REFERENCE_DTYPE}),
     # A budget covering every context: every sequence stays dense, on the engine's own op.
     "hip_wide": dict(backend="lcx", lcx={**HIP, "budget": 1.0}),
     # Streaming at compacted positions (sinks right before the window), a 1,000-token prompt:
     # against the float32 reference read the same way (tests/engine/test_extrapolation.py).
-    "streaming_extrapolate": dict(backend="lcx", lcx={**STREAMING, "extrapolate": True}, engine=CHUNKED,
+    "streaming_extrapolate": dict(backend="lcx", lcx={**STREAMING, "extrapolate": True}, engine={**CHUNKED, **REFERENCE_DTYPE},
                                   prompts=[SELECT_PROMPTS[5]], max_tokens=16),
     # HiP at compacted positions, every layer selecting, one page beyond a 128-token window on a
     # 640-token prompt (the compacted reference costs T^2 per layer and head in plain torch).
     "hip_extrapolate": dict(backend="lcx", lcx=HIP_EXTRAPOLATE, prompts=[SELECT_PROMPTS[2]],
-                            engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False}),
+                            engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False, **REFERENCE_DTYPE}),
     "token_select_extrapolate": dict(backend="lcx", lcx=TOKEN_SELECT_EXTRAPOLATE, prompts=[SELECT_PROMPTS[2]],
-                                     engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False}),
+                                     engine={"max_num_batched_tokens": 8192, "enable_prefix_caching": False, **REFERENCE_DTYPE}),
     # A budget covering every context: decode stays dense, on the engine's own op.
     "token_select_wide": dict(backend="lcx", lcx={**TOKEN_SELECT, "budget": 1.0}),
     # Quantized pages (lcx's torch twin reads them), composed with a head split too: a short
@@ -102,6 +111,8 @@ ARMS = {
 
 @functools.cache
 def _run(name: str, log_dir: str) -> tuple[dict, str]:
+    if name == "stock_f32" and choose().dtype == "float32":
+        name = "stock"  # the same engine: run it once
     kw = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, **ARMS[name]}
     log = Path(log_dir) / f"{name}.log"
     spec = ArmSpec(model=str(prepare()), prompt_logprobs=True, logprobs=True, **kw)
@@ -139,6 +150,17 @@ def stock_yardstick(arm, model_path):
     from .reference_model import token_logprobs
 
     stock, _ = arm("stock")
+    return [gap(lp[1:], token_logprobs(model_path, ids)) for ids, lp in zip(stock["prompt_token_ids"], stock["prompt_logprobs"])]
+
+
+@pytest.fixture(scope="session")
+def stock_yardstick_f32(arm, model_path, stock_yardstick):
+    """The same for the stock engine in float32 (``REFERENCE_DTYPE``), the yardstick of the arms that run so."""
+    from .reference_model import token_logprobs
+
+    if choose().dtype == "float32":
+        return stock_yardstick
+    stock, _ = arm("stock_f32")
     return [gap(lp[1:], token_logprobs(model_path, ids)) for ids, lp in zip(stock["prompt_token_ids"], stock["prompt_logprobs"])]
 
 

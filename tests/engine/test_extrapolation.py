@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 LONG = {"max_model_len": 16384, "hf_overrides": {"max_position_embeddings": 32768}}
 
 
-def test_streaming_at_compacted_positions_matches_the_compacted_reference(arm, model_path, stock_yardstick):
+def test_streaming_at_compacted_positions_matches_the_compacted_reference(arm, model_path, stock_yardstick_f32):
     lcx, log = arm("streaming_extrapolate")
     assert "lcx attention active: method=streaming" in log and "extrapolate=True" in log, log[-3000:]
     sink, window = STREAMING["sink"], STREAMING["window"]
@@ -37,7 +37,7 @@ def test_streaming_at_compacted_positions_matches_the_compacted_reference(arm, m
         prefill.append(gap(lcx["prompt_logprobs"][i][1:], ref[: len(ids) - 1]))
         decode.append(gap(lcx["logprobs"][i], ref[len(ids) - 1:]))
         absolute.append(gap(lcx["prompt_logprobs"][i][1:], token_logprobs(model_path, ids, sink, window)))
-    yard = whole(stock_yardstick)
+    yard = whole(stock_yardstick_f32)
     assert within(whole(prefill), yard), (prefill, yard)
     assert within(whole(decode), yard), (decode, yard)
     # Sinks at their absolute positions read differently (0.13 nats on average on a 900-token prompt
@@ -45,7 +45,7 @@ def test_streaming_at_compacted_positions_matches_the_compacted_reference(arm, m
     assert whole(absolute)["mean"] > 5 * whole(prefill)["mean"] + 0.02, (absolute, prefill)
 
 
-def test_hip_at_compacted_positions_matches_the_compacted_reference(arm, model_path, stock_yardstick):
+def test_hip_at_compacted_positions_matches_the_compacted_reference(arm, model_path, stock_yardstick_f32):
     """HiP's own selections (query blocks in prefill, a search every decode step), every layer
     selecting, searched position-neutrally (bounds of un-rotated keys against un-rotated queries)
     and read at compacted positions: against the float32 reference stating the same selection and
@@ -58,12 +58,12 @@ def test_hip_at_compacted_positions_matches_the_compacted_reference(arm, model_p
             "qb": cfg["query_block"], "dense_layers": [], "from": len(ids), "neutral": True}
     got = lcx["prompt_logprobs"][0][1:] + lcx["logprobs"][0]
     compacted = gap(got, token_logprobs(model_path, ids + generated, hip=spec, compact=True))
-    assert within(compacted, whole(stock_yardstick)), (compacted, stock_yardstick)
+    assert within(compacted, whole(stock_yardstick_f32)), (compacted, stock_yardstick_f32)
     c = lcx["lcx_counters"]
     assert 0 < c["hip_pages_attended"] < c["hip_pages_held"], c  # it selected: positions really moved
 
 
-def test_token_select_at_compacted_positions_matches_the_compacted_reference(arm, model_path, stock_yardstick):
+def test_token_select_at_compacted_positions_matches_the_compacted_reference(arm, model_path, stock_yardstick_f32):
     """TokenSelect's own selections (a top-k per prompt block of 64 rows from its mean query, a
     fresh top-k every decode step), scored position-neutrally and read at compacted positions:
     against the float32 reference stating the same selection, prefill and decode together
@@ -76,7 +76,7 @@ def test_token_select_at_compacted_positions_matches_the_compacted_reference(arm
             "from": len(ids)}
     got = lcx["prompt_logprobs"][0][1:] + lcx["logprobs"][0]
     neutral = gap(got, token_logprobs(model_path, ids + generated, select={**spec, "neutral": True}, compact=True))
-    assert within(neutral, whole(stock_yardstick)), (neutral, stock_yardstick)
+    assert within(neutral, whole(stock_yardstick_f32)), (neutral, stock_yardstick_f32)
     c = lcx["lcx_counters"]
     assert c["prefill_blocks_selected"] > 0 and c["selection_lookups"] > 0, c
 

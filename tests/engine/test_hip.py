@@ -25,7 +25,7 @@ def _reference(model_path, ids, generated):
     return token_logprobs(model_path, ids + generated, hip=spec)
 
 
-def test_prefill_and_decode_match_the_reference_selection_teacher_forced(arm, model_path, stock_yardstick):
+def test_prefill_and_decode_match_the_reference_selection_teacher_forced(arm, model_path, stock_yardstick_f32):
     """Prompt log-probabilities (every prompt row under HiP's query-block selections) and decode
     log-probabilities (a fresh search each step) against the float32 model restricted the same
     way, within stock's own distance to the dense reference (stated slack in ``within``); a kernel
@@ -37,7 +37,7 @@ def test_prefill_and_decode_match_the_reference_selection_teacher_forced(arm, mo
         ref = _reference(model_path, ids, lcx["token_ids"][i])
         got = lcx["prompt_logprobs"][i][1:] + lcx["logprobs"][i]
         gaps.append(gap(got, ref))
-    yard = whole(stock_yardstick)
+    yard = whole(stock_yardstick_f32)
     assert within(whole(gaps), yard), (gaps, yard)
     longest = max(range(len(PROMPTS)), key=lambda i: len(lcx["prompt_token_ids"][i]))
     ids = lcx["prompt_token_ids"][longest]

@@ -17,7 +17,7 @@ def test_a_budget_covering_the_context_is_token_identical_to_dense(arm):
     assert wide["prompt_logprobs"] == stock["prompt_logprobs"]
 
 
-def test_decode_matches_the_reference_selection_teacher_forced(arm, model_path, stock_yardstick):
+def test_decode_matches_the_reference_selection_teacher_forced(arm, model_path, stock_yardstick_f32):
     """Eight requests, three at a time; every decode step after the first selects 192 of up to
     1,300 tokens (plus sinks and window).
     The engine's log-probabilities of its own tokens are compared with the float32 reference model
@@ -31,7 +31,7 @@ def test_decode_matches_the_reference_selection_teacher_forced(arm, model_path, 
         full = ids + lcx["token_ids"][i]
         ref = token_logprobs(model_path, full, select={**spec, "from": len(ids)})
         decode.append(gap(lcx["logprobs"][i][1:], ref[len(ids):]))  # the first token comes from the dense prefill
-    yard = whole(stock_yardstick)
+    yard = whole(stock_yardstick_f32)
     assert within(whole(decode), yard), (decode, yard)
     ids = lcx["prompt_token_ids"][-1]
     dense = token_logprobs(model_path, ids + lcx["token_ids"][-1])
