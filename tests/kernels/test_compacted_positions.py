@@ -161,10 +161,10 @@ def test_a_selection_that_moves_nothing_is_exactly_dense(qlens, impl):
         unrotated = torch.empty_like(query)
         paged_attention(query, kv, plan, scale, unrotated, sel, impl=impl)
         assert torch.equal(out, unrotated), f"seed={seed}: {sel}"
-        # Against the twin's dense path: Triton sums in another order (float32 differences up to
-        # 1.2e-6 seen on outputs of about 1, 3 seeds in 40), the twin's own paths agree to 1e-6.
-        torch.testing.assert_close(out, dense, rtol=0, atol=1e-6 if impl == "torch" else 1e-5,
-                                   msg=lambda m: f"seed={seed}: {sel}: {m}")
+        # Against the twin's dense path: each path sums in its own order (float32 differences up to
+        # 1.2e-6 seen on outputs of about 1, Triton 3 seeds in 40), so float32 rounding is allowed and
+        # nothing more: a token read twice or missed moves outputs by far more than 1e-5.
+        torch.testing.assert_close(out, dense, rtol=0, atol=1e-5, msg=lambda m: f"seed={seed}: {sel}: {m}")
 
 
 def test_the_triton_kernel_reads_int8_pages_at_compacted_positions_as_the_twin_does():

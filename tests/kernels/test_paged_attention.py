@@ -145,7 +145,7 @@ def test_full_selection_and_huge_window_equal_dense(impl):
                 Selection.build(2, 2, dense=True)):
         out = torch.empty_like(problem.query)
         paged_attention(problem.query, problem.kv, problem.plan, problem.scale, out, sel, impl=impl)
-        torch.testing.assert_close(out, dense, rtol=0, atol=1e-6)
+        torch.testing.assert_close(out, dense, rtol=0, atol=1e-5)  # float32 summation order only
 
 
 def test_bad_inputs_raise_one_clear_error():

@@ -156,7 +156,9 @@ def test_token_logits_chunking_does_not_change_the_result():
     whole = token_logits(p.query, p.kv, p.plan, p.scale, impl="torch", chunk_pages=64)
     for chunk in (1, 3, 5):
         part = token_logits(p.query, p.kv, p.plan, p.scale, impl="torch", chunk_pages=chunk)
-        torch.testing.assert_close(part, whole, rtol=0, atol=1e-6, msg=lambda m: f"seed={seed}, chunk={chunk}: {m}")
+        # Another chunking is another matmul shape, summed in another order: float32 rounding only
+        # (1.2e-6 seen on logits of about 2.4, one seed in CI). A page read twice or skipped moves them by O(1).
+        torch.testing.assert_close(part, whole, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed={seed}, chunk={chunk}: {m}")
     for ppp in (1, 2):
         out = torch.empty_like(whole)
         scoring_triton.token_logits_triton(p.query, p.kv, p.plan, p.scale, out, pages_per_program=ppp)
