@@ -109,10 +109,15 @@ ARMS = {
 }
 
 
+def _float32_machine() -> bool:
+    """Whether this machine's settings already run every engine in ``REFERENCE_DTYPE``."""
+    return choose().dtype == REFERENCE_DTYPE["dtype"]
+
+
 @functools.cache
 def _run(name: str, log_dir: str) -> tuple[dict, str]:
-    if name == "stock_f32" and choose().dtype == "float32":
-        name = "stock"  # the same engine: run it once
+    if name == "stock_f32" and _float32_machine():
+        return _run("stock", log_dir)  # the same engine: run it once
     kw = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, **ARMS[name]}
     log = Path(log_dir) / f"{name}.log"
     spec = ArmSpec(model=str(prepare()), prompt_logprobs=True, logprobs=True, **kw)
@@ -147,20 +152,18 @@ def within(got: dict, yardstick: dict, mean_slack: float = 1.25, p99_slack: floa
 @pytest.fixture(scope="session")
 def stock_yardstick(arm, model_path):
     """Per prompt: the stock engine's distance to the dense float32 reference (this machine, this session)."""
-    from .reference_model import token_logprobs
-
-    stock, _ = arm("stock")
-    return [gap(lp[1:], token_logprobs(model_path, ids)) for ids, lp in zip(stock["prompt_token_ids"], stock["prompt_logprobs"])]
+    return _yardstick(arm("stock")[0], model_path)
 
 
 @pytest.fixture(scope="session")
 def stock_yardstick_f32(arm, model_path, stock_yardstick):
     """The same for the stock engine in float32 (``REFERENCE_DTYPE``), the yardstick of the arms that run so."""
+    return stock_yardstick if _float32_machine() else _yardstick(arm("stock_f32")[0], model_path)
+
+
+def _yardstick(stock: dict, model_path: str) -> list[dict]:
     from .reference_model import token_logprobs
 
-    if choose().dtype == "float32":
-        return stock_yardstick
-    stock, _ = arm("stock_f32")
     return [gap(lp[1:], token_logprobs(model_path, ids)) for ids, lp in zip(stock["prompt_token_ids"], stock["prompt_logprobs"])]
 
 
