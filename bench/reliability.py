@@ -1,7 +1,7 @@
 """The reliability matrix's long run, and the report it regenerates: ``docs/reliability.md``.
 
     ./lcx bench reliability              # writes bench/results/reliability.json and docs/reliability.md
-    ./lcx bench reliability --copies 3   # each prompt batched 3 times, as CI's matrix does
+    ./lcx bench reliability --copies 2   # each prompt batched twice, as CI's matrix does
 
 For stock and every registered method (``lcx_plugin/harness/matrix.py``): one engine at ease and
 one under pressure (chunked prefill, a cache so small that the scheduler preempts, prefix caching,
@@ -141,7 +141,7 @@ def main() -> int:
     from lcx_plugin.harness.settings import machine_record
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--copies", type=int, default=6, help="times each prompt is batched under pressure (CI: 3)")
+    ap.add_argument("--copies", type=int, default=6, help="times each prompt is batched under pressure (CI: 2)")
     ap.add_argument("--out", default="bench/results/reliability.json")
     ap.add_argument("--doc", default="docs/reliability.md")
     args = ap.parse_args()

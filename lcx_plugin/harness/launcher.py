@@ -3,7 +3,8 @@ benchmarks) runs in a fresh child process, with engine arguments and environment
 
 vLLM engines are not meant to be torn down and rebuilt inside one process, and a child keeps one
 run's state from leaking into the next. The child module is run as
-``python -m MODULE JOB.json OUT.json`` and must write OUT.json on success; its own output (the
+``python -m MODULE JOB.json OUT.json`` would run it, forked from a process that has already imported
+vLLM where it can be (``zygote.py``), and must write OUT.json on success; its own output (the
 engine's log) goes to a file.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import zygote
 from .settings import RunSettings, choose
 
 #: Engine defaults for lcx's own runs. Eager: eager and compiled outputs differ by bf16 noise,
@@ -50,12 +52,18 @@ def run_child(module: str, payload: dict, what: str, log_path: str | Path | None
         job_path, out_path = Path(tmp, "job.json"), Path(tmp, "out.json")
         job_path.write_text(json.dumps(payload))
         log_file = Path(log_path) if log_path else Path(tmp, "engine.log")
-        with open(log_file, "w") as log:
-            proc = subprocess.run([sys.executable, "-m", module, str(job_path), str(out_path)], stdout=log,
-                                  stderr=subprocess.STDOUT, env=child_env(settings, extra_env), pass_fds=pass_fds,
-                                  timeout=timeout)
-        if proc.returncode != 0 or not out_path.exists():
-            raise RuntimeError(f"{what} failed (exit {proc.returncode}); engine log {log_file}:\n"
+        env = child_env(settings, extra_env)
+        if zygote.enabled() and not pass_fds:
+            returncode = zygote.run(module, [str(job_path), str(out_path)], env, str(log_file), timeout)
+            if returncode == -9 and timeout is not None:
+                raise subprocess.TimeoutExpired([module, str(job_path)], timeout)
+        else:
+            with open(log_file, "w") as log:
+                returncode = subprocess.run([sys.executable, "-m", module, str(job_path), str(out_path)], stdout=log,
+                                            stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds,
+                                            timeout=timeout).returncode
+        if returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"{what} failed (exit {returncode}); engine log {log_file}:\n"
                                + log_file.read_text()[-4000:])
         return json.loads(out_path.read_text())
 

@@ -15,9 +15,19 @@ from pathlib import Path
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free now (each socket is held until all are chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def vllm_executable() -> str:
@@ -54,33 +64,55 @@ def serve_args(model: str, port: int, lcx: dict | None, max_model_len: int = 204
 def served(args: list[str], log_path: Path, startup_timeout: float = 300, env: dict | None = None):
     """Run the server command ``args`` (which carries ``--port``) and yield its base URL once /health
     answers; stop it, and its whole process group, on exit."""
-    port = int(args[args.index("--port") + 1])
+    with served_together([(args, log_path)], startup_timeout, env) as (base,):
+        yield base
+
+
+@contextmanager
+def served_together(servers: list[tuple[list[str], Path]], startup_timeout: float = 300, env: dict | None = None):
+    """Start every ``(args, log_path)`` server at once (their start-ups overlap) and yield their base
+    URLs, in order, once each answers /health; stop them all on exit."""
     env = dict(os.environ if env is None else env)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    log = open(log_path, "w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    running: list[tuple[subprocess.Popen, object]] = []
     try:
+        for args, log_path in servers:
+            log = open(log_path, "w")
+            running.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             env=env, start_new_session=True), log))
         deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}\ncommand: {args}\n{log_path.read_text()[-4000:]}")
-            try:
-                if http_json(base + "/health", timeout=5)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not healthy after {startup_timeout} s\ncommand: {args}\n{log_path.read_text()[-4000:]}")
-            time.sleep(2)
-        yield base
+        bases = []
+        for (args, log_path), (proc, _) in zip(servers, running):
+            base = f"http://127.0.0.1:{int(args[args.index('--port') + 1])}"
+            _wait_healthy(proc, base, args, Path(log_path), deadline, startup_timeout)
+            bases.append(base)
+        yield tuple(bases)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+        for proc, log in running:
+            _stop(proc)
+            log.close()
+
+
+def _wait_healthy(proc: subprocess.Popen, base: str, args: list[str], log_path: Path, deadline: float,
+                  startup_timeout: float) -> None:
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}\ncommand: {args}\n{log_path.read_text()[-4000:]}")
+        try:
+            if http_json(base + "/health", timeout=5)[0] == 200:
+                return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"server not healthy after {startup_timeout} s\ncommand: {args}\n{log_path.read_text()[-4000:]}")
+        time.sleep(2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

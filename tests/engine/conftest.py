@@ -57,9 +57,7 @@ REFERENCE_DTYPE = {"dtype": "float32"}
 ARMS = {
     "stock": dict(),
     "stock_f32": dict(engine=REFERENCE_DTYPE),  # "stock" itself where the settings chose float32
-    "stock_chunked": dict(engine=CHUNKED),
     "dense": dict(backend="lcx", lcx={"method": "dense"}),
-    "dense_chunked": dict(backend="lcx", lcx={"method": "dense"}, engine=CHUNKED),
     "twin": dict(backend="lcx", lcx={"method": "dense", "kernel": "torch"}),
     # A window longer than every prompt: every sequence stays dense.
     "streaming_wide": dict(backend="lcx", lcx={"method": "streaming", "sink": 64, "window": 8192}),

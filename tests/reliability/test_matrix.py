@@ -1,5 +1,5 @@
 """The reliability matrix over stock and every registered method (``lcx_plugin/harness/matrix.py``):
-batched three times against each prompt alone, chunked prefill against whole prefill, a cache so
+batched twice against each prompt alone, chunked prefill against whole prefill, a cache so
 small that the scheduler preempts and recomputes, and prefix-cache hits (full and partial) as the
 engine itself counts them. Dense lcx equals stock exactly under every condition; every row matches
 its own run at ease teacher-forced, within tolerances scaled by the stock engine's own noise."""

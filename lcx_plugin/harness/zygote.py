@@ -1,0 +1,88 @@
+"""Engine children forked from a process that has already imported vLLM.
+
+Every engine job of the harness runs in a child process of its own (``launcher.run_child``).
+Started with ``python -m``, each child spends about 7 s importing torch, transformers and vLLM
+before its engine starts (measured on a 2-core EPYC), and the test suite starts some 50 of them.
+Here a multiprocessing *forkserver* imports those once (``PRELOAD``) and forks each child from
+that state: a fresh process, as before, with the imports done. vLLM itself forks its worker and
+engine-core processes after the same imports (its default start method).
+
+The child then becomes what ``python -m MODULE JOB OUT`` would have been: its environment is the
+job's, its stdout and stderr go to the job's log, ``sys.argv`` is set, the module runs as
+``__main__``, and the exit handlers run before it exits (vLLM shuts its workers down in them).
+``LCX_FORKSERVER=0`` turns this off (every child started by ``python -m``); a job that must
+inherit file descriptors, or a parent run as a script, always is (``enabled``).
+"""
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import runpy
+import sys
+
+#: Imported once in the forkserver: what every engine child imports before its engine starts.
+PRELOAD = ["lcx_plugin.harness.zygote_imports"]
+ENV = "LCX_FORKSERVER"
+
+_context = None
+
+
+def enabled() -> bool:
+    """On unless ``LCX_FORKSERVER=0``, where this process was started as ``python -m MODULE``
+    (pytest, lcx's CLI). A forked child re-imports the parent's main module (multiprocessing's
+    rule); a module run by name is skipped there or guarded, a script run by path might not be, so
+    a script (``./lcx bench NAME`` runs bench/NAME.py) starts its children with ``python -m``."""
+    main = sys.modules.get("__main__")
+    return os.environ.get(ENV, "1") != "0" and getattr(main, "__spec__", None) is not None
+
+
+def _ctx():
+    global _context
+    if _context is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        _context = ctx
+    return _context
+
+
+def _child(module: str, argv: list[str], env: dict, log_path: str) -> None:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)
+    multiprocessing.current_process().name = "MainProcess"  # as a ``python -m`` child's log lines read
+    sys.argv = [module, *argv]
+    code = 0
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()  # multiprocessing ends children with os._exit, which skips them
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run(module: str, argv: list[str], env: dict, log_path: str, timeout: float | None) -> int:
+    """Run ``module`` as ``__main__`` in a child forked from the forkserver; its exit code (-9 if
+    it outlived ``timeout`` and was killed)."""
+    proc = _ctx().Process(target=_child, args=(module, list(argv), dict(env), str(log_path)), daemon=False)
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        return -9
+    return proc.exitcode
