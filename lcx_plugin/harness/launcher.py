@@ -55,8 +55,6 @@ def run_child(module: str, payload: dict, what: str, log_path: str | Path | None
         env = child_env(settings, extra_env)
         if zygote.enabled() and not pass_fds:
             returncode = zygote.run(module, [str(job_path), str(out_path)], env, str(log_file), timeout)
-            if returncode == -9 and timeout is not None:
-                raise subprocess.TimeoutExpired([module, str(job_path)], timeout)
         else:
             with open(log_file, "w") as log:
                 returncode = subprocess.run([sys.executable, "-m", module, str(job_path), str(out_path)], stdout=log,

@@ -16,16 +16,16 @@ inherit file descriptors, or a parent run as a script, always is (``enabled``).
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import os
 import runpy
+import subprocess
 import sys
 
 #: Imported once in the forkserver: what every engine child imports before its engine starts.
 PRELOAD = ["lcx_plugin.harness.zygote_imports"]
 ENV = "LCX_FORKSERVER"
-
-_context = None
 
 
 def enabled() -> bool:
@@ -37,13 +37,11 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0" and getattr(main, "__spec__", None) is not None
 
 
+@functools.cache
 def _ctx():
-    global _context
-    if _context is None:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        _context = ctx
-    return _context
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 def _child(module: str, argv: list[str], env: dict, log_path: str) -> None:
@@ -76,13 +74,14 @@ def _child(module: str, argv: list[str], env: dict, log_path: str) -> None:
 
 
 def run(module: str, argv: list[str], env: dict, log_path: str, timeout: float | None) -> int:
-    """Run ``module`` as ``__main__`` in a child forked from the forkserver; its exit code (-9 if
-    it outlived ``timeout`` and was killed)."""
+    """Run ``module`` as ``__main__`` in a child forked from the forkserver and return its exit
+    code; a child that outlives ``timeout`` is killed and ``subprocess.TimeoutExpired`` raised, as
+    ``subprocess.run`` does."""
     proc = _ctx().Process(target=_child, args=(module, list(argv), dict(env), str(log_path)), daemon=False)
     proc.start()
     proc.join(timeout)
     if proc.is_alive():
         proc.kill()
         proc.join()
-        return -9
+        raise subprocess.TimeoutExpired([sys.executable, "-m", module, *argv], timeout)
     return proc.exitcode
