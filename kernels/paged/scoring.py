@@ -208,18 +208,22 @@ def _page_logits_torch(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
     n_pages = (lens + block_size - 1) // block_size
     table = plan.block_table[:b].to(device=dev, dtype=torch.int64)
     # sum_d max(q_d lo_d, q_d hi_d) = q+ . hi + q- . lo (hi >= lo: a positive q_d picks hi_d, a
-    # negative one lo_d), with q+ = max(q, 0) and q- = min(q, 0): two matmuls per chunk of pages.
+    # negative one lo_d), with q+ = max(q, 0) and q- = min(q, 0). Each query head is laid out as a
+    # row over all KV heads' dimensions, zero outside its own head's (block-diagonal), so one
+    # batched product per bound gives [B, Hq, pages] straight from the gathered pages' rows
+    # ([B, pages, Hkv * D], read transposed): no transpose copy, and the product's long side is the
+    # pages (a product whose long side is a group's few query heads ran 5x slower here).
     q = query.to(torch.float32).reshape(b, hkv, group, d)
-    q_pos, q_neg = q.clamp(min=0).transpose(-1, -2), q.clamp(max=0).transpose(-1, -2)  # [B, Hkv, D, G]
-    chunk = max(1, PAGE_PRODUCT_ELEMS // max(1, b * hq * d))
+    eye = torch.eye(hkv, device=dev, dtype=torch.float32)
+    q_pos = torch.einsum("bkgd,kl->bkgld", q.clamp(min=0), eye).reshape(b, hq, hkv * d)
+    q_neg = torch.einsum("bkgd,kl->bkgld", q.clamp(max=0), eye).reshape(b, hq, hkv * d)
+    chunk = max(1, PAGE_PRODUCT_ELEMS // max(1, b * hkv * d))
     for p0 in range(0, width, chunk):
         p1 = min(p0 + chunk, width)
-        page = torch.arange(p0, p1, device=dev)
-        live = page[None, :] < n_pages[:, None]  # [B, n]
-        blocks = torch.where(live, table[:, p0:p1], 0)
-        lo = kmin[blocks].to(torch.float32).transpose(1, 2)  # [B, Hkv, n, D]
-        hi = kmax[blocks].to(torch.float32).transpose(1, 2)
-        bound = torch.matmul(hi, q_pos).add_(torch.matmul(lo, q_neg))  # [B, Hkv, n, G]
-        bound = bound.permute(0, 1, 3, 2).reshape(b, hq, p1 - p0)
+        live = torch.arange(p0, p1, device=dev)[None, :] < n_pages[:, None]  # [B, n]
+        blocks = torch.where(live, table[:, p0:p1], 0).reshape(-1)
+        hi = kmax.index_select(0, blocks).to(torch.float32).view(b, p1 - p0, hkv * d).transpose(1, 2)
+        lo = kmin.index_select(0, blocks).to(torch.float32).view(b, p1 - p0, hkv * d).transpose(1, 2)
+        bound = torch.bmm(q_pos, hi).baddbmm_(q_neg, lo)  # [B, Hq, n]
         out[:, :, p0:p1] = bound.mul_(scale).masked_fill_(~live[:, None, :], float("-inf"))
     return out

@@ -49,7 +49,7 @@ import torch
 
 from lcx_plugin.kernels.paged import BatchPlan, Selection
 from lcx_plugin.kernels.paged.scoring import page_logits, token_logits
-from lcx_plugin.kernels.paged.selection import QUERY_TILE, lists_from_mask
+from lcx_plugin.kernels.paged.selection import QUERY_TILE
 
 from . import register
 from .base import SelectContext, TopKSelector, require
@@ -71,30 +71,26 @@ def soft_vote(logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 def top_units(votes: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k[b]`` best eligible units of every (sequence b, KV head), ascending.
 
-    votes ``[B, Hkv, N]``, eligible ``[B, N]`` bool, k ``[B]`` int. Ties go to the lower unit, so
-    the set is deterministic. Returns ``indices [B, Hkv, K]`` int32 (K = max k; entries past the
-    count hold N) and ``counts [B, Hkv]`` int32.
+    votes ``[B, Hkv, N]`` (not NaN), eligible ``[B, N]`` bool, k ``[B]`` int. Ties go to the lower
+    unit, so the set is deterministic. Returns ``indices [B, Hkv, K]`` int32 (K = max k; entries
+    past the count hold N) and ``counts [B, Hkv]`` int32.
 
-    The k-th best vote is found with a partial selection (``topk``), not a sort of all N: every
-    unit above it is in, and of the units equal to it the lowest ones fill the rest."""
+    Each vote becomes a unique 64-bit key, its float order in the high half and the reversed unit
+    number in the low half, so one partial selection (``topk``) of the keys is the exact set: no
+    sort of all N, and no pass over the units tied with the k-th."""
     b, h, n = votes.shape
     kmax = min(int(k.max()) if k.numel() else 0, n)
     if kmax == 0:
         return torch.full((b, h, 0), n, dtype=torch.int32), torch.zeros(b, h, dtype=torch.int32)
-    masked = votes.float().masked_fill(~eligible[:, None, :], float("-inf"))
-    best = torch.topk(masked, kmax, dim=-1, sorted=True).values  # [B, Hkv, kmax], descending
-    kb = k.clamp(min=1, max=kmax).long()[:, None, None].expand(b, h, 1)
-    kth = best.gather(-1, kb - 1)  # [B, Hkv, 1]: the k-th best vote (-inf: fewer eligible than k)
-    above = masked > kth
-    tie = (masked == kth) & (kth > float("-inf"))
-    room = kb - above.sum(-1, keepdim=True)  # how many of the ties fit
-    keep = above | (tie & (tie.cumsum(-1) <= room))
-    keep &= (k > 0)[:, None, None]
-    counts = keep.sum(-1)
-    slot = torch.where(keep, keep.cumsum(-1) - 1, kmax)  # each kept unit's place in its list; the rest: a dump column
-    idx = torch.full((b, h, kmax + 1), n, dtype=torch.int64)
-    idx.scatter_(-1, slot, torch.arange(n).expand(b, h, n))
-    return idx[..., :kmax].to(torch.int32), counts.to(torch.int32)
+    bits = (votes.float() + 0.0).view(torch.int32)  # + 0.0: a -0.0 vote ties with +0.0
+    order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # the floats' order, as integers
+    key = (order << 32) | (n - 1 - torch.arange(n, device=votes.device))  # equal votes: the lower unit wins
+    key.masked_fill_(~eligible[:, None, :], torch.iinfo(torch.int64).min)
+    best = torch.topk(key, kmax, dim=-1, sorted=True).indices  # [B, Hkv, kmax], best first
+    counts = torch.minimum(k.clamp(min=0), eligible.sum(-1)).to(torch.int32)[:, None].expand(b, h)
+    live = torch.arange(kmax, device=votes.device)[None, None, :] < counts[..., None]
+    idx = torch.where(live, best, n).sort(-1).values
+    return idx.to(torch.int32), counts.contiguous()
 
 
 @register
@@ -272,23 +268,34 @@ class TokenSelect(TopKSelector):
         states = [ctx.requests.get(r, ctx.layer) for r in ctx.request_ids]
         reuse = self._reusable(query, states, ctx)  # [B, Hkv]
         fresh = [not bool(r.all()) for r in reuse]
+        stacked = None
         if any(fresh):
             idx, cnt = self._score(query, ctx, fresh)
-            q32 = query.float()
-            group = q32.shape[1] // ctx.num_kv_heads
-            for j, b in enumerate(i for i, f in enumerate(fresh) if f):
-                new_q, new_idx, new_cnt = q32[b].clone(), idx[j].clone(), cnt[j].clone()
-                kept = reuse[b]
-                if bool(kept.any()):  # heads that did not move keep their units and their query
-                    old = states[b]
-                    width = max(new_idx.shape[-1], old["indices"].shape[-1])
-                    new_idx = torch.where(kept[:, None], _pad(old["indices"], width), _pad(new_idx, width))
-                    new_cnt = torch.where(kept, old["counts"], new_cnt)
-                    new_q = torch.where(kept.repeat_interleave(group)[:, None].to(new_q.device), old["query"], new_q)
-                states[b].update(query=new_q, indices=new_idx, counts=new_cnt, granularity=self.granularity)
-        selection = self._selection(states, plan, ctx.num_kv_heads, bs, query.device)
+            q32 = query.to(torch.float32, copy=True)  # kept: the engine reuses its query buffer
+            if not bool(reuse.any()):  # every head of every request takes its new units
+                stacked = (idx.long(), cnt.long())
+                for b, state in enumerate(states):
+                    state.update(query=q32[b], indices=idx[b], counts=cnt[b], granularity=self.granularity)
+            else:
+                self._merge(states, reuse, fresh, q32, idx, cnt, q32.shape[1] // ctx.num_kv_heads)
+        selection = self._selection(stacked or _stacked(states), plan, ctx.num_kv_heads, bs, query.device)
         self._count_bytes(ctx, fresh, selection)
         return selection
+
+    def _merge(self, states: list[dict], reuse: torch.Tensor, fresh: list[bool], q32: torch.Tensor,
+               idx: torch.Tensor, cnt: torch.Tensor, group: int) -> None:
+        """Store the fresh rows' new units (``idx``/``cnt`` hold the fresh rows only); heads that
+        did not move keep their units and the query that chose them."""
+        for j, b in enumerate(i for i, f in enumerate(fresh) if f):
+            new_q, new_idx, new_cnt = q32[b], idx[j], cnt[j]
+            kept = reuse[b]
+            if bool(kept.any()):
+                old = states[b]
+                width = max(new_idx.shape[-1], old["indices"].shape[-1])
+                new_idx = torch.where(kept[:, None], _pad(old["indices"], width), _pad(new_idx, width))
+                new_cnt = torch.where(kept, old["counts"], new_cnt)
+                new_q = torch.where(kept.repeat_interleave(group)[:, None].to(new_q.device), old["query"], new_q)
+            states[b].update(query=new_q, indices=new_idx, counts=new_cnt, granularity=self.granularity)
 
     def _count_bytes(self, ctx: SelectContext, fresh: list[bool], selection: Selection) -> None:
         """KV bytes this step reads for the selected sequences, from the real selections: the
@@ -297,11 +304,10 @@ class TokenSelect(TopKSelector):
         kv, plan, c = ctx.kv, ctx.plan, ctx.requests.counters
         side = kv.side_bytes  # one token of one head, keys or values
         hkv, d, bs = kv.num_kv_heads, kv.head_dim, kv.block_size
-        lens = torch.tensor(plan.lens)
-        dense = int(lens.sum()) * hkv * 2 * side
-        fresh_t = torch.tensor(fresh)
+        dense = sum(plan.lens) * hkv * 2 * side
         if self.granularity == "token":
-            scoring = int(lens[fresh_t].sum()) * hkv * side
+            lens = torch.tensor(plan.lens)
+            scoring = sum(n for n, f in zip(plan.lens, fresh) if f) * hkv * side
             counts = selection.counts[:, :, 0].long()  # [B, Hkv]
             width = selection.indices.shape[-1]
             live = torch.arange(width)[None, None, :] < counts[..., None]
@@ -310,7 +316,7 @@ class TokenSelect(TopKSelector):
             window = (lens - sinks).clamp(max=self.window)
             read = int((listed + (sinks + window)[:, None]).sum()) * 2 * side
         else:
-            scoring = int(((lens[fresh_t] + bs - 1) // bs).sum()) * hkv * d * 2 * 4
+            scoring = sum(-(-n // bs) for n, f in zip(plan.lens, fresh) if f) * hkv * d * 2 * 4
             read = int(selection.counts.sum()) * bs * 2 * side
         for key, value in (("kv_bytes_dense", dense), ("kv_bytes_scoring", scoring), ("kv_bytes_attention", read)):
             c[key] = c.get(key, 0) + value
@@ -375,35 +381,47 @@ class TokenSelect(TopKSelector):
         hi = (lens - self.window).clamp(min=0) // bs
         return lo, torch.maximum(hi, lo)
 
-    def _selection(self, states: list[dict], plan: BatchPlan, hkv: int, bs: int, device) -> Selection:
-        b = len(states)
+    def _selection(self, units: tuple[torch.Tensor, torch.Tensor], plan: BatchPlan, hkv: int, bs: int, device
+                   ) -> Selection:
+        """The step's selection from every request's units ``[B, Hkv, K]`` and counts ``[B, Hkv]``."""
+        chosen, counts = units
+        b = chosen.shape[0]
         if self.granularity == "token":
-            width = max(int(s["indices"].shape[-1]) for s in states)
-            idx = torch.zeros(b, hkv, width, dtype=torch.int32)
-            cnt = torch.zeros(b, hkv, dtype=torch.int32)
-            for i, s in enumerate(states):
-                w = s["indices"].shape[-1]
-                idx[i, :, :w], cnt[i] = s["indices"], s["counts"]
-            return Selection.build(b, hkv, granularity="token", indices=idx, counts=cnt, sink=self.sink,
+            idx, cnt = chosen, counts
+            return Selection.build(b, hkv, granularity="token", indices=idx.to(torch.int32), counts=cnt.to(torch.int32), sink=self.sink,
                                    window=self.window, device=device)
         # Pages: the chosen ones plus the pages holding sinks and window, as one list per head, so
-        # the selection is page lists only (what an engine's own paged op runs).
+        # the selection is page lists only (what an engine's own paged op runs). The chosen pages
+        # lie between the sink pages and the window's (eligible ones only), ascending, so each list
+        # is the sink pages, the chosen ones still below the window (a page chosen earlier may
+        # have entered it since), then the window's pages: a concatenation, no sort.
         lens = torch.tensor(plan.lens)
-        lo, hi = self._always_kept_pages(lens, bs)
         n_pages = (lens + bs - 1) // bs
-        width = int(n_pages.max())
-        unit = torch.arange(width)
-        keep = ((unit[None, :] < lo[:, None]) | (unit[None, :] >= hi[:, None])) & (unit[None, :] < n_pages[:, None])
-        keep = keep[:, None, :].repeat(1, hkv, 1)  # [B, Hkv, P]
-        for i, s in enumerate(states):
-            chosen = s["indices"].long()
-            live = (torch.arange(chosen.shape[-1])[None, :] < s["counts"][:, None]) & (chosen < n_pages[i])
-            heads = torch.arange(hkv)[:, None].expand_as(chosen)
-            keep[i, heads[live], chosen[live]] = True
-        idx, cnt = lists_from_mask(keep)
+        lo, hi = self._always_kept_pages(lens, bs)
+        lo = torch.minimum(lo, n_pages)
+        hi = torch.minimum(torch.maximum(hi, lo), n_pages)
+        k = chosen.shape[-1]
+        lo3, hi3 = lo[:, None, None], hi[:, None, None]
+        below = ((torch.arange(k)[None, None, :] < counts[..., None]) & (chosen < hi3)).sum(-1)  # [B, Hkv]
+        cnt = lo[:, None] + below + (n_pages - hi)[:, None]
+        pos = torch.arange(int(cnt.max()))[None, None, :]
+        c3 = below[..., None]
+        picked = chosen.gather(-1, (pos - lo3).clamp(0, k - 1).expand(b, hkv, -1)) if k else pos
+        idx = torch.where(pos < lo3, pos, torch.where(pos < lo3 + c3, picked, hi3 + pos - lo3 - c3)).to(torch.int32)
+        cnt = cnt.to(torch.int32)
         return Selection.build(b, hkv, granularity="page", indices=idx, counts=cnt, device=device)
+
+
+def _stacked(states: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The requests' kept units as one ``[B, Hkv, K]`` int64 tensor (padded past each count) and
+    their counts ``[B, Hkv]``."""
+    width = max(int(s["indices"].shape[-1]) for s in states)
+    idx = torch.stack([_pad(s["indices"], width) for s in states]).long()
+    return idx, torch.stack([s["counts"] for s in states]).long()
 
 
 def _pad(indices: torch.Tensor, width: int) -> torch.Tensor:
     """``[Hkv, w]`` -> ``[Hkv, width]`` (entries past a head's count are ignored)."""
+    if indices.shape[-1] == width:
+        return indices
     return torch.nn.functional.pad(indices, (0, width - indices.shape[-1]))

@@ -66,14 +66,15 @@ def _token_select_prompt(scores: torch.Tensor, out: torch.Tensor, group: int) ->
             out[0, :, i] = (chosen | own[None, :]).repeat_interleave(group, 0) & out[0, :, i]  # causal too
 
 
-def _token_select(scores: torch.Tensor, visible: torch.Tensor, group: int) -> torch.Tensor:
+def _token_select(scores: torch.Tensor, visible: torch.Tensor, group: int, row0: int = 0) -> torch.Tensor:
     """Rows at or after ``select["from"]``: sinks + window + the top ``k(row + 1)`` positions per KV
     head by the soft vote (per-head softmax over the row's causal scores, summed over the group),
     ties to the earlier position. Rows before it (the prompt) as ``_token_select_prompt`` states
-    when ``select`` has ``qb``, else dense. ``scores`` [1, H, T, T] -> visible [1, H, T, T] bool."""
+    when ``select`` has ``qb``, else dense. ``scores`` [1, H, T - row0, T] (rows ``row0`` on; ``row0``
+    > 0 only without ``qb``) -> visible [1, H, T, T] bool."""
     sel = _MASK["select"]
     sink, window = sel["sink"], sel["window"]
-    t = scores.shape[2]
+    t = scores.shape[-1]
     out = visible.clone()
     if sel.get("qb"):
         _token_select_prompt(scores, out, group)
@@ -83,7 +84,7 @@ def _token_select(scores: torch.Tensor, visible: torch.Tensor, group: int) -> to
         k = sel["k"](i + 1)
         if int(eligible.sum()) <= k:
             continue  # the budget covers the context: dense
-        probs = torch.softmax(scores[0, :, i].masked_fill(~visible[0, 0, i], float("-inf")), -1)  # [H, T]
+        probs = torch.softmax(scores[0, :, i - row0].masked_fill(~visible[0, 0, i], float("-inf")), -1)  # [H, T]
         votes = probs.view(-1, group, t).sum(1).double()  # [Hkv, T]
         keep = torch.zeros_like(votes, dtype=torch.bool)
         ranked = torch.sort(-votes.masked_fill(~eligible[None, :], float("-inf")), dim=-1, stable=True).indices
@@ -215,7 +216,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     # keys; otherwise the masked attention is torch's own SDPA, four times faster on long prompts.
     # Quantized pages keep the explicit softmax: a quantizer turns the last bit of any arithmetic
     # change into whole code steps downstream, and the quantized tests' yardstick was set on it.
-    explicit = _MASK["select"] is not None or _MASK["compact"] or _MASK["kv_quant"] is not None
+    # Selection at decode rows only (no prompt blocks, rotated scores) needs the scores of those
+    # rows alone; the attention itself is then SDPA's too.
+    sel = _MASK["select"]
+    tail_only = sel is not None and not sel.get("qb") and not sel.get("neutral")
+    explicit = (sel is not None and not tail_only) or _MASK["compact"] or _MASK["kv_quant"] is not None
     scores = (query @ key.transpose(-1, -2)) * scale if explicit else None
     i = torch.arange(t)[:, None]
     j = torch.arange(t)[None, :]
@@ -227,7 +232,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         else:  # a head split: streaming KV heads windowed, retrieval heads dense
             heads = _MASK["streaming"][module.layer_idx].repeat_interleave(group)[:, None, None]
             visible = torch.where(heads, windowed, visible)
-    if _MASK["select"] is not None:
+    if tail_only:
+        row0 = min(sel["from"], t)
+        chooser = (query[:, :, row0:] @ key.transpose(-1, -2)) * scale
+        visible = _token_select(chooser, visible[None, None].expand(1, query.shape[1], t, t), group, row0)
+    elif _MASK["select"] is not None:
         chooser = scores
         if _MASK["select"].get("neutral"):  # position-neutral: un-rotated queries against un-rotated keys
             chooser = (_unrotated(query) @ _unrotated(key).transpose(-1, -2)) * scale

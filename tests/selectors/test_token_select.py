@@ -285,3 +285,50 @@ def test_bytes_read_are_counted_from_the_selection():
     token.select(cache.ctx(q, ["a"], requests))  # the same query: a hit, no scoring
     assert c["selection_hits"] == hkv and c["kv_bytes_scoring"] == 1000 * hkv * D * 4
     assert c["kv_bytes_attention"] == 2 * (4 + 40 + 64) * hkv * row
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 300), k=st.lists(st.integers(0, 320), min_size=1, max_size=3), levels=st.integers(1, 6),
+       p=st.floats(0.0, 1.0), seed=st.integers(0, 10_000))
+def test_top_units_is_the_brute_force_set_with_ties_to_the_lower_unit(n, k, levels, p, seed):
+    # few distinct vote levels: many ties at the cut; -0.0 and +0.0 are one level
+    g = torch.Generator().manual_seed(seed)
+    b = len(k)
+    votes = torch.randint(0, levels, (b, 2, n), generator=g).float() / levels
+    votes[votes == 0] = torch.where(torch.rand(int((votes == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
+    eligible = torch.rand(b, n, generator=g) < p
+    idx, counts = top_units(votes, eligible, torch.tensor(k))
+    for r in range(b):
+        for h in range(2):
+            units = [i for i in range(n) if eligible[r, i]]
+            want = sorted(sorted(units, key=lambda i: (-float(votes[r, h, i]), i))[: k[r]])
+            c = int(counts[r, h])
+            assert c == len(want) and idx[r, h, :c].tolist() == want
+
+
+@settings(max_examples=60, deadline=None)
+@given(lens=st.lists(st.integers(1, 900), min_size=1, max_size=3), sink=st.integers(0, 40), window=st.integers(1, 200),
+       seed=st.integers(0, 10_000))
+def test_page_lists_are_sinks_chosen_and_window_once_each(lens, sink, window, seed):
+    # chosen pages kept from an earlier step may have entered the window since: listed once
+    sel = selectors.get("token_select")(sink=sink, window=window, budget=BS, granularity="page", reuse_similarity=None)
+    g = torch.Generator().manual_seed(seed)
+    plan = BatchPlan.from_lists([1] * len(lens), lens, torch.zeros(len(lens), 64, dtype=torch.int32))
+    n_pages = [-(-s // BS) for s in lens]
+    lo = -(-sink // BS)
+    k = 4
+    chosen = torch.full((len(lens), 2, k), 10_000, dtype=torch.int64)
+    counts = torch.zeros(len(lens), 2, dtype=torch.int64)
+    for b, n in enumerate(n_pages):
+        for h in range(2):
+            pool = list(range(lo, n))
+            pick = sorted(pool[int(i)] for i in torch.randperm(len(pool), generator=g)[: min(k, len(pool))])
+            counts[b, h] = int(torch.randint(0, len(pick) + 1, (1,), generator=g))
+            chosen[b, h, : len(pick)] = torch.tensor(pick, dtype=torch.int64)
+    out = sel._selection((chosen, counts), plan, 2, BS, "cpu")
+    for b, (s, n) in enumerate(zip(lens, n_pages)):
+        hi = max(max(s - window, 0) // BS, lo)
+        for h in range(2):
+            want = sorted({p for p in range(n) if p < lo or p >= hi} | set(chosen[b, h, : int(counts[b, h])].tolist()))
+            c = int(out.counts[b, h, 0])
+            assert out.indices[b, h, 0, :c].tolist() == want
