@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -107,6 +109,16 @@ def _attention_32k(dtype_name: str, batch: int) -> dict:
     return res
 
 
+PARTS = ("attention", "e2e", "accuracy")
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _holdout(model: str, settings, log_dir: Path, out: Path) -> int:
     """Accuracy only, on prompts of another seed base: dense, both variants and the wider page budget."""
     from lcx_plugin.harness.ab.tasks import derive_seed, generate
@@ -182,8 +194,9 @@ def plot(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
     ax = axes[0]
-    arms = [("dense", result["dense"]), ("token 512", result["token"]), ("page 256", result["page"]),
-            ("page 512", result["page_wide"])]
+    arms = [("dense", result["dense"]), ("token 512", result["token"]), ("page 256", result["page"])]
+    if "page_wide" in result:
+        arms.append(("page 512", result["page_wide"]))
     lengths = list(result["dense"]["acc_by_length"])
     width = 0.8 / len(arms)
     for i, (label, r) in enumerate(arms):
@@ -216,6 +229,9 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="default: bench/results/token_select.json "
                     "(with --holdout: bench/results/token_select_holdout.json)")
     ap.add_argument("--holdout", action="store_true", help="accuracy only, on a second prompt set (see above)")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="comma-separated subset of attention,e2e,accuracy (default: all); a subset replaces those "
+                         "parts in the existing result")
     args = ap.parse_args()
     out = Path(args.out or f"bench/results/token_select{'_holdout' if args.holdout else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -225,19 +241,32 @@ def main() -> int:
     settings = choose()
     if args.holdout:
         return _holdout(model, settings, log_dir, out)
-    samples = _accuracy_prompts(AutoTokenizer.from_pretrained(model))
-    res: dict = {"token_config": TOKEN, "page_config": PAGE, "page_wide_config": PAGE_WIDE}
-    with Progress(7, "bench token_select") as p:
-        res["attention_32k"] = _attention_child(settings, "token_select")
-        p.advance(note="attention at 32k")
-        for name, kw in (("stock", {}), ("page", {"backend": "lcx", "lcx": PAGE})):
-            res[f"e2e_{name}"] = _e2e(name, kw, model, settings, log_dir)
-            p.advance(note=f"e2e {name}")
-        for name, kw in (("dense", {"backend": "lcx", "lcx": {"method": "dense"}}),
-                         ("token", {"backend": "lcx", "lcx": TOKEN}), ("page", {"backend": "lcx", "lcx": PAGE}),
-                         ("page_wide", {"backend": "lcx", "lcx": PAGE_WIDE})):
-            res[name] = _accuracy(name, kw, samples, model, settings, log_dir)
-            p.advance(note=f"accuracy {name} {res[name]['acc']:.2f}")
+    parts = args.parts.split(",")
+    bad = sorted(set(parts) - set(PARTS))
+    if bad:
+        ap.error(f"--parts: unknown {bad}; choose from {list(PARTS)}")
+    # A part run alone replaces that part in the existing result; each part compares lcx with
+    # stock (or dense) within itself, and ``measured`` says when and at which commit each was.
+    res: dict = json.loads(out.read_text()) if set(parts) != set(PARTS) and out.exists() else {}
+    res.update({"token_config": TOKEN, "page_config": PAGE, "page_wide_config": PAGE_WIDE})
+    stamp = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "settings": {"bind": settings.bind, "dtype": settings.dtype}}
+    steps = {"attention": 1, "e2e": 2, "accuracy": 4}
+    with Progress(sum(steps[x] for x in parts), "bench token_select") as p:
+        if "attention" in parts:
+            res["attention_32k"] = _attention_child(settings, "token_select")
+            p.advance(note="attention at 32k")
+        if "e2e" in parts:
+            for name, kw in (("stock", {}), ("page", {"backend": "lcx", "lcx": PAGE})):
+                res[f"e2e_{name}"] = _e2e(name, kw, model, settings, log_dir)
+                p.advance(note=f"e2e {name}")
+        if "accuracy" in parts:
+            samples = _accuracy_prompts(AutoTokenizer.from_pretrained(model))
+            for name, kw in (("dense", {"backend": "lcx", "lcx": {"method": "dense"}}),
+                             ("token", {"backend": "lcx", "lcx": TOKEN}), ("page", {"backend": "lcx", "lcx": PAGE}),
+                             ("page_wide", {"backend": "lcx", "lcx": PAGE_WIDE})):
+                res[name] = _accuracy(name, kw, samples, model, settings, log_dir)
+                p.advance(note=f"accuracy {name} {res[name]['acc']:.2f}")
+    res.setdefault("measured", {}).update({x: stamp for x in parts})
     e2e_counters = res["e2e_page"]["batch8"]["counters"]
     res.update({
         # The page variant scoring every step (no cache hit), at the batch of the end-to-end target
@@ -249,7 +278,7 @@ def main() -> int:
                                  / res["e2e_stock"][f"batch{b}"]["decode_tps"] for b in (1, 8)},
         "kv_bytes_read_ratio": _bytes_ratio(e2e_counters),
         "dense_acc": res["dense"]["acc"], "acc": res["token"]["acc"], "acc_page": res["page"]["acc"],
-        "acc_page_wide": res["page_wide"]["acc"],
+        "acc_page_wide": res.get("page_wide", {}).get("acc"),
         "cache_hit_rate": _hit_rate(e2e_counters),
         "settings": {"bind": settings.bind, "dtype": settings.dtype},
     })
