@@ -26,13 +26,23 @@ def _ab(args) -> int:
     return run(args)
 
 
+def _demo(args) -> int:
+    from lcx_plugin.harness.ab.demo import run
+
+    return run(args)
+
+
 def _config(args) -> int:
     from lcx_plugin.config import LcxConfigError, resolve_config
 
     if args.methods:
         return _methods()
+    if args.model is None:
+        from lcx_plugin.harness.model import model_dir
+
+        args.model = str(model_dir())
     try:
-        cfg = resolve_config({"lcx": json.loads(args.json)} if args.json else None)
+        cfg = resolve_config({"lcx": json.loads(args.json)} if args.json else None, model=args.model)
     except (LcxConfigError, json.JSONDecodeError) as e:
         print(f"lcx config: error: {e}", file=sys.stderr)
         return 2
@@ -87,8 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p)
     p.set_defaults(fn=_ab)
 
-    p = sub.add_parser("config", help="validate an lcx config (JSON argument or $LCX_CONFIG) and print it")
+    p = sub.add_parser("demo", help="the main job: stock vLLM against lcx's recommended default, with the verdict")
+    from lcx_plugin.harness.ab.demo import add_arguments as add_demo
+
+    add_demo(p)
+    p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("config", help="validate an lcx config (JSON argument or $LCX_CONFIG) and print it; "
+                       "with neither, the recommended default")
     p.add_argument("json", nargs="?")
+    p.add_argument("--model", default=None, help="the served model's name or path, which picks the default when "
+                   "no config is given (default: the embedded model)")
     p.add_argument("--methods", action="store_true", help="list the methods and their parameters")
     p.set_defaults(fn=_config)
 

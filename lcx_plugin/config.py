@@ -9,7 +9,8 @@ Sources, in the engine process that starts first:
 - vLLM: ``--additional-config '{"lcx": {...}}'``;
 - anywhere: the env var ``LCX_CONFIG``, inline JSON or the path of a JSON file.
 Giving both with different contents is an error, since either could be the one meant.
-The default is dense attention, which is token-identical to the stock backend.
+With neither, lcx serves its recommended composition of methods (``lcx_plugin/recommended.py``);
+``{"method": "dense"}`` is the stock arithmetic. Inside a config, a missing ``method`` means dense.
 """
 from __future__ import annotations
 
@@ -194,8 +195,10 @@ def _parse_env(raw: str) -> tuple[Any, str]:
         raise LcxConfigError(f"lcx config from {source} is not valid JSON: {e}") from None
 
 
-def resolve_config(additional_config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> LcxConfig:
-    """Build the config from vLLM's additional_config and/or ``$LCX_CONFIG``."""
+def resolve_config(additional_config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
+                   model: str | None = None) -> LcxConfig:
+    """Build the config from vLLM's additional_config and/or ``$LCX_CONFIG``; with neither, the
+    recommended default for ``model`` (the served model's name or path)."""
     environ = os.environ if environ is None else environ
     engine_given = bool(additional_config) and "lcx" in additional_config
     env_given = bool(environ.get(ENV_VAR, "").strip())
@@ -207,4 +210,14 @@ def resolve_config(additional_config: Mapping[str, Any] | None = None, environ: 
     if a is not None and b is not None and a != b:
         raise LcxConfigError(f"lcx config given twice and they differ: --additional-config {a.to_dict()} vs "
                              f"${ENV_VAR} {b.to_dict()}; keep one")
-    return a or b or LcxConfig()
+    if a is not None or b is not None:
+        return a or b
+    from lcx_plugin.recommended import SOURCE, recommended
+
+    return LcxConfig.from_dict(recommended(model), SOURCE)
+
+
+def is_default(additional_config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> bool:
+    """No config given anywhere: lcx serves its recommended default."""
+    environ = os.environ if environ is None else environ
+    return not (additional_config and "lcx" in additional_config) and not environ.get(ENV_VAR, "").strip()

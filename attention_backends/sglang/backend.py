@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lcx_plugin.config import LcxConfig, resolve_config
+from lcx_plugin.config import LcxConfig, is_default, resolve_config
 from lcx_plugin.extrapolation import length_reasons, rope_from_config
 from lcx_plugin.head_patterns import ModelShape
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, formats
@@ -79,10 +79,11 @@ class LcxSglangBackend(compat.attention_backend_base()):
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.device = torch.device(getattr(model_runner, "device", "cpu"))
         self.page_size = int(getattr(model_runner, "page_size", 1) or 1)
-        self.config = resolve_config(None)  # $LCX_CONFIG; raises LcxConfigError on bad input
         pool = self.token_to_kv_pool
         model_config = getattr(model_runner, "model_config", None)
         facts = compat.model_facts(model_config) if model_config is not None else None
+        # $LCX_CONFIG, else the recommended default for the model; raises LcxConfigError on bad input
+        self.config = resolve_config(None, model=facts["name"] if facts else None)
         # Under tensor parallelism the pool holds this rank's KV heads; head patterns are indexed by
         # the model's global KV heads, so the model shape and this rank's first head come from the
         # model config and SGLang's published split (the same placement as vLLM's).
@@ -109,6 +110,9 @@ class LcxSglangBackend(compat.attention_backend_base()):
                     "%d..%d of %d) config: %s", self.config.method, self.impl, self.page_size, split["tp_rank"],
                     split["tp_size"], self.kv_head_offset, self.kv_head_offset + pool.head_num - 1, total,
                     self.config.describe())
+        if is_default(None):
+            logger.info("lcx: $LCX_CONFIG is not set, so this is lcx's recommended default; LCX_CONFIG="
+                        "'{\"method\": \"dense\"}' serves the stock arithmetic")
 
     # -- once per forward ------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch) -> None:

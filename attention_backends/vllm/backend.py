@@ -24,7 +24,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from lcx_plugin import machine, metrics
-from lcx_plugin.config import LcxConfig, resolve_config
+from lcx_plugin.config import LcxConfig, is_default, resolve_config
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, formats, mixed, quant
 from lcx_plugin.layer import LayerCore, StepPlan, plan_step, planning_selector
 from lcx_plugin.selectors import LayerInfo
@@ -50,7 +50,7 @@ if _drop_ended not in compat.step_listeners:
 def current_lcx_config() -> LcxConfig:
     """The lcx config of the engine being built; raises LcxConfigError on bad input."""
     vllm_config = get_current_vllm_config_or_none()
-    return resolve_config(getattr(vllm_config, "additional_config", None) or {})
+    return resolve_config(getattr(vllm_config, "additional_config", None) or {}, model=compat.served_model(vllm_config))
 
 
 class LcxAttentionBackend(AttentionBackend):
@@ -110,7 +110,7 @@ class LcxMetadataBuilder(AttentionMetadataBuilder[LcxMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.config = resolve_config(vllm_config.additional_config or {})
+        self.config = resolve_config(vllm_config.additional_config or {}, model=compat.served_model(vllm_config))
         self.kernel = self.config.implementation(device, engine_op=True)
         model, parallel = vllm_config.model_config, vllm_config.parallel_config
         # Query heads over the KV heads this group's cache holds (fewer than the model's when a
@@ -176,6 +176,7 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.config = current_lcx_config()
+        self.is_default = is_default(getattr(get_current_vllm_config_or_none(), "additional_config", None))
         # Built with the model, while vLLM's config and tensor-parallel groups are current.
         shape = compat.model_shape(get_current_vllm_config())
         self.placement = (shape, compat.kv_head_offset(self.num_kv_heads, shape.num_kv_heads))
@@ -281,6 +282,9 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
             logger.info("lcx attention active: method=%s kernel=%s device=%s heads=%d/%d head_dim=%d config: %s",
                         self.config.method, self.kernel, query.device.type, self.num_heads, self.num_kv_heads,
                         self.head_size, self.config.describe())
+            if self.is_default:
+                logger.info("lcx: no lcx config given, so this is lcx's recommended default (README, \"The default\"); "
+                            "--additional-config '{\"lcx\": {\"method\": \"dense\"}}' serves the stock arithmetic")
             _announced = True
         n = attn_metadata.num_actual_tokens
         dense_kernel = page_kernel = None

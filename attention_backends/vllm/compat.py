@@ -72,6 +72,11 @@ def layer_index(layer_name: str) -> int:
     return extract_layer_index(layer_name)
 
 
+def served_model(vllm_config) -> str | None:
+    """The served model's name or path, which picks lcx's default config when none is given."""
+    return getattr(getattr(vllm_config, "model_config", None), "model", None)
+
+
 def model_shape(vllm_config):
     """The served model's attention shape before any tensor-parallel split, and its name."""
     from pathlib import Path

@@ -302,7 +302,7 @@ def attach(layer, vllm_config) -> None:
 
     if layer.attn_type != AttentionType.DECODER or layer.kv_sharing_target_layer_name:
         return
-    config = resolve_config(vllm_config.additional_config or {})
+    config = resolve_config(vllm_config.additional_config or {}, model=compat.served_model(vllm_config))
     cell = packed_cell_bytes(config, layer.head_size, vllm_config.cache_config.block_size)
     if cell is not None:
         packed_spec = layer.get_kv_cache_spec

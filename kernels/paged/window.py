@@ -57,10 +57,14 @@ def window_attention(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: 
     hkv, d, bs = kv.num_kv_heads, kv.head_dim, kv.block_size
     group = query.shape[1] // hkv
     heads = torch.arange(hkv, device=query.device)
+    decoding = [b for b in range(plan.num_seqs) if plan.starts[b + 1] - plan.starts[b] == 1 and plan.lens[b] > 1]
+    if decoding:
+        _decode_rows(query, kv, plan, scale, out, sink, window, key, value, decoding)
+    batched = set(decoding)
     for b in range(plan.num_seqs):
         s, e = plan.starts[b], plan.starts[b + 1]
         q = e - s
-        if q == 0:
+        if q == 0 or b in batched:
             continue
         c = plan.lens[b] - q
         cpos = cached_positions(c, sink, window).to(query.device)
@@ -95,6 +99,41 @@ def window_attention(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: 
             o = (probs @ tv).view(hkv, group, rows, d).permute(2, 0, 1, 3).reshape(rows, hkv * group, d)
             out[s + r0: s + r1] = o.to(out.dtype)
     return out
+
+
+def _decode_rows(query, kv: KVFormat, plan: BatchPlan, scale: float, out, sink: int, window: int, key, value,
+                 seqs: list[int]) -> None:
+    """The one-row (decode) sequences ``seqs`` together, each with at least one cached token: the
+    row at position ``c`` reads its sinks and the ``window - 1`` cached positions before it, padded
+    to one width with copies of its last cached position (masked out of the softmax), plus its own
+    key and value from the step. One gather and two batched products for the whole batch, where a
+    loop per sequence costs a dozen small ops each."""
+    hkv, d, bs = kv.num_kv_heads, kv.head_dim, kv.block_size
+    group = query.shape[1] // hkv
+    dev = query.device
+    n = len(seqs)
+    rows = torch.tensor([plan.starts[b] for b in seqs], device=dev)
+    cached = torch.tensor([plan.lens[b] - 1 for b in seqs], device=dev)  # c >= 1: tokens before the row
+    n_sink = cached.clamp(max=sink)
+    lo = torch.maximum(n_sink, cached - window + 1)  # first window position
+    width = sink + window - 1
+    i = torch.arange(width, device=dev)[None, :]
+    pos = torch.where(i < n_sink[:, None], i, lo[:, None] + i - n_sink[:, None])  # [B, width]
+    valid = pos < cached[:, None]
+    pos = torch.minimum(pos, cached[:, None] - 1)  # padding re-reads a kept position: finite, then masked
+    table = plan.block_table[torch.tensor(seqs, device=dev)].long()
+    blocks = table.gather(1, pos // bs)
+    shape = (n, hkv, width)
+    kc, vc = kv.gather_tokens(blocks[:, None].expand(shape), torch.arange(hkv, device=dev)[None, :, None].expand(shape),
+                              (pos % bs)[:, None].expand(shape), torch.float32)  # [B, Hkv, width, D]
+    q = query.index_select(0, rows).float().view(n, hkv, group, d)
+    k_new = key.index_select(0, rows).float()[:, :, :, None]  # [B, Hkv, D, 1]
+    v_new = value.index_select(0, rows).float()[:, :, None, :]  # [B, Hkv, 1, D]
+    scores = torch.cat([torch.matmul(q, kc.transpose(2, 3)).masked_fill_(~valid[:, None, None, :], float("-inf")),
+                        torch.matmul(q, k_new)], 3).mul_(scale)  # [B, Hkv, G, width + 1]
+    probs = torch.softmax(scores, dim=-1)
+    o = torch.matmul(probs[..., :width], vc).add_(probs[..., width:] * v_new)  # [B, Hkv, G, D]
+    out.index_copy_(0, rows, o.reshape(n, hkv * group, d).to(out.dtype))
 
 
 def window_attention_reference(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, sink: int,

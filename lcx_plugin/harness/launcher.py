@@ -82,7 +82,7 @@ def kv_capacity(vllm_config) -> dict:
         tokens = cc.num_gpu_blocks * cc.block_size
     from lcx_plugin.config import resolve_config
 
-    lcx = resolve_config(vllm_config.additional_config or {})
+    lcx = resolve_config(vllm_config.additional_config or {}, model=getattr(vllm_config.model_config, "model", None))
     backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
     if lcx.quantized and "lcx" in str(getattr(backend, "name", backend)).lower():
         # Quantized pages are sized in bytes, whatever the model's dtype: the same at bf16.

@@ -55,7 +55,7 @@ class _Recorder:
         self.answer = {s.prompt: s.answers[0] for s in samples}
         self.log = []
 
-    async def stream(self, prompt, max_tokens):
+    async def stream(self, prompt, max_tokens, ignore_eos=False):
         self.log.append(("start", prompt))
         await asyncio.sleep(0.01)
         self.log.append(("end", prompt))

@@ -45,7 +45,14 @@ def test_httproute_splits_between_the_two_arms(ab, select):
     (route,) = select(ab, "HTTPRoute")
     assert route["spec"]["parentRefs"], "an HTTPRoute needs a parent Gateway"
     services = {s["metadata"]["name"]: s for s in select(ab, "Service")}
-    (rule,) = route["spec"]["rules"]
+    opt_out, rule = route["spec"]["rules"]
+    # Per request: "x-lcx: off" goes to the stock arm, whatever the weights.
+    (match,) = opt_out["matches"]
+    assert match["headers"] == [{"type": "Exact", "name": "x-lcx", "value": "off"}]
+    assert match["path"] == rule["matches"][0]["path"]
+    (ref,) = opt_out["backendRefs"]
+    (deployment,) = selected_deployments(ab, services[ref["name"]]["spec"]["selector"])
+    assert pod_labels(deployment)[ARM_LABEL] == "stock"
     arms = {}
     for ref in rule["backendRefs"]:
         assert ref.get("kind", "Service") == "Service" and ref.get("group", "") == ""

@@ -477,3 +477,19 @@ def test_replicated_kv_heads_are_placed_as_the_engine_loads_them():
     assert [first_kv_head(r, 6, 1, 3) for r in range(6)] == [0, 0, 1, 1, 2, 2]
     assert [first_kv_head(r, 2, 4, 8) for r in range(2)] == [0, 4]
     assert [first_kv_head(r, 3, 1, 3) for r in range(3)] == [0, 1, 2]
+
+
+def test_no_config_serves_the_recommended_default(monkeypatch):
+    """Without $LCX_CONFIG, SGLang serves lcx's default for the model: TokenSelect alone for a
+    model with no shipped head pattern (a head split needs one)."""
+    from lcx_plugin.config import LcxConfig
+    from lcx_plugin.recommended import WITHOUT_PATTERN
+
+    monkeypatch.delenv("LCX_CONFIG", raising=False)
+    engine = Engine()
+    backend = LcxSglangBackend(engine.runner(model_config()))
+    assert backend.config == LcxConfig.from_dict(WITHOUT_PATTERN) and backend.config.method == "token_select"
+    # The test's contexts stay below the default's min_context (2,048 tokens): dense, to float64.
+    for outs, refs in run_conversation(backend, engine):
+        for o, r in zip(outs, refs):
+            torch.testing.assert_close(o, r, atol=2e-5, rtol=1e-4)

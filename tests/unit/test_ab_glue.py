@@ -14,6 +14,8 @@ def test_arm_specs():
     lcx = Arm.parse('lcx:{"method": "dense", "kernel": "torch"}')
     assert (lcx.kind, lcx.backend, lcx.lcx, lcx.label) == ("engine", "lcx", {"method": "dense", "kernel": "torch"},
                                                            "lcx kernel=torch method=dense")
+    # No config: the engine gets none, so it serves lcx's recommended default.
+    assert Arm.parse("lcx") == Arm(label="lcx default", kind="engine", backend="lcx", lcx=None)
     url = Arm.parse("http://127.0.0.1:8001/v1")
     assert (url.kind, url.url) == ("endpoint", "http://127.0.0.1:8001/v1")
 
@@ -71,3 +73,63 @@ def test_summary_refuses_arms_run_on_different_prompts():
     b["samples"][0]["seed"] = 99
     with pytest.raises(ValueError, match="not run on the same prompts"):
         summarize(a, b, {})
+
+
+def _speed(ttft, tps):
+    return {"ttft_s": ttft, "batch": 8, "max_tokens": 64, "decode_tokens_per_s": tps}
+
+
+def test_verdict_line_and_demo_targets(tmp_path):
+    from lcx_plugin.harness.ab.demo import targets
+
+    a = _arm("stock", [1.0, 1.0, 1.0, 1.0], [0.1])
+    b = _arm("lcx", [1.0, 1.0, 1.0, 0.0], [0.1])
+    a["speed"], b["speed"] = _speed(10.0, 50.0), _speed(5.0, 150.0)
+    b["kv_capacity_tokens"] = 2500
+    s = summarize(a, b, {})
+    v = s["verdict"]
+    assert v["kv_capacity_ratio"] == 2.5 and v["decode_ratio"] == 3.0 and v["ttft_speedup"] == 2.0
+    assert v["accuracy_diff_pt"] == pytest.approx(-25.0)
+    assert v["line"].startswith("KV capacity 2.5x, decode 3.00x at batch 8, TTFT 2.00x faster, accuracy -25.0 pt [")
+    t = targets(s)
+    assert not t["kv_capacity_ratio"]["met"] and t["decode_ratio"]["met"] and not t["accuracy_ci_low_pt"]["met"]
+    assert t["min_stock_cell_acc"]["value"] == 1.0 and t["min_cell_n"]["value"] == 1 and not t["min_cell_n"]["met"]
+    b["speed"] = _speed(20.0, 25.0)
+    assert "decode 0.50x at batch 8, TTFT 2.00x slower" in summarize(a, b, {})["verdict"]["line"]
+    pngs = write_plots(s, tmp_path, prefix="demo")
+    assert (tmp_path / "demo_verdict.png") in pngs and (tmp_path / "demo_verdict.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class _ScriptedStreamer:
+    """Yields one token per ``step`` seconds of fake time, a request's first after ``first`` s."""
+
+    def __init__(self):
+        import itertools
+
+        self.calls = []
+        self._ids = itertools.count()
+
+    async def stream(self, prompt, max_tokens, ignore_eos=False):
+        import asyncio
+
+        self.calls.append((prompt, max_tokens, ignore_eos))
+        await asyncio.sleep(0.05 if max_tokens == 1 else 0.01 * next(self._ids))
+        for _ in range(max_tokens):
+            await asyncio.sleep(0.01)
+            yield "x", 1
+
+
+def test_speed_phase_counts_only_tokens_decoded_while_the_whole_batch_runs():
+    import asyncio
+
+    from lcx_plugin.harness.ab.evaluate import speed_phase
+
+    st = _ScriptedStreamer()
+    r = asyncio.run(speed_phase(st, "cold", ["p0", "p1", "p2"], 20))
+    assert st.calls[0] == ("cold", 1, False) and all(c[1:] == (20, True) for c in st.calls[1:])
+    assert r["ttft_s"] >= 0.05 and r["batch"] == 3 and r["output_tokens"] == [20, 20, 20]
+    # Three requests at no more than 100 tokens/s each (slower on a busy machine), started 10 ms
+    # apart: at most about 300 tokens/s together, counted only while all three decode.
+    assert 0 < r["decode_tokens"] < 60 and 0 < r["decode_tokens_per_s"] < 360
+    with pytest.raises(RuntimeError, match="never decoded together"):
+        asyncio.run(speed_phase(_ScriptedStreamer(), "cold", ["p0", "p1", "p2", "p3", "p4"], 2))

@@ -8,10 +8,28 @@ from lcx_plugin.config import ENV_VAR, LcxConfig, LcxConfigError, resolve_config
 from lcx_plugin.selectors import get
 
 
-def test_default_is_dense():
-    cfg = resolve_config({}, environ={})
+def test_no_config_serves_the_recommended_default():
+    from lcx_plugin.config import is_default
+    from lcx_plugin.recommended import RECOMMENDED, WITHOUT_PATTERN
+
+    # The embedded model has a shipped head pattern: the head split with TokenSelect inside.
+    cfg = resolve_config({}, environ={}, model="/models/SmolLM2-135M-Instruct")
+    assert cfg == LcxConfig.from_dict(RECOMMENDED) and cfg.method == "head_split"
+    assert cfg.selector.retrieval.name == "token_select" and cfg.selector.retrieval.min_context == 2048
+    assert not cfg.quantized
+    # Any other model: TokenSelect alone (a head split needs a pattern), never an error.
+    other = resolve_config(None, environ={}, model="org/Unknown-7B")
+    assert other == LcxConfig.from_dict(WITHOUT_PATTERN) and other.method == "token_select"
+    assert resolve_config(None, environ={}) == other
+    assert is_default({}, {}) and is_default(None, {"LCX_CONFIG": "  "})
+    assert not is_default({"lcx": {}}, {}) and not is_default(None, {ENV_VAR: '{"method": "dense"}'})
+
+
+def test_a_config_without_method_is_dense():
+    cfg = resolve_config({"lcx": {}}, environ={})
     assert cfg == LcxConfig() and cfg.method == "dense" and cfg.kernel == "auto"
     assert cfg.to_dict() == {"method": "dense", "kernel": "auto"}
+    assert resolve_config({}, environ={ENV_VAR: '{"method": "dense"}'}, model="SmolLM2-135M-Instruct") == LcxConfig()
 
 
 def test_method_parameters_are_validated_and_defaulted():

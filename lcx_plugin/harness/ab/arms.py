@@ -2,7 +2,9 @@
 
 Spec strings, as typed after ``--arm-a`` / ``--arm-b``:
 - ``stock``: vLLM with its default attention backend;
-- ``lcx`` or ``lcx:{"method": "dense"}`` or ``lcx:path/to/config.json``: vLLM with ``--attention-backend lcx``;
+- ``lcx``: vLLM with ``--attention-backend lcx`` and no config, which serves lcx's recommended default
+  (``lcx_plugin/recommended.py``);
+- ``lcx:{"method": "dense"}`` or ``lcx:path/to/config.json``: the same with that config;
 - ``http://host:port`` (optionally ``/v1``): an endpoint, e.g. a stock fleet's and an lcx fleet's Service.
 
 Engine arms run one after the other, each in a fresh child process that builds its engine,
@@ -43,8 +45,10 @@ class Arm:
             return cls(label=spec.split("//", 1)[1].rstrip("/"), kind="endpoint", url=spec)
         if spec == "stock":
             return cls(label="stock", kind="engine")
-        if spec == "lcx" or spec.startswith("lcx:"):
-            raw = spec[4:].strip() if spec.startswith("lcx:") else "{}"
+        if spec == "lcx":  # no config: the engine serves lcx's recommended default
+            return cls(label="lcx default", kind="engine", backend="lcx", lcx=None)
+        if spec.startswith("lcx:"):
+            raw = spec[4:].strip()
             if raw and not raw.startswith("{"):
                 path = Path(raw)
                 if not path.is_file():
@@ -70,6 +74,9 @@ class Job:
     model: str | None = None
     engine: dict = field(default_factory=dict)  # engine overrides on top of the launcher's defaults
     settings: dict = field(default_factory=dict)  # RunSettings of this run, the same for both arms
+    speed_ttft_prompt: str | None = None  # speed phase (evaluate.speed_phase); None: none
+    speed_batch_prompts: list[str] = field(default_factory=list)
+    speed_max_tokens: int = 64
 
 
 def _progress_stream():
@@ -84,7 +91,7 @@ PROGRESS_FD_ENV = "LCX_AB_PROGRESS_FD"
 
 async def _evaluate(streamer, job: Job, label: str) -> dict:
     from ..progress import Progress
-    from .evaluate import accuracy_phase, load_phase
+    from .evaluate import accuracy_phase, load_phase, speed_phase
 
     stream = _progress_stream()
     with Progress(len(job.samples), f"[{label}] accuracy", stream) as p:
@@ -92,7 +99,12 @@ async def _evaluate(streamer, job: Job, label: str) -> dict:
     with Progress(len(job.load_prompts), f"[{label}] load x{job.load_concurrency}", stream) as p:
         load = await load_phase(streamer, job.load_prompts, job.load_max_tokens, job.load_concurrency,
                                 on_done=p.advance)
-    return {"samples": rows, "load": load}
+    speed = None
+    if job.speed_ttft_prompt:
+        with Progress(2, f"[{label}] speed: TTFT, then decode x{len(job.speed_batch_prompts)}", stream) as p:
+            speed = await speed_phase(streamer, job.speed_ttft_prompt, job.speed_batch_prompts, job.speed_max_tokens,
+                                      on_done=p.advance)
+    return {"samples": rows, "load": load, "speed": speed}
 
 
 def _engine_child(job_path: str, out_path: str) -> None:

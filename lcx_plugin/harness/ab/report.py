@@ -45,6 +45,31 @@ def _latency(load: dict) -> dict:
     return out
 
 
+def _ratio(num, den) -> float | None:
+    return num / den if num and den else None
+
+
+def verdict(kv: dict, speed: dict, overall: dict) -> dict:
+    """B against A in one line: KV capacity, decode at batch, TTFT (each B's gain: > 1 is better for B)
+    and the paired accuracy difference with its 95% interval, in points."""
+    out = {"kv_capacity_ratio": _ratio(kv.get("B"), kv.get("A")), "decode_ratio": None, "ttft_speedup": None}
+    sa, sb = speed.get("A"), speed.get("B")
+    parts = [f"KV capacity {out['kv_capacity_ratio']:.1f}x" if out["kv_capacity_ratio"] else "KV capacity n/a"]
+    if sa and sb:
+        out["decode_ratio"] = _ratio(sb["decode_tokens_per_s"], sa["decode_tokens_per_s"])
+        out["ttft_speedup"] = _ratio(sa["ttft_s"], sb["ttft_s"])
+        out["batch"] = sb["batch"]
+        parts += [f"decode {out['decode_ratio']:.2f}x at batch {sb['batch']}", f"TTFT {out['ttft_speedup']:.2f}x faster"
+                  if out["ttft_speedup"] >= 1 else f"TTFT {1 / out['ttft_speedup']:.2f}x slower"]
+    bs = overall["bootstrap"]
+    out["accuracy_diff_pt"] = 100 * bs["diff"]
+    out["accuracy_ci_pt"] = [100 * bs["low"], 100 * bs["high"]]
+    parts.append(f"accuracy {100 * bs['diff']:+.1f} pt [{100 * bs['low']:+.1f}, {100 * bs['high']:+.1f}] "
+                 f"(n={overall['n']} paired)")
+    out["line"] = ", ".join(parts)
+    return out
+
+
 def summarize(a: dict, b: dict, setup: dict) -> dict:
     pairs = _paired(a["samples"], b["samples"])
     groups, turns = defaultdict(list), defaultdict(list)
@@ -57,12 +82,17 @@ def summarize(a: dict, b: dict, setup: dict) -> dict:
         k = (ra["task"], ra["target_tokens"], ra["depth"])
         cells[k]["A"].append(ra["score"])
         cells[k]["B"].append(rb["score"])
+    overall = _compare(pairs)
+    kv = {"A": a.get("kv_capacity_tokens"), "B": b.get("kv_capacity_tokens")}
+    speed = {"A": a.get("speed"), "B": b.get("speed")}
     return {
+        "verdict": verdict(kv, speed, overall),
         "setup": setup,
         "arms": {"A": a["arm"], "B": b["arm"]},
-        "kv_capacity_tokens": {"A": a.get("kv_capacity_tokens"), "B": b.get("kv_capacity_tokens")},
+        "kv_capacity_tokens": kv,
+        "speed": speed,
         "accuracy": {
-            "overall": _compare(pairs),
+            "overall": overall,
             "by_task_length": [{"task": t, "length": n, **_compare(ps)} for (t, n), ps in sorted(groups.items())],
             "by_turn": [{"task": t, "length": n, "turn": k, **_compare(ps)} for (t, n, k), ps in sorted(turns.items())],
             "cells": [{"task": t, "length": n, "depth": d, "A": sum(v["A"]) / len(v["A"]), "B": sum(v["B"]) / len(v["B"])}
@@ -86,7 +116,8 @@ def markdown(summary: dict) -> str:
     """The report's two tables in Markdown (for READMEs and PR descriptions), under its machine line."""
     acc = summary["accuracy"]
     la, lb = summary["arms"]["A"]["label"], summary["arms"]["B"]["label"]
-    lines = [f"{machine_line(summary['setup'].get('machine'))}", "",
+    lines = [f"**{la} → {lb}: {summary['verdict']['line']}**", "",
+             f"{machine_line(summary['setup'].get('machine'))}", "",
              f"| task | length | n | A = {la}: exact [95% CI] | B = {lb}: exact [95% CI] | McNemar p | "
              "B−A exact [95% CI] | A / B partial |",
              "|---|---|---|---|---|---|---|---|"]
@@ -116,6 +147,14 @@ def markdown(summary: dict) -> str:
         tp = lat["tpot_s"]["p50"]
         lines.append(f"| {side}: {label} | {' | '.join(cells)} | {tp['value'] * 1e3:.1f} [{tp['low'] * 1e3:.1f}, "
                      f"{tp['high'] * 1e3:.1f}] | {lat['tokens_per_s']:.1f} | {summary['kv_capacity_tokens'][side] or 'n/a'} |")
+    sp = summary.get("speed") or {}
+    if sp.get("A") and sp.get("B"):
+        cfg = summary["setup"].get("speed") or {}
+        lines += ["", f"Speed at about {cfg.get('context_tokens')} tokens: TTFT of one cold prompt alone; decode tokens/s of "
+                  f"{sp['A']['batch']} requests over as many documents of that length decoding together ({sp['A']['max_tokens']} tokens each):", "",
+                  "| arm | TTFT s | decode tok/s (batch) |", "|---|---|---|"]
+        for side, label in (("A", la), ("B", lb)):
+            lines.append(f"| {side}: {label} | {sp[side]['ttft_s']:.2f} | {sp[side]['decode_tokens_per_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -152,6 +191,12 @@ def print_table(summary: dict) -> None:
                    f"{tpot['value'] * 1e3:.1f}" if tpot else "-", f"{lat['tokens_per_s']:.1f}",
                    str(summary["kv_capacity_tokens"][side] or "n/a"))
     console.print(lt)
+    sp = summary.get("speed") or {}
+    if sp.get("A") and sp.get("B"):
+        for side, label in (("A", la), ("B", lb)):
+            console.print(f"speed {side} ({label}): TTFT {sp[side]['ttft_s']:.2f} s, decode {sp[side]['decode_tokens_per_s']:.1f} "
+                          f"tok/s at batch {sp[side]['batch']}")
+    console.print(f"[bold]verdict (B vs A): {summary['verdict']['line']}[/]")
 
 
 def write_plots(summary: dict, out_dir: Path, prefix: str = "ab") -> list[Path]:
@@ -205,7 +250,41 @@ def write_plots(summary: dict, out_dir: Path, prefix: str = "ab") -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
+    written.append(_verdict_plot(summary, out_dir / f"{prefix}_verdict.png", plt, np))
     return written
+
+
+def _verdict_plot(summary: dict, path: Path, plt, np) -> Path:
+    """B's gains over A (KV capacity, decode at batch, TTFT) beside each cell's accuracy with its
+    Wilson interval, under the verdict line."""
+    v = summary["verdict"]
+    la, lb = summary["arms"]["A"]["label"], summary["arms"]["B"]["label"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    names = [("KV capacity", v.get("kv_capacity_ratio")), (f"decode, batch {v.get('batch', '?')}", v.get("decode_ratio")),
+             ("TTFT speed", v.get("ttft_speedup"))]
+    names = [(n, x) for n, x in names if x]
+    bars = left.bar([n for n, _ in names], [x for _, x in names], color="#4c72b0")
+    left.axhline(1.0, color="black", lw=1)
+    for b, (_, x) in zip(bars, names):
+        left.text(b.get_x() + b.get_width() / 2, x, f"{x:.2f}x", ha="center", va="bottom")
+    left.set_ylabel(f"{lb} over {la} (> 1: better)")
+    left.set_title("capacity and speed")
+    rows = summary["accuracy"]["by_task_length"] + [{"task": "all", "length": "", **summary["accuracy"]["overall"]}]
+    x = np.arange(len(rows))
+    for dx, side, label in ((-0.15, "A", la), (0.15, "B", lb)):
+        acc = np.array([r[side]["exact"] / r["n"] for r in rows])
+        lo = np.array([r[side]["exact_ci"][0] for r in rows])
+        hi = np.array([r[side]["exact_ci"][1] for r in rows])
+        right.errorbar(x + dx, acc, yerr=[acc - lo, hi - acc], fmt="o", capsize=4, label=f"{side}: {label}")
+    right.set_xticks(x, [f"{r['task']} {r['length']}\nn={r['n']}" for r in rows])
+    right.set_ylim(0, 1.05)
+    right.set_ylabel("exact-match rate (95% Wilson)")
+    right.set_title("accuracy, paired prompts")
+    right.legend(loc="lower left")
+    fig.suptitle(v["line"], fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_json(summary: dict, path: Path) -> None:

@@ -13,7 +13,7 @@ from .tasks import KNOWN_TASKS, TASKS, build_grid, generate
 DEFAULTS = {
     "tasks": ",".join(TASKS), "lengths": "1024,4096", "depths": "0.1,0.5,0.9", "samples": 1,
     "load_requests": 16, "load_concurrency": 4, "load_prompt_tokens": 1024, "load_max_tokens": 32,
-    "max_model_len": 8192,
+    "max_model_len": 8192, "speed_context": 0, "speed_batch": 8, "speed_max_tokens": 64,
 }
 
 
@@ -35,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="streaming requests in flight at once during the load phase")
     p.add_argument("--load-prompt-tokens", type=int, default=DEFAULTS["load_prompt_tokens"])
     p.add_argument("--load-max-tokens", type=int, default=DEFAULTS["load_max_tokens"])
+    p.add_argument("--speed-context", type=int, default=DEFAULTS["speed_context"],
+                   help="speed phase at this context length in tokens: TTFT of one cold prompt, then decode tokens/s "
+                        "of --speed-batch requests over as many documents of that length (0: no speed phase)")
+    p.add_argument("--speed-batch", type=int, default=DEFAULTS["speed_batch"], help="requests decoding together in "
+                   "the speed phase")
+    p.add_argument("--speed-max-tokens", type=int, default=DEFAULTS["speed_max_tokens"],
+                   help="tokens each speed-phase request decodes (end of text ignored)")
     p.add_argument("--max-model-len", type=int, default=DEFAULTS["max_model_len"],
                    help="the arms' context limit: lengths that cannot fit are refused up front")
     p.add_argument("--out", default="out/ab/ab.json", help="report JSON; the PNGs go beside it")
@@ -65,6 +72,7 @@ def _dry_run(args, arms, tasks, lengths, depths, console) -> int:
         if any(not 0.0 <= d <= 1.0 for d in depths):
             raise ValueError(f"depths {depths} must lie in [0, 1]")
         _check_lengths_fit(tasks, lengths, args.max_model_len)
+        _check_speed(args)
     except ValueError as e:
         console.print(f"[red]lcx ab: error:[/] {e}")
         return 2
@@ -73,10 +81,28 @@ def _dry_run(args, arms, tasks, lengths, depths, console) -> int:
 
     per_length = [QUESTIONS if t in SHARED_CONTEXT_TASKS else len(depths) for t in tasks]
     n = sum(per_length) * len(lengths) * args.samples
+    speed = (f"; speed phase at {args.speed_context} tokens, batch {args.speed_batch}" if args.speed_context else "")
     console.print(f"dry run: arms A={arms[0].label} ({arms[0].kind}), B={arms[1].label} ({arms[1].kind}); "
-                  f"{n} accuracy prompts, {args.load_requests} load requests; lengths {lengths} fit "
+                  f"{n} accuracy prompts, {args.load_requests} load requests{speed}; lengths {lengths} fit "
                   f"max_model_len {args.max_model_len}; report {args.out}")
     return 0
+
+
+def _check_speed(args) -> None:
+    if args.speed_context < 0 or args.speed_batch < 1 or args.speed_max_tokens < 2:
+        raise ValueError(f"--speed-context {args.speed_context} must be >= 0, --speed-batch {args.speed_batch} >= 1 "
+                         f"and --speed-max-tokens {args.speed_max_tokens} >= 2")
+    if args.speed_context and args.speed_context + args.speed_max_tokens + 64 > args.max_model_len:
+        raise ValueError(f"--speed-context {args.speed_context} plus {args.speed_max_tokens} new tokens does not fit "
+                         f"--max-model-len {args.max_model_len}")
+
+
+def speed_prompts(context_tokens: int, batch: int, seed: int, tokenizer) -> tuple[str, list[str]]:
+    """The TTFT prompt, a passkey document of about ``context_tokens`` tokens, and the ``batch``
+    prompts that decode together: that one and ``batch - 1`` other documents of the same length,
+    so no two requests share pages (a shared prefix would flatter the arm that can share it)."""
+    docs = [generate("passkey", context_tokens, 0.5, seed + 2000 + i, tokenizer).prompt for i in range(batch)]
+    return docs[0], docs
 
 
 class EndpointTokenizer:
@@ -131,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         arms = [Arm.parse(args.arm_a), Arm.parse(args.arm_b)]
         tasks, lengths, depths = _csv(args.tasks), _csv(args.lengths, int), _csv(args.depths, float)
         settings = choose(bind=args.bind, dtype=args.dtype)
+        _check_speed(args)
     except ValueError as e:
         console.print(f"[red]lcx ab: error:[/] {e}")
         return 2
@@ -151,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
             samples = build_grid(tasks, lengths, depths, args.samples, args.seed, tokenizer, max_context=args.max_model_len)
             load_prompts = [generate("passkey", args.load_prompt_tokens, 0.5, args.seed + 1000 + i, tokenizer).prompt
                             for i in range(args.load_requests)]
+            speed = speed_prompts(args.speed_context, args.speed_batch, args.seed, tokenizer) if args.speed_context else None
         except ValueError as e:
             console.print(f"[red]lcx ab: error:[/] {e}")
             return 2
@@ -158,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
                   f" x {args.samples}), {len(load_prompts)} load requests at concurrency {args.load_concurrency}")
     job = Job(samples=samples, load_prompts=load_prompts, load_max_tokens=args.load_max_tokens,
               load_concurrency=args.load_concurrency, accuracy_concurrency=args.accuracy_concurrency, model=model,
-              engine={"max_model_len": args.max_model_len}, settings=asdict(settings))
+              engine={"max_model_len": args.max_model_len}, settings=asdict(settings),
+              speed_ttft_prompt=speed[0] if speed else None, speed_batch_prompts=speed[1] if speed else [],
+              speed_max_tokens=args.speed_max_tokens)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(os.environ.get("LCX_LOG_DIR", "out/logs"))
@@ -170,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
     setup = {"tasks": tasks, "lengths": lengths, "depths": depths, "samples_per_cell": args.samples, "seed": args.seed,
              "model": model, "load": {"requests": args.load_requests, "concurrency": args.load_concurrency,
                                       "prompt_tokens": args.load_prompt_tokens, "max_tokens": args.load_max_tokens},
+             "speed": {"context_tokens": args.speed_context, "batch": args.speed_batch,
+                       "max_tokens": args.speed_max_tokens} if speed else None,
              "engine": job.engine, "machine": machine_record(settings) if engine_arms else None,
              "scoring": "exact: the answer-shaped items in the output are exactly the expected set (a distractor "
                         "named is wrong); partial: fraction of expected answers found",

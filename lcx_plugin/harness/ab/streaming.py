@@ -14,7 +14,7 @@ from typing import AsyncIterator, Protocol
 
 
 class Streamer(Protocol):
-    async def stream(self, prompt: str, max_tokens: int) -> AsyncIterator[tuple[str, int]]: ...
+    async def stream(self, prompt: str, max_tokens: int, ignore_eos: bool = False) -> AsyncIterator[tuple[str, int]]: ...
 
 
 class EngineStreamer:
@@ -29,11 +29,12 @@ class EngineStreamer:
 
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
-    async def stream(self, prompt: str, max_tokens: int):
+    async def stream(self, prompt: str, max_tokens: int, ignore_eos: bool = False):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                                output_kind=RequestOutputKind.DELTA)
         async for out in self.engine.generate(prompt, params, request_id=f"ab-{next(self._ids)}"):
             c = out.outputs[0]
             if c.token_ids:
@@ -87,10 +88,12 @@ class EndpointStreamer:
                 self.model = (await r.json())["data"][0]["id"]
         return self._session
 
-    async def stream(self, prompt: str, max_tokens: int):
+    async def stream(self, prompt: str, max_tokens: int, ignore_eos: bool = False):
         session = await self._client()
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                 "stream": True, "stream_options": {"include_usage": True}}
+        if ignore_eos:
+            body["ignore_eos"] = True  # vLLM's extension of the completions API
         async with session.post(self.base_url + "/v1/completions", json=body) as r:
             if r.status != 200:
                 raise RuntimeError(f"{self.base_url} answered {r.status}: {(await r.text())[:500]}")

@@ -1,0 +1,42 @@
+"""The configuration lcx runs when none is given: a composition of its methods chosen by measurement.
+
+``vllm serve MODEL --attention-backend lcx`` with no ``--additional-config`` and no ``$LCX_CONFIG``
+serves :data:`RECOMMENDED` (README, "The default", has the figures behind it):
+
+- **head split** (DuoAttention / RazorAttention): per layer, the 2 of 3 KV heads that the shipped
+  calibration scores lowest keep only 64 sink tokens and a 512-token window, stored apart, so
+  the engine holds more than twice the KV tokens;
+- **TokenSelect, page granular**, on the remaining retrieval heads: at each decode step, the 256
+  tokens' worth of pages whose key bounds score highest for the step's queries, plus 64 sinks and
+  a 128-token window; reused while the queries stay similar. That is what makes a long-context
+  decode step cheap;
+- **dense below 2,048 tokens** on the retrieval heads (TokenSelect's ``min_context``): short
+  contexts, where a selection saves little and the page variant's accuracy loss shows most, keep
+  every token there.
+
+For a model without a shipped head pattern (``lcx calibrate`` makes one), the head split cannot
+apply: the default is then TokenSelect alone, over every head, and lcx says so at startup.
+``{"method": "dense"}`` is the stock arithmetic, one config key away.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+#: Served when no config is given and the model has a shipped head pattern.
+RECOMMENDED: dict[str, Any] = {
+    "method": "head_split", "pattern": "auto", "streaming_fraction": 0.6667, "sink": 64, "window": 512,
+    "retrieval": {"method": "token_select", "granularity": "page", "budget": 256, "sink": 64, "window": 128,
+                  "min_context": 2048},
+}
+#: Served when no config is given and no head pattern ships for the model.
+WITHOUT_PATTERN: dict[str, Any] = RECOMMENDED["retrieval"]
+
+SOURCE = "lcx's recommended default (no config given)"
+
+
+def recommended(model_name: str | None) -> dict[str, Any]:
+    """The default config for the served model (its name or path)."""
+    from lcx_plugin import head_patterns
+
+    return copy.deepcopy(RECOMMENDED if head_patterns.shipped(model_name) else WITHOUT_PATTERN)
