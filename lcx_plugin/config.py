@@ -200,8 +200,7 @@ def resolve_config(additional_config: Mapping[str, Any] | None = None, environ: 
     """Build the config from vLLM's additional_config and/or ``$LCX_CONFIG``; with neither, the
     recommended default for ``model`` (the served model's name or path)."""
     environ = os.environ if environ is None else environ
-    engine_given = bool(additional_config) and "lcx" in additional_config
-    env_given = bool(environ.get(ENV_VAR, "").strip())
+    engine_given, env_given = _given(additional_config, environ)
     a = LcxConfig.from_dict(additional_config["lcx"], "--additional-config") if engine_given else None
     b = None
     if env_given:
@@ -217,7 +216,11 @@ def resolve_config(additional_config: Mapping[str, Any] | None = None, environ: 
     return LcxConfig.from_dict(recommended(model), SOURCE)
 
 
+def _given(additional_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> tuple[bool, bool]:
+    """Whether vLLM's additional_config, and whether ``$LCX_CONFIG``, carry an lcx config."""
+    return bool(additional_config) and "lcx" in additional_config, bool(environ.get(ENV_VAR, "").strip())
+
+
 def is_default(additional_config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> bool:
     """No config given anywhere: lcx serves its recommended default."""
-    environ = os.environ if environ is None else environ
-    return not (additional_config and "lcx" in additional_config) and not environ.get(ENV_VAR, "").strip()
+    return not any(_given(additional_config, os.environ if environ is None else environ))

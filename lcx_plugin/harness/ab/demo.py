@@ -18,8 +18,6 @@ override any of the demo's settings.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 #: The demo's grid and phases (``lcx ab`` options).
 DEMO = {
@@ -79,19 +77,21 @@ def run(args: argparse.Namespace) -> int:
         for k, v in REDUCED.items():
             if getattr(args, k) == DEMO[k]:  # what the command line left at the demo's value
                 setattr(args, k, v)
-    rc = run_ab(args)
+    written: list[dict] = []
+
+    def finish(summary: dict) -> str:
+        written.append(summary)
+        summary["demo"] = {"reduced": args.reduced, "cell_choice": CELL_CHOICE, "targets": targets(summary)}
+        lines = ["| target | value | met |", "|---|---|---|"]
+        for t in summary["demo"]["targets"].values():
+            val = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+            lines.append(f"| {t['what']} {t['target']} | {val} | {'yes' if t['met'] else '**no**'} |")
+        return "\nTargets:\n\n" + "\n".join(lines) + f"\n\nCells: {CELL_CHOICE}.\n"
+
+    rc = run_ab(args, finish)
     if rc or args.dry_run:
         return rc
-    out = Path(args.out)
-    summary = json.loads(out.read_text())
-    summary["demo"] = {"reduced": args.reduced, "cell_choice": CELL_CHOICE, "targets": targets(summary)}
-    out.write_text(json.dumps(summary, indent=1))
-    md = out.with_suffix(".md")
-    lines = ["| target | value | met |", "|---|---|---|"]
-    for t in summary["demo"]["targets"].values():
-        val = "n/a" if t["value"] is None else f"{t['value']:.2f}"
-        lines.append(f"| {t['what']} {t['target']} | {val} | {'yes' if t['met'] else '**no**'} |")
-    md.write_text(md.read_text() + "\nTargets:\n\n" + "\n".join(lines) + f"\n\nCells: {CELL_CHOICE}.\n")
+    summary = written[0]
     print(f"verdict: {summary['verdict']['line']}")
     missed = [k for k, t in summary["demo"]["targets"].items() if not t["met"]]
     print("targets: all met" if not missed else f"targets missed: {', '.join(missed)}")

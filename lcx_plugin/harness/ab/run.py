@@ -72,7 +72,6 @@ def _dry_run(args, arms, tasks, lengths, depths, console) -> int:
         if any(not 0.0 <= d <= 1.0 for d in depths):
             raise ValueError(f"depths {depths} must lie in [0, 1]")
         _check_lengths_fit(tasks, lengths, args.max_model_len)
-        _check_speed(args)
     except ValueError as e:
         console.print(f"[red]lcx ab: error:[/] {e}")
         return 2
@@ -143,7 +142,9 @@ def _tokenizer(args, arms: list[Arm], model: str | None, console):
     return tok
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, finish=None) -> int:
+    """``finish(summary) -> str``, if given, adds to the summary before it is written and returns
+    Markdown to append to the report."""
     from rich.console import Console
 
     from lcx_plugin.harness.model import prepare
@@ -208,9 +209,10 @@ def run(args: argparse.Namespace) -> int:
              "wall_s": None}
     summary = summarize(results[0], results[1], setup)
     summary["setup"]["wall_s"] = time.perf_counter() - t0
+    extra_md = finish(summary) if finish else ""
     print_table(summary)
     write_json(summary, out)
-    out.with_suffix(".md").write_text(markdown(summary) + "\n")
+    out.with_suffix(".md").write_text(markdown(summary) + "\n" + extra_md)
     pngs = write_plots(summary, out.parent, prefix=out.stem)
     console.print(f"report: {out} (+ .md); plots: {', '.join(str(p) for p in pngs)}; took {summary['setup']['wall_s']:.0f} s")
     return 0
