@@ -23,6 +23,8 @@ scale views; ``bits`` is 16 or 32 (the cache's own floating dtype) today.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -152,14 +154,43 @@ class KVFormat:
 
     def gather_tokens(self, blocks: torch.Tensor, heads: torch.Tensor, offsets: torch.Tensor,
                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of single tokens ``(blocks[i], heads[i], offsets[i])``: ``[*shape, D]``."""
+        """Keys and values of single tokens ``(blocks[i], heads[i], offsets[i])``: ``[*shape, D]``.
+        A side whose tokens are contiguous rows (``_rows``) is read with one row ``index_select``,
+        a plain copy per token; a tiled side (keys transposed, AMX tiles) by element indexing."""
         out = []
-        for view in (self.k, self.v):
+        for view, rows in zip((self.k, self.v), self._rows):
+            if rows is not None:
+                flat, s_block, s_head, s_token, first = rows
+                at = blocks.long() * s_block + heads.long() * s_head + offsets.long() * s_token + first
+                x = flat.index_select(0, at.reshape(-1)).view(*blocks.shape, self.head_dim)
+                out.append(x if dtype is None else x.to(dtype))
+                continue
             t0 = view.shape[3]
             x = view[blocks, heads, offsets // t0, offsets % t0]  # [*shape, J1, J0]
             x = x.reshape(*blocks.shape, self.head_dim)
             out.append(x if dtype is None else x.to(dtype))
         return out[0], out[1]
+
+    @functools.cached_property
+    def _rows(self) -> tuple[tuple | None, tuple | None]:
+        """Per side (keys, values): where each token's ``D`` elements form one contiguous row at a
+        whole-row offset, the storage as ``[rows, D]`` and the block, head and token strides and
+        the first row, in rows; None for a side whose tokens are tiled or transposed."""
+        sides = []
+        for view in (self.k, self.v):
+            x = self._as4(view)
+            d = self.head_dim
+            if x is None or (x.stride(3) != 1 and d > 1):
+                sides.append(None)
+                continue
+            s_block, s_head, s_token = x.stride(0), x.stride(1), x.stride(2)
+            if any(n % d for n in (s_block, s_head, s_token, x.storage_offset())):
+                sides.append(None)
+                continue
+            elems = x.untyped_storage().nbytes() // x.element_size()
+            flat = x.as_strided((elems // d, d), (d, 1), 0)
+            sides.append((flat, s_block // d, s_head // d, s_token // d, x.storage_offset() // d))
+        return sides[0], sides[1]
 
     def token(self, block: int, head: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One token's key and value, ``[D]`` each (the reference's slow, obvious accessor)."""

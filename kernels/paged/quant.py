@@ -251,9 +251,15 @@ class QuantKVFormat(BytePages):
     def gather_tokens(self, blocks: torch.Tensor, heads: torch.Tensor, offsets: torch.Tensor,
                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized keys and values of single tokens ``(blocks[i], heads[i], offsets[i])``: ``[*shape, D]``."""
-        rows = self.raw[blocks.long(), heads.long(), offsets.long()]  # [*shape, 2R]
+        if self.raw.is_contiguous():  # one row copy per token, not element indexing
+            nb, hkv, bs, two_r = self.raw.shape
+            at = (blocks.long() * hkv + heads.long()) * bs + offsets.long()
+            rows = self.raw.view(-1, two_r).index_select(0, at.reshape(-1)).view(*blocks.shape, two_r)
+        else:
+            rows = self.raw[blocks.long(), heads.long(), offsets.long()]  # [*shape, 2R]
         r, dtype = self.row_bytes, dtype or torch.float32
-        return self._unrotate(self._decode(rows[..., :r], dtype)), self._decode(rows[..., r:], dtype)
+        both = self._decode(rows.view(*rows.shape[:-1], 2, r), dtype)  # keys and values in one pass
+        return self._unrotate(both[..., 0, :]), both[..., 1, :]
 
     def token(self, block: int, head: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One token's key and value ``[D]``, dequantized in float64 (the reference's accessor)."""
@@ -274,7 +280,8 @@ class QuantKVFormat(BytePages):
         blocks, offsets = slots // bs, slots % bs
         if self.rotate_keys:
             key = torch.matmul(key.float(), self._h)
-        rows = torch.cat([encode(key, self.bits, self.group_size), encode(value, self.bits, self.group_size)], -1)
+        both = encode(torch.stack([key.float(), value.float()]), self.bits, self.group_size)  # one pass for K and V
+        rows = torch.cat([both[0], both[1]], -1)
         self.raw[blocks, :, offsets] = rows  # [T, Hkv, 2R]
 
 

@@ -214,9 +214,12 @@ def _page_logits_torch(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
     # ([B, pages, Hkv * D], read transposed): no transpose copy, and the product's long side is the
     # pages (a product whose long side is a group's few query heads ran 5x slower here).
     q = query.to(torch.float32).reshape(b, hkv, group, d)
-    eye = torch.eye(hkv, device=dev, dtype=torch.float32)
-    q_pos = torch.einsum("bkgd,kl->bkgld", q.clamp(min=0), eye).reshape(b, hq, hkv * d)
-    q_neg = torch.einsum("bkgd,kl->bkgld", q.clamp(max=0), eye).reshape(b, hq, hkv * d)
+    if hkv == 1:  # one KV head (a head split's retrieval side): nothing to keep apart
+        q_pos, q_neg = q.clamp(min=0).reshape(b, hq, d), q.clamp(max=0).reshape(b, hq, d)
+    else:
+        eye = torch.eye(hkv, device=dev, dtype=torch.float32)
+        q_pos = torch.einsum("bkgd,kl->bkgld", q.clamp(min=0), eye).reshape(b, hq, hkv * d)
+        q_neg = torch.einsum("bkgd,kl->bkgld", q.clamp(max=0), eye).reshape(b, hq, hkv * d)
     chunk = max(1, PAGE_PRODUCT_ELEMS // max(1, b * hkv * d))
     for p0 in range(0, width, chunk):
         p1 = min(p0 + chunk, width)

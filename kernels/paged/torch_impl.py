@@ -6,8 +6,11 @@ storage format's own layout, so any engine's packing is read where it lies), bui
 token mask the selection defines, and computes attention in float32. So the cost follows what is
 selected: a decode step over sinks + a window reads sinks + window, never the whole context. A
 long prefill under a selection is cut into row tiles, each gathering only its own band of pages.
-A decode row under token lists gathers exactly its candidate tokens (sinks, window and the
-listed positions), so a top-k of scattered tokens costs k tokens, not every page they touch.
+A decode-only step gathers exactly its rows' candidate tokens (sinks, window, the listed pages or
+positions), the whole batch in one gather and two batched products (``_decode_batch``), so a top-k
+of scattered tokens costs k tokens, not every page they touch, and a batch of eight costs about
+what one row does; a decode row in a step that also runs a prompt chunk takes the same tokens
+row by row (``_token_row``).
 
 **Compacted positions** (``rope`` given): each row's candidates are read as if they sat side by
 side, the query right after its window, so no query-key distance exceeds the number of tokens
@@ -548,11 +551,95 @@ def _attend(scores: torch.Tensor, tile: _Tile, vf: torch.Tensor) -> torch.Tensor
     return o.reshape(hkv * group, rows, vf.shape[-1]).transpose(0, 1)
 
 
+@dataclass
+class _DecodeBatch:
+    """Every row of a decode-only batch under a selection, as one padded token list per (sequence,
+    KV head): where each candidate lies in the cache, and which list entries are real."""
+
+    blocks: torch.Tensor  # [B, Hkv, W] physical block of each candidate (padding: position 0's)
+    offsets: torch.Tensor  # [B, Hkv, W]
+    live: torch.Tensor  # [B, Hkv, W] bool
+    gap: torch.Tensor | None = None  # [B, Hkv, W] int64, compacted positions only: as ``_TokenRow.gap``
+
+
+def _decoding_only(plan: BatchPlan) -> bool:
+    return plan.num_tokens == plan.num_seqs and all(plan.q_len(b) == 1 for b in range(plan.num_seqs))
+
+
+def _prepare_decode(sel: Selection, plan: BatchPlan, bs: int, compact: bool = False) -> _DecodeBatch:
+    """The candidates of every decode row at once (memoised on the selection): one boolean row per
+    (sequence, KV head) over the positions up to the longest sequence marks sinks, window, listed
+    units (whole pages or tokens) and, for a dense head, everything; the marks become ascending
+    position lists by one cumulative sum and one scatter. A few tensor operations for the whole
+    batch, where the row-by-row path costs a few dozen per sequence. With ``compact``, also each
+    candidate's distance in compacted positions (``_prepare_token_row``'s ``gap``)."""
+    key = ("torch-decode", bs, compact)
+    hit = sel.memo.get(key)
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    b, hkv = sel.counts.shape[:2]
+    lens = torch.tensor(plan.lens, dtype=torch.int64)
+    row = (lens - 1)[:, None, None]  # each query's position
+    span = int(lens.max())
+    at = torch.arange(span)
+    sink, window = sel.sink.cpu().long()[..., None], sel.window.cpu().long()[..., None]
+    chosen = (at < sink) | (at > row - window) | sel.dense.cpu()[..., None]  # [B, Hkv, span]
+    if sel.indices.shape[3] > 0:
+        idx = sel.indices[:, :, 0].long().cpu()  # [B, Hkv, K]
+        live = torch.arange(idx.shape[2]) < sel.counts[:, :, 0].cpu()[..., None]
+        units = span if sel.granularity == "token" else -(-span // bs)
+        listed = torch.zeros(b, hkv, units + 1, dtype=torch.bool)  # last column: a dump for dead entries
+        listed.scatter_(2, torch.where(live & (idx >= 0) & (idx < units), idx, units), True)
+        listed = listed[..., :units]
+        chosen |= listed if sel.granularity == "token" else listed.repeat_interleave(bs, 2)[..., :span]
+    chosen &= at <= row  # causal, and never past a sequence's own end
+    counts = chosen.sum(2)
+    width = max(1, int(counts.max()))
+    slot = torch.where(chosen, chosen.cumsum(2) - 1, width)
+    pos = torch.zeros(b, hkv, width + 1, dtype=torch.int64).scatter_(2, slot, at.expand(b, hkv, span))[..., :width]
+    live = torch.arange(width) < counts[..., None]
+    pos = torch.where(live, pos, 0)  # padding re-reads position 0, always written: finite, then masked
+    table = plan.block_table.long().cpu()
+    blocks = table.gather(1, (pos // bs).flatten(1)).view_as(pos)
+    prep = _DecodeBatch(blocks, pos % bs, live)
+    if compact:  # candidates sit side by side, the query right after the last (or on it, when listed)
+        last = pos.gather(2, (counts - 1).clamp(min=0)[..., None])
+        after = (counts[..., None] - 1 - torch.arange(width)) + (last != row).long()
+        prep.gap = torch.where(live, (row - pos) - after, 0)
+    sel.memo[key] = (plan, prep)
+    return prep
+
+
+def _decode_batch(query: torch.Tensor, kv: KVFormat, prep: _DecodeBatch, scale: float, out: torch.Tensor,
+                  rope: Rope | None = None) -> None:
+    """One gather of every row's candidate tokens and two batched products: ``query`` ``[B, Hq, D]``
+    (row b is sequence b) -> ``out[:B]``. A row with no candidate gets zeros."""
+    b, hkv, width = prep.blocks.shape
+    d = kv.head_dim
+    group = query.shape[1] // hkv
+    dev = kv.device
+    heads = torch.arange(hkv, device=dev)[None, :, None].expand(b, hkv, width)
+    k, v = kv.gather_tokens(prep.blocks.to(dev), heads, prep.offsets.to(dev), torch.float32)  # [B, Hkv, W, D]
+    if rope is not None:
+        moved = (prep.gap != 0).to(dev)
+        if bool(moved.any()):
+            k = torch.where(moved[..., None], rope.rotate(k, prep.gap.to(dev)), k)
+    live = prep.live.to(dev)
+    q = query[:b].float().view(b, hkv, group, d)
+    scores = torch.matmul(q, k.transpose(2, 3)).mul_(scale)  # [B, Hkv, G, W]
+    scores.masked_fill_(~live[:, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    out[:b] = torch.matmul(probs, v).view(b, hkv * group, d).to(out.dtype)
+
+
 def paged_attention_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
                           selection: Selection | None = None, rope: Rope | None = None) -> torch.Tensor:
     hq = query.shape[1]
     group = hq // kv.num_kv_heads
     bs = kv.block_size
+    if selection is not None and plan.num_seqs and _decoding_only(plan):
+        _decode_batch(query, kv, _prepare_decode(selection, plan, bs, rope is not None), scale, out, rope)
+        return out
     prep = _prepare(selection, plan, bs, rope is not None) if selection is not None else None
     for b in range(plan.num_seqs):
         start, qlen, seq_len = plan.starts[b], plan.q_len(b), plan.lens[b]

@@ -18,6 +18,7 @@ time: the tests' oracle).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .formats import KVFormat
 from .plan import BatchPlan
@@ -121,18 +122,23 @@ def _decode_rows(query, kv: KVFormat, plan: BatchPlan, scale: float, out, sink: 
     pos = torch.where(i < n_sink[:, None], i, lo[:, None] + i - n_sink[:, None])  # [B, width]
     valid = pos < cached[:, None]
     pos = torch.minimum(pos, cached[:, None] - 1)  # padding re-reads a kept position: finite, then masked
+    # The row's own key and value go in one more column (read as a copy of its last cached
+    # position, then overwritten from the step), so one SDPA call covers every candidate.
+    pos = torch.cat([pos, cached[:, None] - 1], 1)
+    valid = torch.cat([valid, torch.ones(n, 1, dtype=torch.bool, device=dev)], 1)
     table = plan.block_table[torch.tensor(seqs, device=dev)].long()
     blocks = table.gather(1, pos // bs)
-    shape = (n, hkv, width)
+    shape = (n, hkv, width + 1)
+    # Computed in the cache's own floating dtype (SDPA accumulates in float32 whatever it reads):
+    # converting the gathered keys and values first costs more than the attention.
+    work = kv.dtype if kv.dtype.is_floating_point and not kv.packed else torch.float32
     kc, vc = kv.gather_tokens(blocks[:, None].expand(shape), torch.arange(hkv, device=dev)[None, :, None].expand(shape),
-                              (pos % bs)[:, None].expand(shape), torch.float32)  # [B, Hkv, width, D]
-    q = query.index_select(0, rows).float().view(n, hkv, group, d)
-    k_new = key.index_select(0, rows).float()[:, :, :, None]  # [B, Hkv, D, 1]
-    v_new = value.index_select(0, rows).float()[:, :, None, :]  # [B, Hkv, 1, D]
-    scores = torch.cat([torch.matmul(q, kc.transpose(2, 3)).masked_fill_(~valid[:, None, None, :], float("-inf")),
-                        torch.matmul(q, k_new)], 3).mul_(scale)  # [B, Hkv, G, width + 1]
-    probs = torch.softmax(scores, dim=-1)
-    o = torch.matmul(probs[..., :width], vc).add_(probs[..., width:] * v_new)  # [B, Hkv, G, D]
+                              (pos % bs)[:, None].expand(shape), work)  # [B, Hkv, width + 1, D]
+    kc[:, :, width] = key.index_select(0, rows).to(work)
+    vc[:, :, width] = value.index_select(0, rows).to(work)
+    q = query.index_select(0, rows).to(work).view(n, hkv, group, d)  # a KV head's group as its query rows
+    bias = torch.zeros(n, 1, 1, width + 1, dtype=work, device=dev).masked_fill_(~valid[:, None, None, :], float("-inf"))
+    o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias, scale=scale)  # [B, Hkv, G, D]
     out.index_copy_(0, rows, o.reshape(n, hkv * group, d).to(out.dtype))
 
 

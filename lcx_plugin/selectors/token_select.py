@@ -271,12 +271,15 @@ class TokenSelect(TopKSelector):
         stacked = None
         if any(fresh):
             idx, cnt = self._score(query, ctx, fresh)
-            q32 = query.to(torch.float32, copy=True)  # kept: the engine reuses its query buffer
-            if not bool(reuse.any()):  # every head of every request takes its new units
+            if self.reuse_similarity is None:  # no cache: nothing to keep for the next step
                 stacked = (idx.long(), cnt.long())
+            elif not bool(reuse.any()):  # every head of every request takes its new units
+                stacked = (idx.long(), cnt.long())
+                q32 = query.to(torch.float32, copy=True)  # kept: the engine reuses its query buffer
                 for b, state in enumerate(states):
                     state.update(query=q32[b], indices=idx[b], counts=cnt[b], granularity=self.granularity)
             else:
+                q32 = query.to(torch.float32, copy=True)
                 self._merge(states, reuse, fresh, q32, idx, cnt, q32.shape[1] // ctx.num_kv_heads)
         selection = self._selection(stacked or _stacked(states), plan, ctx.num_kv_heads, bs, query.device)
         self._count_bytes(ctx, fresh, selection)

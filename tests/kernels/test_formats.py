@@ -5,7 +5,7 @@ import torch
 
 from lcx_plugin.kernels.paged import formats
 
-from .paged_cases import FORMATS, empty_format
+from .paged_cases import FORMATS, QUANT_FORMATS, empty_format
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -28,6 +28,33 @@ def test_write_then_read_every_token_in_every_format(fmt):
             off = int(slots[i * 3 + j]) % 16
             assert torch.equal(gk[i, j, off], kv.token(int(blocks[i, j]), int(heads[i, j]), off)[0].float())
             assert torch.equal(gv[i, j, off], kv.token(int(blocks[i, j]), int(heads[i, j]), off)[1].float())
+
+
+#: Layouts whose tokens are contiguous rows on both sides: ``gather_tokens`` copies rows there.
+ROW_SIDES = {"plain": (True, True), "nhd": (True, True), "token-pool": (True, True),
+             "vllm-cpu-vec": (False, True), "vllm-cpu-amx": (False, False)}
+
+
+@pytest.mark.parametrize("fmt", FORMATS + QUANT_FORMATS)
+def test_gather_tokens_reads_the_tokens_token_reads(fmt):
+    """Single-token gathers (rows copied where a layout allows, element indexing where not) against
+    the one-token accessor, on fresh random tokens, heads and offsets."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    g = torch.Generator().manual_seed(seed)
+    kv = empty_format(fmt, 6, 3, 16, 32, torch.bfloat16)
+    slots = torch.randperm(96, generator=g)[:70]
+    kv.write(torch.randn(70, 3, 32, generator=g).bfloat16(), torch.randn(70, 3, 32, generator=g).bfloat16(), slots)
+    pick = slots[torch.randint(0, 70, (4, 5), generator=g)]
+    heads = torch.randint(0, 3, (4, 5), generator=g)
+    gk, gv = kv.gather_tokens(pick // 16, heads, pick % 16, torch.float64)
+    assert gk.shape == gv.shape == (4, 5, 32)
+    for i in range(4):
+        for j in range(5):
+            k, v = kv.token(int(pick[i, j]) // 16, int(heads[i, j]), int(pick[i, j]) % 16)
+            torch.testing.assert_close(gk[i, j], k.double(), rtol=1e-6, atol=1e-6, msg=lambda m: f"seed={seed}: {m}")
+            torch.testing.assert_close(gv[i, j], v.double(), rtol=1e-6, atol=1e-6, msg=lambda m: f"seed={seed}: {m}")
+    if fmt in ROW_SIDES:
+        assert tuple(side is not None for side in kv._rows) == ROW_SIDES[fmt]
 
 
 @pytest.mark.parametrize("fmt", ["plain", "vllm-cpu-vec", "nhd", "token-pool"])
