@@ -8,9 +8,9 @@ selected: a decode step over sinks + a window reads sinks + window, never the wh
 long prefill under a selection is cut into row tiles, each gathering only its own band of pages.
 A decode-only step gathers exactly its rows' candidate tokens (sinks, window, the listed pages or
 positions), the whole batch in one gather and two batched products (``_decode_batch``), so a top-k
-of scattered tokens costs k tokens, not every page they touch, and a batch of eight costs about
-what one row does; a decode row in a step that also runs a prompt chunk takes the same tokens
-row by row (``_token_row``).
+of scattered tokens costs k tokens, not every page they touch, and the batch pays the index work
+once, not once per sequence; a decode row in a step that also runs a prompt chunk takes the same
+tokens row by row (``_token_row``).
 
 **Compacted positions** (``rope`` given): each row's candidates are read as if they sat side by
 side, the query right after its window, so no query-key distance exceeds the number of tokens
