@@ -44,26 +44,11 @@ class PageSummaries:
             self.max[fresh] = float("-inf")
             self.sum[fresh] = 0.0
             self.count[fresh] = 0
-        # Reduce the step's keys per page first (a decode step writes one key per page), then fold
-        # the few pages into the summaries: read, combine, write back. A scatter-reduce straight
-        # into the summaries costs milliseconds per call inside the engine's threads.
-        pages, at = torch.unique(blocks, return_inverse=True)
-        if pages.numel() == blocks.numel():  # one key per page: the keys are their own reductions
-            order = torch.empty_like(at)
-            order[at] = torch.arange(at.numel(), device=at.device)
-            lo = hi = total = key.index_select(0, order)
-            n = torch.ones_like(pages, dtype=torch.int32)
-        else:
-            shape = (pages.numel(), *key.shape[1:])
-            idx = at[:, None, None].expand_as(key)
-            lo = key.new_full(shape, float("inf")).scatter_reduce_(0, idx, key, "amin")
-            hi = key.new_full(shape, float("-inf")).scatter_reduce_(0, idx, key, "amax")
-            total = key.new_zeros(shape).index_add_(0, at, key)
-            n = torch.bincount(at, minlength=pages.numel()).to(torch.int32)
-        self.min.index_copy_(0, pages, torch.minimum(self.min.index_select(0, pages), lo))
-        self.max.index_copy_(0, pages, torch.maximum(self.max.index_select(0, pages), hi))
-        self.sum.index_copy_(0, pages, self.sum.index_select(0, pages) + total)
-        self.count.index_copy_(0, pages, self.count.index_select(0, pages) + n)
+        idx = blocks[:, None, None].expand_as(key)
+        self.min.scatter_reduce_(0, idx, key, "amin")
+        self.max.scatter_reduce_(0, idx, key, "amax")
+        self.sum.index_add_(0, blocks, key)
+        self.count.index_add_(0, blocks, torch.ones_like(blocks, dtype=torch.int32))
 
     def mean(self, blocks: torch.Tensor) -> torch.Tensor:
         return self.sum[blocks] / self.count[blocks].clamp(min=1)[:, None, None]
