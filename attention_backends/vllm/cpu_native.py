@@ -105,10 +105,16 @@ def _page_list_calls(plan: BatchPlan, selection: Selection, *, num_heads: int, h
     calls = []
     for h0, h1 in ([(0, hkv)] if same else [(g, g + 1) for g in range(hkv)]):
         sub_lens = lens[:, h0].contiguous()
-        sub = BatchPlan(plan.query_start_loc, sub_lens, tables[:, h0].contiguous(), plan.starts, tuple(sub_lens.tolist()))
-        sched = scheduler_metadata(sub, num_heads=(h1 - h0) * group, num_kv_heads=h1 - h0, head_dim=head_dim,
-                                   dtype=dtype, isa=isa, kv_cache_dtype=kv_cache_dtype)
-        calls.append((h0, h1, BatchPlan(sub.query_start_loc, sub.seq_lens, sub.block_table, sub.starts, sub.lens, sched)))
+        host = tuple(sub_lens.tolist())
+        # The work plan depends on the lengths alone, not on which pages: layers whose lists have
+        # the same lengths (a fixed budget, sinks and window) share one, built by the first.
+        sched_key = ("vllm-cpu-page-lists.schedule", isa, dtype, kv_cache_dtype, (h1 - h0) * group, h1 - h0, host)
+        sched = plan.memo(sched_key, lambda: scheduler_metadata(
+            BatchPlan(plan.query_start_loc, sub_lens, tables[:, h0], plan.starts, host),
+            num_heads=(h1 - h0) * group, num_kv_heads=h1 - h0, head_dim=head_dim, dtype=dtype, isa=isa,
+            kv_cache_dtype=kv_cache_dtype))
+        calls.append((h0, h1, BatchPlan(plan.query_start_loc, sub_lens, tables[:, h0].contiguous(), plan.starts, host,
+                                        sched)))
     selection.memo[key] = (plan, calls)
     return calls
 

@@ -7,9 +7,11 @@ the device to learn a length.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,9 @@ class BatchPlan:
     starts: tuple[int, ...] = field(default=())  # host copy of query_start_loc
     lens: tuple[int, ...] = field(default=())  # host copy of seq_lens
     engine: Any = None
+    #: Tensors derived from this plan alone (index maps, masks), built by the first layer that
+    #: needs them and reused by the step's other layers: see ``memo``.
+    _derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         b = self.seq_lens.shape[0]
@@ -51,6 +56,14 @@ class BatchPlan:
         dev = block_table.device
         return cls(torch.tensor(starts, dtype=torch.int32, device=dev), torch.tensor(seq_lens, dtype=torch.int32, device=dev),
                    block_table, tuple(starts), tuple(seq_lens), engine)
+
+    def memo(self, key: tuple, build: Callable[[], T]) -> T:
+        """``build()`` once per plan and ``key``: what a kernel derives from the batch alone (not
+        from a layer's queries or cache) is computed by the step's first layer and read by the
+        others. ``key`` must name everything besides the plan that the result depends on."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     @property
     def num_seqs(self) -> int:

@@ -204,16 +204,13 @@ def _page_logits_torch(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
     b, hq, d = query.shape
     hkv, dev, width = kmin.shape[1], query.device, out.shape[2]
     group = hq // hkv
-    lens = plan.seq_lens[:b].to(device=dev, dtype=torch.int64)
-    n_pages = (lens + block_size - 1) // block_size
-    table = plan.block_table[:b].to(device=dev, dtype=torch.int64)
     # sum_d max(q_d lo_d, q_d hi_d) = q+ . hi + q- . lo (hi >= lo: a positive q_d picks hi_d, a
     # negative one lo_d), with q+ = max(q, 0) and q- = min(q, 0). Each query head is laid out as a
     # row over all KV heads' dimensions, zero outside its own head's (block-diagonal), so one
     # batched product per bound gives [B, Hq, pages] straight from the gathered pages' rows
     # ([B, pages, Hkv * D], read transposed): no transpose copy, and the product's long side is the
     # pages (a product whose long side is a group's few query heads ran 5x slower here).
-    q = query.to(torch.float32).reshape(b, hkv, group, d)
+    q = (query.to(torch.float32) * scale).reshape(b, hkv, group, d)  # scale > 0: it commutes with the bound
     if hkv == 1:  # one KV head (a head split's retrieval side): nothing to keep apart
         q_pos, q_neg = q.clamp(min=0).reshape(b, hq, d), q.clamp(max=0).reshape(b, hq, d)
     else:
@@ -223,10 +220,20 @@ def _page_logits_torch(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
     chunk = max(1, PAGE_PRODUCT_ELEMS // max(1, b * hkv * d))
     for p0 in range(0, width, chunk):
         p1 = min(p0 + chunk, width)
-        live = torch.arange(p0, p1, device=dev)[None, :] < n_pages[:, None]  # [B, n]
-        blocks = torch.where(live, table[:, p0:p1], 0).reshape(-1)
+        blocks, dead = plan.memo(("page_logits.chunk", block_size, b, p0, p1, str(dev)),
+                                 lambda: _page_chunk(plan, b, block_size, p0, p1, dev))
         hi = kmax.index_select(0, blocks).to(torch.float32).view(b, p1 - p0, hkv * d).transpose(1, 2)
         lo = kmin.index_select(0, blocks).to(torch.float32).view(b, p1 - p0, hkv * d).transpose(1, 2)
-        bound = torch.bmm(q_pos, hi).baddbmm_(q_neg, lo)  # [B, Hq, n]
-        out[:, :, p0:p1] = bound.mul_(scale).masked_fill_(~live[:, None, :], float("-inf"))
+        out[:, :, p0:p1] = torch.bmm(q_pos, hi).baddbmm_(q_neg, lo).masked_fill_(dead, float("-inf"))  # [B, Hq, n]
     return out
+
+
+def _page_chunk(plan: BatchPlan, b: int, block_size: int, p0: int, p1: int, dev: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pages ``[p0, p1)`` of the first ``b`` sequences: their blocks, flat ``[b * n]`` (block 0,
+    which every cache has, past a sequence's last page: its bounds are read, then masked), and
+    ``[b, 1, n]`` where a sequence has no such page."""
+    n_pages = (plan.seq_lens[:b].to(device=dev, dtype=torch.int64) + block_size - 1) // block_size
+    table = plan.block_table[:b].to(device=dev, dtype=torch.int64)
+    live = torch.arange(p0, p1, device=dev)[None, :] < n_pages[:, None]  # [B, n]
+    return torch.where(live, table[:, p0:p1], 0).reshape(-1), ~live[:, None, :]

@@ -107,11 +107,32 @@ def _decode_rows(query, kv: KVFormat, plan: BatchPlan, scale: float, out, sink: 
     """The one-row (decode) sequences ``seqs`` together, each with at least one cached token: the
     row at position ``c`` reads its sinks and the ``window - 1`` cached positions before it, padded
     to one width with copies of its last cached position (masked out of the softmax), plus its own
-    key and value from the step. One gather and two batched products for the whole batch, where a
-    loop per sequence costs a dozen small ops each."""
-    hkv, d, bs = kv.num_kv_heads, kv.head_dim, kv.block_size
+    key and value from the step. One gather and one SDPA call for the whole batch, where a loop
+    per sequence costs a dozen small ops each; the gather's indices and the mask depend on the
+    batch alone, so the step's first layer builds them for all (``BatchPlan.memo``)."""
+    hkv, d = kv.num_kv_heads, kv.head_dim
     group = query.shape[1] // hkv
-    dev = query.device
+    n = len(seqs)
+    # Computed in the cache's own floating dtype (SDPA accumulates in float32 whatever it reads):
+    # converting the gathered keys and values first costs more than the attention.
+    work = kv.dtype if kv.dtype.is_floating_point and not kv.packed else torch.float32
+    rows, blocks, heads, offsets, bias = plan.memo(
+        ("window.decode", sink, window, tuple(seqs), hkv, kv.block_size, work, str(query.device)),
+        lambda: _decode_index(plan, seqs, sink, window, hkv, kv.block_size, work, query.device))
+    width = blocks.shape[-1] - 1
+    kc, vc = kv.gather_tokens(blocks, heads, offsets, work)  # [B, Hkv, width + 1, D]
+    kc[:, :, width] = key.index_select(0, rows).to(work)
+    vc[:, :, width] = value.index_select(0, rows).to(work)
+    q = query.index_select(0, rows).to(work).view(n, hkv, group, d)  # a KV head's group as its query rows
+    o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias, scale=scale)  # [B, Hkv, G, D]
+    out.index_copy_(0, rows, o.reshape(n, hkv * group, d).to(out.dtype))
+
+
+def _decode_index(plan: BatchPlan, seqs: list[int], sink: int, window: int, hkv: int, bs: int, work: torch.dtype,
+                  dev) -> tuple[torch.Tensor, ...]:
+    """For ``_decode_rows``: the sequences' query rows; the cache cells to read, ``[B, Hkv,
+    width + 1]`` blocks, heads and offsets (the last column, a copy of the last cached position,
+    is overwritten with the step's own key and value); and the additive mask ``[B, 1, 1, width + 1]``."""
     n = len(seqs)
     rows = torch.tensor([plan.starts[b] for b in seqs], device=dev)
     cached = torch.tensor([plan.lens[b] - 1 for b in seqs], device=dev)  # c >= 1: tokens before the row
@@ -122,24 +143,15 @@ def _decode_rows(query, kv: KVFormat, plan: BatchPlan, scale: float, out, sink: 
     pos = torch.where(i < n_sink[:, None], i, lo[:, None] + i - n_sink[:, None])  # [B, width]
     valid = pos < cached[:, None]
     pos = torch.minimum(pos, cached[:, None] - 1)  # padding re-reads a kept position: finite, then masked
-    # The row's own key and value go in one more column (read as a copy of its last cached
-    # position, then overwritten from the step), so one SDPA call covers every candidate.
-    pos = torch.cat([pos, cached[:, None] - 1], 1)
+    pos = torch.cat([pos, cached[:, None] - 1], 1)  # the row's own column
     valid = torch.cat([valid, torch.ones(n, 1, dtype=torch.bool, device=dev)], 1)
     table = plan.block_table[torch.tensor(seqs, device=dev)].long()
-    blocks = table.gather(1, pos // bs)
     shape = (n, hkv, width + 1)
-    # Computed in the cache's own floating dtype (SDPA accumulates in float32 whatever it reads):
-    # converting the gathered keys and values first costs more than the attention.
-    work = kv.dtype if kv.dtype.is_floating_point and not kv.packed else torch.float32
-    kc, vc = kv.gather_tokens(blocks[:, None].expand(shape), torch.arange(hkv, device=dev)[None, :, None].expand(shape),
-                              (pos % bs)[:, None].expand(shape), work)  # [B, Hkv, width + 1, D]
-    kc[:, :, width] = key.index_select(0, rows).to(work)
-    vc[:, :, width] = value.index_select(0, rows).to(work)
-    q = query.index_select(0, rows).to(work).view(n, hkv, group, d)  # a KV head's group as its query rows
+    blocks = table.gather(1, pos // bs)[:, None].expand(shape)
+    heads = torch.arange(hkv, device=dev)[None, :, None].expand(shape)
+    offsets = (pos % bs)[:, None].expand(shape)
     bias = torch.zeros(n, 1, 1, width + 1, dtype=work, device=dev).masked_fill_(~valid[:, None, None, :], float("-inf"))
-    o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias, scale=scale)  # [B, Hkv, G, D]
-    out.index_copy_(0, rows, o.reshape(n, hkv * group, d).to(out.dtype))
+    return rows, blocks, heads, offsets, bias
 
 
 def window_attention_reference(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, sink: int,

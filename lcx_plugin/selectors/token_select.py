@@ -265,6 +265,12 @@ class TokenSelect(TopKSelector):
         plan = ctx.plan
         query = ctx.query[: plan.num_seqs]  # one row per sequence
         bs = ctx.kv.block_size
+        if self.granularity == "page" and self.reuse_similarity is None:
+            counters = ctx.requests.counters
+            counters["selection_lookups"] = counters.get("selection_lookups", 0) + plan.num_seqs * ctx.num_kv_heads
+            selection = self._fresh_pages(query, ctx)
+            self._count_bytes(ctx, [True] * plan.num_seqs, selection)
+            return selection
         states = [ctx.requests.get(r, ctx.layer) for r in ctx.request_ids]
         reuse = self._reusable(query, states, ctx)  # [B, Hkv]
         fresh = [not bool(r.all()) for r in reuse]
@@ -284,6 +290,25 @@ class TokenSelect(TopKSelector):
         selection = self._selection(stacked or _stacked(states), plan, ctx.num_kv_heads, bs, query.device)
         self._count_bytes(ctx, fresh, selection)
         return selection
+
+    def _fresh_pages(self, query: torch.Tensor, ctx: SelectContext) -> Selection:
+        """A decode step scored afresh at page granularity (no selection cache): the same pages as
+        ``_score`` then ``_selection`` choose, in a dozen tensor ops. Everything that depends on
+        the batch alone comes from the step's ``_PageLayout``, built by its first layer."""
+        plan, hkv, bs = ctx.plan, ctx.num_kv_heads, ctx.kv.block_size
+        layout = self._page_layout(plan, bs)
+        logits = page_logits(query, ctx.pages.min, ctx.pages.max, plan, bs, ctx.softmax_scale)
+        votes = soft_vote(logits, hkv).cpu()  # [B, Hkv, N], each >= +0.0: its bits order as integers
+        b = votes.shape[0]
+        if layout.kmax == 0:
+            indices = layout.base.expand(b, hkv, -1)
+        else:
+            key = (votes.view(torch.int32).long() << 32) + layout.key_low  # as top_units keys them
+            best = torch.topk(key, layout.kmax, dim=-1).indices  # best first: a shorter budget keeps a prefix
+            chosen = torch.where(layout.live, best, votes.shape[-1]).sort(-1).values  # ascending, padded
+            indices = torch.where(layout.middle, chosen.gather(-1, layout.source.expand(b, hkv, -1)), layout.base)
+        return Selection.build(b, hkv, granularity="page", indices=indices,
+                               counts=layout.counts[:, None].expand(b, hkv), device=query.device)
 
     def _merge(self, states: list[dict], reuse: torch.Tensor, fresh: list[bool], q32: torch.Tensor,
                idx: torch.Tensor, cnt: torch.Tensor, group: int) -> None:
@@ -367,15 +392,15 @@ class TokenSelect(TopKSelector):
         else:
             pages = ctx.pages
             logits = page_logits(q, pages.min, pages.max, plan, bs, scale)
-            n = logits.shape[-1]
-            kept_lo, kept_hi = self._always_kept_pages(lens, bs)
-            unit = torch.arange(n)
-            n_pages = (lens + bs - 1) // bs
-            eligible = (unit[None, :] >= kept_lo[:, None]) & (unit[None, :] < kept_hi[:, None]) & \
-                       (unit[None, :] < n_pages[:, None])
-            k = torch.tensor([-(-self.budget_for(s) // bs) for s in plan.lens])
+            layout = self._page_layout(plan, bs)
+            eligible, k = layout.eligible, layout.k
         votes = soft_vote(logits, ctx.num_kv_heads)
         return top_units(votes.cpu(), eligible, k)
+
+    def _page_layout(self, plan: BatchPlan, bs: int) -> "_PageLayout":
+        """The step's page bookkeeping (the same for every layer): built once per plan."""
+        return plan.memo(("token_select.pages", bs, self.sink, self.window, self.budget),
+                         lambda: _PageLayout.build(self, plan, bs))
 
     def _always_kept_pages(self, lens: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sequence: pages ``< lo`` hold sink tokens and pages ``>= hi`` hold window tokens (of
@@ -398,11 +423,8 @@ class TokenSelect(TopKSelector):
         # lie between the sink pages and the window's (eligible ones only), ascending, so each list
         # is the sink pages, the chosen ones still below the window (a page chosen earlier may
         # have entered it since), then the window's pages: a concatenation, no sort.
-        lens = torch.tensor(plan.lens)
-        n_pages = (lens + bs - 1) // bs
-        lo, hi = self._always_kept_pages(lens, bs)
-        lo = torch.minimum(lo, n_pages)
-        hi = torch.minimum(torch.maximum(hi, lo), n_pages)
+        layout = self._page_layout(plan, bs)
+        n_pages, lo, hi = layout.n_pages, layout.lo, layout.hi
         k = chosen.shape[-1]
         lo3, hi3 = lo[:, None, None], hi[:, None, None]
         below = ((torch.arange(k)[None, None, :] < counts[..., None]) & (chosen < hi3)).sum(-1)  # [B, Hkv]
@@ -413,6 +435,59 @@ class TokenSelect(TopKSelector):
         idx = torch.where(pos < lo3, pos, torch.where(pos < lo3 + c3, picked, hi3 + pos - lo3 - c3)).to(torch.int32)
         cnt = cnt.to(torch.int32)
         return Selection.build(b, hkv, granularity="page", indices=idx, counts=cnt, device=device)
+
+
+@dataclass(frozen=True)
+class _PageLayout:
+    """A decode plan's page bookkeeping, per sequence (the same for every layer of a step).
+
+    ``n_pages``; the sink pages ``[0, lo)`` and the window's ``[hi, n_pages)`` (always kept,
+    clamped to the context); which pages top-k may pick (``eligible`` ``[B, N]``) and how many
+    (``k``). For a step scored afresh (``TokenSelect._fresh_pages``): ``picked`` ``[B]`` pages it
+    does pick, ``kmax`` their most; ``key_low`` ``[B, 1, N]`` int64, the low half of each page's
+    top-k key (``N - 1 - page``, so that ties go to the lower page; ``INT64_MIN`` where not
+    eligible); ``live`` ``[B, 1, kmax]`` which top-k slots count; and the page list's assembly,
+    ``[B, 1, W]``: slot ``j`` holds ``base[j]`` (a sink or window page) or, where ``middle``,
+    chosen page ``source[j]``; ``counts`` ``[B]`` the list's length."""
+
+    n_pages: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    eligible: torch.Tensor
+    k: torch.Tensor
+    picked: torch.Tensor
+    kmax: int
+    key_low: torch.Tensor
+    live: torch.Tensor
+    base: torch.Tensor
+    middle: torch.Tensor
+    source: torch.Tensor
+    counts: torch.Tensor
+
+    @staticmethod
+    def build(selector: TokenSelect, plan: BatchPlan, bs: int) -> "_PageLayout":
+        lens = torch.tensor(plan.lens)
+        n_pages = (lens + bs - 1) // bs
+        kept_lo, kept_hi = selector._always_kept_pages(lens, bs)
+        n = int(n_pages.max()) if len(plan.lens) else 0
+        unit = torch.arange(n)
+        eligible = (unit[None, :] >= kept_lo[:, None]) & (unit[None, :] < kept_hi[:, None]) & \
+                   (unit[None, :] < n_pages[:, None])
+        k = torch.tensor([-(-selector.budget_for(s) // bs) for s in plan.lens])
+        lo = torch.minimum(kept_lo, n_pages)
+        hi = torch.minimum(torch.maximum(kept_hi, lo), n_pages)
+        picked = torch.minimum(k.clamp(min=0), eligible.sum(-1))
+        kmax = min(int(k.max()) if k.numel() else 0, n)
+        key_low = torch.where(eligible, n - 1 - unit, torch.iinfo(torch.int64).min)[:, None, :]
+        live = (torch.arange(kmax)[None, :] < picked[:, None])[:, None, :]
+        counts = lo + picked + (n_pages - hi)
+        j = torch.arange(int(counts.max()) if counts.numel() else 0)[None, :]
+        lo2, hi2, c2 = lo[:, None], hi[:, None], picked[:, None]
+        base = torch.where(j < lo2, j, hi2 + j - lo2 - c2)
+        middle = (j >= lo2) & (j < lo2 + c2)
+        source = (j - lo2).clamp(0, max(kmax - 1, 0))
+        return _PageLayout(n_pages, lo, hi, eligible, k, picked, kmax, key_low, live, base[:, None],
+                           middle[:, None], source[:, None], counts)
 
 
 def _stacked(states: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:

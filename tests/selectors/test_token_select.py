@@ -1,5 +1,7 @@
 """``token_select``: scores, soft vote, top-k and the selection cache against a float64 statement
 of the method, on fresh random caches with shuffled block tables."""
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -332,3 +334,31 @@ def test_page_lists_are_sinks_chosen_and_window_once_each(lens, sink, window, se
             want = sorted({p for p in range(n) if p < lo or p >= hi} | set(chosen[b, h, : int(counts[b, h])].tolist()))
             c = int(out.counts[b, h, 0])
             assert out.indices[b, h, 0, :c].tolist() == want
+
+
+@settings(max_examples=60, deadline=None)
+@given(lens=st.lists(st.integers(1, 900), min_size=1, max_size=4), sink=st.integers(0, 40), window=st.integers(1, 200),
+       budget=st.one_of(st.integers(1, 300), st.floats(0.01, 1.0)), hkv=st.sampled_from([1, 2]),
+       tied=st.booleans(), seed=st.integers(0, 10_000))
+def test_fresh_page_steps_pick_what_score_then_selection_picks(lens, sink, window, budget, hkv, tied, seed):
+    """Page granularity without the selection cache takes ``_fresh_pages``, which reads the
+    step's bookkeeping from the plan (built by its first layer); it must list exactly the pages
+    the general path (``_score``, then ``_selection``) lists, ties included, and a second layer
+    of the same step must read the same bookkeeping."""
+    g = torch.Generator().manual_seed(seed)
+    keys = [torch.ones(s, hkv, D) for s in lens] if tied else None  # every page's bounds equal
+    cache = Cache(lens, hkv=hkv, seed=seed, keys=keys)
+    sel = selectors.get("token_select")(sink=sink, window=window, budget=budget, granularity="page",
+                                        reuse_similarity=None)
+    ids = [f"r{b}" for b in range(len(lens))]
+    step = cache.ctx(torch.zeros(len(lens), 2 * hkv, D), ids, RequestStates())
+    for layer in range(2):  # one step's plan: the second layer reads the bookkeeping the first built
+        q = torch.randn(len(lens), 2 * hkv, D, generator=g)
+        ctx = dataclasses.replace(step, query=q, layer=layer)
+        fast = sel.select(ctx)
+        general = sel._selection(sel._score(q, ctx, [True] * len(lens)), ctx.plan, hkv, BS, "cpu")
+        assert torch.equal(fast.counts, general.counts)
+        for b in range(len(lens)):
+            for h in range(hkv):
+                c = int(fast.counts[b, h, 0])
+                assert fast.indices[b, h, 0, :c].tolist() == general.indices[b, h, 0, :c].tolist()
