@@ -99,7 +99,7 @@ def child(arm: str, lcx: dict | None, args: dict, out: str) -> None:
     timers.wrap_forward(impl)
     # The KV write runs just before its layer's forward: it is counted by the last forward's step.
     llm = LLM(**engine_args(args["model"], backend=None if arm == "stock" else "lcx", lcx=lcx,
-                            overrides={"max_num_seqs": args["batch"]}))
+                            overrides={"max_num_seqs": args["max_num_seqs"] or args["batch"]}))
     prompts = _documents(llm.get_tokenizer(), args["batch"], args["context"])
     params = SamplingParams(max_tokens=args["tokens"], ignore_eos=True, temperature=0)
     t0 = time.perf_counter()
@@ -108,7 +108,9 @@ def child(arm: str, lcx: dict | None, args: dict, out: str) -> None:
     per_call = {k: {"calls": n, "ms_per_call": 1e3 * s / max(1, n)} for k, (n, s) in timers.parts.items()}
     Path(out).write_text(json.dumps({
         "arm": arm, "lcx": lcx, "wall_s": time.perf_counter() - t0, "decode_steps": len(steps) + 1,
-        "step_ms_median": 1e3 * steps[len(steps) // 2] if steps else None, "per_layer_call": per_call}))
+        "step_ms_median": 1e3 * steps[len(steps) // 2] if steps else None,
+        "step_ms_mean": 1e3 * sum(steps) / len(steps) if steps else None,
+        "step_ms_p90": 1e3 * steps[int(0.9 * (len(steps) - 1))] if steps else None, "per_layer_call": per_call}))
 
 
 def main() -> int:
@@ -116,6 +118,8 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=7000, help="tokens per document (default 7000)")
     ap.add_argument("--batch", type=int, default=8, help="requests decoding together, one document each (default 8)")
     ap.add_argument("--tokens", type=int, default=64, help="tokens each request decodes (default 64)")
+    ap.add_argument("--max-num-seqs", type=int, default=0,
+                    help="the engines' max_num_seqs (default: --batch; lcx ab and lcx demo leave vLLM's own)")
     ap.add_argument("--lcx", default=None, help="lcx config as JSON (default: the recommended default)")
     ap.add_argument("--out", default=str(REPO / "bench/results/decode_profile.json"), help="report (JSON)")
     ap.add_argument("--child", nargs=4, metavar=("ARM", "LCX", "ARGS", "OUT"), help=argparse.SUPPRESS)
@@ -132,7 +136,7 @@ def main() -> int:
 
     settings = choose()
     lcx = json.loads(a.lcx) if a.lcx else RECOMMENDED
-    args = {"model": str(prepare()), "context": a.context, "batch": a.batch, "tokens": a.tokens}
+    args = {"model": str(prepare()), "context": a.context, "batch": a.batch, "tokens": a.tokens, "max_num_seqs": a.max_num_seqs}
     env = {**child_env(settings), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     arms = {}
     with tempfile.TemporaryDirectory(prefix="lcx-decode-profile-") as tmp:
