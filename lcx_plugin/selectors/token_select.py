@@ -82,15 +82,25 @@ def top_units(votes: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> t
     kmax = min(int(k.max()) if k.numel() else 0, n)
     if kmax == 0:
         return torch.full((b, h, 0), n, dtype=torch.int32), torch.zeros(b, h, dtype=torch.int32)
-    bits = (votes.float() + 0.0).view(torch.int32)  # + 0.0: a -0.0 vote ties with +0.0
-    order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # the floats' order, as integers
-    key = (order << 32) | (n - 1 - torch.arange(n, device=votes.device))  # equal votes: the lower unit wins
+    key = _order_high(votes) | (n - 1 - torch.arange(n, device=votes.device))  # equal votes: the lower unit wins
     key.masked_fill_(~eligible[:, None, :], torch.iinfo(torch.int64).min)
     best = torch.topk(key, kmax, dim=-1, sorted=True).indices  # [B, Hkv, kmax], best first
     counts = torch.minimum(k.clamp(min=0), eligible.sum(-1)).to(torch.int32)[:, None].expand(b, h)
     live = torch.arange(kmax, device=votes.device)[None, None, :] < counts[..., None]
     idx = torch.where(live, best, n).sort(-1).values
     return idx.to(torch.int32), counts.contiguous()
+
+
+def _order_high(votes: torch.Tensor) -> torch.Tensor:
+    """Each vote's float order as an int64 in the high 32 bits (the low half is free for a tie-break)."""
+    bits = (votes.float() + 0.0).view(torch.int32)  # + 0.0: a -0.0 vote ties with +0.0
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long() << 32  # the floats' order, as integers
+
+
+def _count_lookups(ctx: SelectContext, requests: int) -> None:
+    """One selection-cache lookup per (request, KV head), whether or not a cache is kept."""
+    counters = ctx.requests.counters
+    counters["selection_lookups"] = counters.get("selection_lookups", 0) + requests * ctx.num_kv_heads
 
 
 @register
@@ -266,8 +276,7 @@ class TokenSelect(TopKSelector):
         query = ctx.query[: plan.num_seqs]  # one row per sequence
         bs = ctx.kv.block_size
         if self.granularity == "page" and self.reuse_similarity is None:
-            counters = ctx.requests.counters
-            counters["selection_lookups"] = counters.get("selection_lookups", 0) + plan.num_seqs * ctx.num_kv_heads
+            _count_lookups(ctx, plan.num_seqs)
             selection = self._fresh_pages(query, ctx)
             self._count_bytes(ctx, [True] * plan.num_seqs, selection)
             return selection
@@ -298,12 +307,12 @@ class TokenSelect(TopKSelector):
         plan, hkv, bs = ctx.plan, ctx.num_kv_heads, ctx.kv.block_size
         layout = self._page_layout(plan, bs)
         logits = page_logits(query, ctx.pages.min, ctx.pages.max, plan, bs, ctx.softmax_scale)
-        votes = soft_vote(logits, hkv).cpu()  # [B, Hkv, N], each >= +0.0: its bits order as integers
+        votes = soft_vote(logits, hkv).cpu()  # [B, Hkv, N]
         b = votes.shape[0]
         if layout.kmax == 0:
             indices = layout.base.expand(b, hkv, -1)
         else:
-            key = (votes.view(torch.int32).long() << 32) + layout.key_low  # as top_units keys them
+            key = _order_high(votes) + layout.key_low  # as top_units keys them (ineligible: negative)
             best = torch.topk(key, layout.kmax, dim=-1).indices  # best first: a shorter budget keeps a prefix
             chosen = torch.where(layout.live, best, votes.shape[-1]).sort(-1).values  # ascending, padded
             indices = torch.where(layout.middle, chosen.gather(-1, layout.source.expand(b, hkv, -1)), layout.base)
@@ -354,7 +363,7 @@ class TokenSelect(TopKSelector):
         KV head; a hit per head reused."""
         hkv = ctx.num_kv_heads
         counters = ctx.requests.counters
-        counters["selection_lookups"] = counters.get("selection_lookups", 0) + len(states) * hkv
+        _count_lookups(ctx, len(states))
         out = torch.zeros(len(states), hkv, dtype=torch.bool)
         if self.reuse_similarity is None:
             return out
@@ -381,12 +390,12 @@ class TokenSelect(TopKSelector):
         ``lens - 1``): ``[B, Hkv, K]`` and counts ``[B, Hkv]``. ``rope``: ``q`` is un-rotated and
         the keys are turned back to position 0 as they are read."""
         bs = ctx.kv.block_size
-        lens = torch.tensor(plan.lens)
         scale = ctx.softmax_scale
         if self.granularity == "token":
             logits = token_logits(q, ctx.kv, plan, scale, rope=rope)
             n = logits.shape[-1]
             unit = torch.arange(n)
+            lens = torch.tensor(plan.lens)
             eligible = (unit[None, :] >= self.sink) & (unit[None, :] <= lens[:, None] - 1 - self.window)
             k = torch.tensor([self.budget_for(s) for s in plan.lens])
         else:
