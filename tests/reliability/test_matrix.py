@@ -35,11 +35,12 @@ def tensor_parallel_noise(engines, tensor_parallel_engine):
     return matrix.tensor_parallel_noise(engines("stock")[0], tensor_parallel_engine("stock"))
 
 
-@pytest.mark.parametrize("row", selectors.names())
+@pytest.mark.parametrize("row", matrix.tensor_parallel_rows())
 def test_split_over_ranks_each_method_matches_one_process(engines, tensor_parallel_engine, tensor_parallel_noise, row):
     """tensor_parallel_size=3 (one KV head per rank; the model's 9 query heads do not split in 2):
     per-rank KV-head offsets into head patterns, per-rank selections and caches, and the all-reduce
-    give what one process gives, teacher-forced."""
+    give what one process gives, teacher-forced. (Position-only methods are left out:
+    ``matrix.POSITION_ONLY``.)"""
     tp = tensor_parallel_engine(row)
     assert tp["engine"]["tensor_parallel_size"] == matrix.TP_RANKS
     result = matrix.evaluate_tensor_parallel(row, engines(row)[0], tp, tensor_parallel_noise)
@@ -62,3 +63,9 @@ def test_token_selects_selection_cache_is_used_and_counted_at_ease_and_under_pre
     for run in engines("token_select"):
         counters = run["lcx_counters"]
         assert 0 < counters.get("selection_hits", 0) < counters["selection_lookups"], counters
+
+
+def test_only_position_only_methods_are_left_out_of_the_tensor_parallel_rows():
+    left_out = set(selectors.names()) - set(matrix.tensor_parallel_rows())
+    assert left_out == set(matrix.POSITION_ONLY) <= set(selectors.names())
+    assert {"dense", "head_split", "token_select", "hip"} <= set(matrix.tensor_parallel_rows())
