@@ -10,21 +10,24 @@ from typing import TextIO
 class Progress:
     """``with Progress(total, label) as p: ... p.advance()``."""
 
-    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+    def __init__(self, total: int, label: str, stream: TextIO | None = None, terminal: bool | None = None) -> None:
+        """``terminal``: draw the bar even where ``stream`` is not a terminal itself (a child whose
+        stream is relayed to one); None: whether ``stream`` is a terminal."""
         self.total, self.label = total, label
         self.stream = stream or sys.stderr
+        self.terminal = self.stream.isatty() if terminal is None else terminal
         self.done = 0
         self.t0 = time.perf_counter()
         self._rich = None
 
     def __enter__(self) -> "Progress":
-        if self.stream.isatty():
+        if self.terminal:
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
             self._rich = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                             TextColumn("eta"), TimeRemainingColumn(), console=Console(file=self.stream))
+                             TextColumn("eta"), TimeRemainingColumn(), console=Console(file=self.stream, force_terminal=True))
             self._rich.__enter__()
             self._task = self._rich.add_task(self.label, total=self.total)
         return self

@@ -69,20 +69,21 @@ def served(args: list[str], log_path: Path, startup_timeout: float = 300, env: d
 
 
 @contextmanager
-def served_together(servers: list[tuple[list[str], Path]], startup_timeout: float = 300, env: dict | None = None):
-    """Start every ``(args, log_path)`` server at once (their start-ups overlap) and yield their base
-    URLs, in order, once each answers /health; stop them all on exit."""
+def served_together(servers: list[tuple], startup_timeout: float = 300, env: dict | None = None):
+    """Start every ``(args, log_path)`` or ``(args, log_path, extra_env)`` server at once (their
+    start-ups overlap) and yield their base URLs, in order, once each answers /health; stop them all
+    on exit."""
     env = dict(os.environ if env is None else env)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     running: list[tuple[subprocess.Popen, object]] = []
     try:
-        for args, log_path in servers:
+        for args, log_path, *extra in servers:
             log = open(log_path, "w")
             running.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             env=env, start_new_session=True), log))
+                                             env={**env, **(extra[0] if extra else {})}, start_new_session=True), log))
         deadline = time.monotonic() + startup_timeout
         bases = []
-        for (args, log_path), (proc, _) in zip(servers, running):
+        for (args, log_path, *_), (proc, _) in zip(servers, running):
             base = f"http://127.0.0.1:{int(args[args.index('--port') + 1])}"
             _wait_healthy(proc, base, args, Path(log_path), deadline, startup_timeout)
             bases.append(base)

@@ -11,25 +11,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from lcx_plugin.config import LcxConfig
 from lcx_plugin.harness.load import mixed_lengths, problems, run_load, token_prompt
 from lcx_plugin.harness.model import prepare
+from lcx_plugin.harness.server import http_json
 from lcx_plugin.metrics import config_hash
 
-from lcx_plugin.harness.server import free_port, http_json, serve_args, served
+from .conftest import METRICS_CONFIG as CONFIG
 
 pytestmark = pytest.mark.slow
 
-CONFIG = {"method": "streaming", "sink": 16, "window": 128}
-KEPT = 16 + 128
+KEPT = CONFIG["sink"] + CONFIG["window"]
 
 
 @pytest.fixture(scope="module")
-def metrics_server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("metrics")
-    (tmp / "prom").mkdir()
-    import os
-
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp / "prom")}
-    with served(serve_args(str(prepare()), free_port(), CONFIG), tmp / "server.log", env=env) as url:
-        yield url
+def metrics_server(servers):
+    """The shared streaming server with ``PROMETHEUS_MULTIPROC_DIR`` set (``conftest.py``)."""
+    return servers["metrics"]
 
 
 def scrape(base: str) -> dict[tuple, float]:

@@ -7,7 +7,7 @@ import pytest
 
 from lcx_plugin.harness.model import prepare
 
-from lcx_plugin.harness.server import free_port, http_json, serve_args, served
+from lcx_plugin.harness.server import free_port, http_json, serve_args
 
 pytestmark = pytest.mark.slow
 
@@ -56,17 +56,15 @@ def _kv_tokens(log: str) -> int:
     return int(found[-1].replace(",", ""))
 
 
-def test_serve_with_int8_pages_answers_and_reports_the_larger_capacity(servers, tmp_path):
+def test_serve_with_int8_pages_answers_and_reports_the_larger_capacity(servers):
     """``kv_format: int8`` through ``vllm serve`` (int4 is the README's serve command, run by
     tests/docs): a chat answer over quantized pages, and the KV capacity the server logs, against
     the stock server's at the same VLLM_CPU_KVCACHE_SPACE (a float32 machine's plain pages are
     twice bf16's, so the ratio there is about twice the bf16 one: held to the bf16 bound either way)."""
-    log_path = tmp_path / "int8.log"
-    with served(serve_args(str(prepare()), free_port(), {"method": "dense", "kv_format": "int8"}), log_path) as url:
-        status, body = http_json(url + "/v1/chat/completions", CHAT)
-        assert status == 200, body
-        assert body["usage"]["completion_tokens"] > 0
-    log = log_path.read_text()
+    status, body = http_json(servers["int8"] + "/v1/chat/completions", CHAT)
+    assert status == 200, body
+    assert body["usage"]["completion_tokens"] > 0
+    log = servers["logs"]["int8"].read_text()
     assert "lcx attention active: method=dense kernel=torch" in log and "kv_format=int8" in log, log[-3000:]
     ratio = _kv_tokens(log) / _kv_tokens(servers["logs"]["stock"].read_text())
     assert ratio >= 1.85, ratio

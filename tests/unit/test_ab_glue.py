@@ -133,3 +133,32 @@ def test_speed_phase_counts_only_tokens_decoded_while_the_whole_batch_runs():
     assert 0 < r["decode_tokens"] < 60 and 0 < r["decode_tokens_per_s"] < 360
     with pytest.raises(RuntimeError, match="never decoded together"):
         asyncio.run(speed_phase(_ScriptedStreamer(), "cold", ["p0", "p1", "p2", "p3", "p4"], 2))
+
+
+def test_an_engine_childs_progress_reaches_the_parents_stream_whole_and_in_order(tmp_path):
+    """The relay an engine arm's child writes its progress through (the child forks from the
+    forkserver, so it cannot inherit the parent's stderr): written by another process while the
+    relay runs, all of it arrives, in order, by the end of the ``with``; a bar is drawn only where
+    asked."""
+    import io
+    import subprocess
+    import sys
+
+    from lcx_plugin.harness.ab.arms import relayed
+    from lcx_plugin.harness.progress import Progress
+
+    sink = io.StringIO()
+    writer = ("import sys, time\n"
+              "from lcx_plugin.harness.progress import Progress\n"
+              "with Progress(40, 'arm', open(sys.argv[1], 'a', buffering=1), terminal=False) as p:\n"
+              "    for i in range(40):\n"
+              "        time.sleep(0.01 * (i % 3))\n"
+              "        p.advance()\n")
+    with relayed(sink, poll_s=0.05) as path:
+        subprocess.run([sys.executable, "-c", writer, path], check=True, timeout=120)
+    lines = sink.getvalue().splitlines()
+    assert [line.split(" done")[0] for line in lines] == [f"arm: {i}/40" for i in range(1, 41)], lines
+    drawn = io.StringIO()
+    with Progress(2, "bar", drawn, terminal=True) as p:
+        p.advance(2)
+    assert "\x1b[" in drawn.getvalue() and "bar" in drawn.getvalue()

@@ -16,8 +16,13 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator, TextIO
 
 from lcx_plugin.config import LcxConfig
 
@@ -79,29 +84,65 @@ class Job:
     speed_max_tokens: int = 64
 
 
-def _progress_stream():
-    """Where progress goes: in an engine child, the parent's stderr handed over as a file descriptor
-    (the child's own stdout/stderr carry the engine's log into a file)."""
-    fd = os.environ.get(PROGRESS_FD_ENV)
-    return os.fdopen(int(fd), "w") if fd else sys.stderr
+def _progress_stream() -> tuple[TextIO, bool | None]:
+    """Where progress goes, and whether to draw it as a bar: in an engine child, a file the parent
+    relays to its stderr (``relayed``), drawn as a bar where that stderr is a terminal (the child's
+    own stdout/stderr carry the engine's log into a file)."""
+    path = os.environ.get(PROGRESS_PATH_ENV)
+    if path:
+        return open(path, "a", buffering=1), os.environ.get(PROGRESS_TTY_ENV) == "1"
+    return sys.stderr, None
 
 
-PROGRESS_FD_ENV = "LCX_AB_PROGRESS_FD"
+PROGRESS_PATH_ENV = "LCX_AB_PROGRESS_PATH"
+PROGRESS_TTY_ENV = "LCX_AB_PROGRESS_TTY"
+
+
+@contextmanager
+def relayed(stream: TextIO, poll_s: float = 0.2) -> Iterator[str]:
+    """A file path whose content is copied to ``stream`` as it grows, and entirely by the end of the
+    ``with``. An engine child writes its progress there: an inherited descriptor would do, but a
+    child given one cannot fork from the launcher's forkserver (about 7 s more per arm)."""
+    with tempfile.TemporaryDirectory(prefix="lcx-progress-") as tmp:
+        path = Path(tmp, "progress")
+        path.touch()
+        done = threading.Event()
+
+        def pump(f) -> None:
+            while True:
+                last = done.is_set()  # read once more after the child is done: nothing is left behind
+                chunk = f.read()
+                if chunk:
+                    stream.write(chunk)
+                    stream.flush()
+                elif last:
+                    return
+                else:
+                    time.sleep(poll_s)
+
+        with open(path, errors="replace") as f:
+            thread = threading.Thread(target=pump, args=(f,), daemon=True, name="lcx-progress-relay")
+            thread.start()
+            try:
+                yield str(path)
+            finally:
+                done.set()
+                thread.join()
 
 
 async def _evaluate(streamer, job: Job, label: str) -> dict:
     from ..progress import Progress
     from .evaluate import accuracy_phase, load_phase, speed_phase
 
-    stream = _progress_stream()
-    with Progress(len(job.samples), f"[{label}] accuracy", stream) as p:
+    stream, terminal = _progress_stream()
+    with Progress(len(job.samples), f"[{label}] accuracy", stream, terminal) as p:
         rows = await accuracy_phase(streamer, job.samples, job.accuracy_concurrency, on_done=p.advance)
-    with Progress(len(job.load_prompts), f"[{label}] load x{job.load_concurrency}", stream) as p:
+    with Progress(len(job.load_prompts), f"[{label}] load x{job.load_concurrency}", stream, terminal) as p:
         load = await load_phase(streamer, job.load_prompts, job.load_max_tokens, job.load_concurrency,
                                 on_done=p.advance)
     speed = None
     if job.speed_ttft_prompt:
-        with Progress(2, f"[{label}] speed: TTFT, then decode x{len(job.speed_batch_prompts)}", stream) as p:
+        with Progress(2, f"[{label}] speed: TTFT, then decode x{len(job.speed_batch_prompts)}", stream, terminal) as p:
             speed = await speed_phase(streamer, job.speed_ttft_prompt, job.speed_batch_prompts, job.speed_max_tokens,
                                       on_done=p.advance)
     return {"samples": rows, "load": load, "speed": speed}
@@ -128,14 +169,11 @@ def _engine_child(job_path: str, out_path: str) -> None:
 def run_engine_arm(arm: Arm, job: Job, log_path: Path) -> dict:
     from lcx_plugin.harness.launcher import run_child
 
-    # The engine's own chatter goes to the log; progress bars to our stderr, handed over as an fd.
-    progress_fd = os.dup(2)
-    try:
+    # The engine's own chatter goes to the log; progress to our stderr, through a relayed file.
+    with relayed(sys.stderr) as progress:
         return run_child("lcx_plugin.harness.ab.arms", {"arm": asdict(arm), "job": asdict(job)}, f"arm {arm.label}",
                          log_path=log_path, settings=RunSettings(**job.settings),
-                         extra_env={PROGRESS_FD_ENV: str(progress_fd)}, pass_fds=(progress_fd,))
-    finally:
-        os.close(progress_fd)
+                         extra_env={PROGRESS_PATH_ENV: progress, PROGRESS_TTY_ENV: str(int(sys.stderr.isatty()))})
 
 
 def run_endpoint_arm(arm: Arm, job: Job) -> dict:
