@@ -23,13 +23,16 @@ class Progress:
     def __enter__(self) -> "Progress":
         if self.terminal:
             from rich.console import Console
+            from rich.markup import escape
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
             self._rich = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                              TextColumn("eta"), TimeRemainingColumn(), console=Console(file=self.stream, force_terminal=True))
             self._rich.__enter__()
-            self._task = self._rich.add_task(self.label, total=self.total)
+            # Escaped: a label such as "[stock] accuracy" is text, not rich markup (unescaped, the
+            # arm's name vanished from its bar).
+            self._task = self._rich.add_task(escape(self.label), total=self.total)
         return self
 
     def advance(self, n: int = 1, note: str = "") -> None:

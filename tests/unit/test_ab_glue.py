@@ -159,6 +159,6 @@ def test_an_engine_childs_progress_reaches_the_parents_stream_whole_and_in_order
     lines = sink.getvalue().splitlines()
     assert [line.split(" done")[0] for line in lines] == [f"arm: {i}/40" for i in range(1, 41)], lines
     drawn = io.StringIO()
-    with Progress(2, "bar", drawn, terminal=True) as p:
+    with Progress(2, "[stock] bar", drawn, terminal=True) as p:
         p.advance(2)
-    assert "\x1b[" in drawn.getvalue() and "bar" in drawn.getvalue()
+    assert "\x1b[" in drawn.getvalue() and "[stock] bar" in drawn.getvalue()  # a bar, its label as text
