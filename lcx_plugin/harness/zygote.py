@@ -4,8 +4,9 @@ Every engine job of the harness runs in a child process of its own (``launcher.r
 Started with ``python -m``, each child spends about 7 s importing torch, transformers and vLLM
 before its engine starts (measured on a 2-core EPYC), and the test suite starts some 50 of them.
 Here a multiprocessing *forkserver* imports those once (``PRELOAD``) and forks each child from
-that state: a fresh process, as before, with the imports done. vLLM itself forks its worker and
-engine-core processes after the same imports (its default start method).
+that state: a fresh process, as before, with the imports done. (vLLM's own engine-core and worker
+processes cannot be helped this way: on CPU its platform sets ``VLLM_WORKER_MULTIPROC_METHOD=spawn``,
+so each of them imports vLLM afresh, about 7 s on 2 cores.)
 
 The child then becomes what ``python -m MODULE JOB OUT`` would have been: its environment is the
 job's, its stdout and stderr go to the job's log, ``sys.argv`` is set, the module runs as
@@ -30,7 +31,8 @@ ENV = "LCX_FORKSERVER"
 
 def enabled() -> bool:
     """On unless ``LCX_FORKSERVER=0``, where this process was started as ``python -m MODULE``
-    (pytest, lcx's CLI). A forked child re-imports the parent's main module (multiprocessing's
+    (pytest; ``./lcx``, which runs lcx's CLI as ``python -m lcx_plugin.cli``; not the ``lcx``
+    console script). A forked child re-imports the parent's main module (multiprocessing's
     rule); a module run by name is skipped there or guarded, a script run by path might not be, so
     a script (``./lcx bench NAME`` runs bench/NAME.py) starts its children with ``python -m``."""
     main = sys.modules.get("__main__")
