@@ -46,20 +46,19 @@ def child_env(settings: RunSettings | None = None, extra: dict | None = None) ->
 
 def run_child(module: str, payload: dict, what: str, log_path: str | Path | None = None,
               settings: RunSettings | None = None, extra_env: dict | None = None,
-              pass_fds: tuple[int, ...] = (), timeout: float | None = None) -> dict:
+              timeout: float | None = None) -> dict:
     """Run ``module`` on ``payload``; return its JSON result, or raise with the log's tail."""
     with tempfile.TemporaryDirectory(prefix="lcx-child-") as tmp:
         job_path, out_path = Path(tmp, "job.json"), Path(tmp, "out.json")
         job_path.write_text(json.dumps(payload))
         log_file = Path(log_path) if log_path else Path(tmp, "engine.log")
         env = child_env(settings, extra_env)
-        if zygote.enabled() and not pass_fds:
+        if zygote.enabled():
             returncode = zygote.run(module, [str(job_path), str(out_path)], env, str(log_file), timeout)
         else:
             with open(log_file, "w") as log:
                 returncode = subprocess.run([sys.executable, "-m", module, str(job_path), str(out_path)], stdout=log,
-                                            stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds,
-                                            timeout=timeout).returncode
+                                            stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
         if returncode != 0 or not out_path.exists():
             raise RuntimeError(f"{what} failed (exit {returncode}); engine log {log_file}:\n"
                                + log_file.read_text()[-4000:])

@@ -11,8 +11,9 @@ so each of them imports vLLM afresh, about 7 s on 2 cores.)
 The child then becomes what ``python -m MODULE JOB OUT`` would have been: its environment is the
 job's, its stdout and stderr go to the job's log, ``sys.argv`` is set, the module runs as
 ``__main__``, and the exit handlers run before it exits (vLLM shuts its workers down in them).
-``LCX_FORKSERVER=0`` turns this off (every child started by ``python -m``); a job that must
-inherit file descriptors, or a parent run as a script, always is (``enabled``).
+``LCX_FORKSERVER=0`` turns this off (every child started by ``python -m``); a parent run as a
+script always is (``enabled``). A forked child inherits none of the parent's descriptors: what it
+must hand back beyond its result goes through a file (``ab.arms.relayed``).
 """
 from __future__ import annotations
 
