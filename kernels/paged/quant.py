@@ -138,6 +138,78 @@ def decode(rows: torch.Tensor, head_dim: int, bits: int, group_size: int,
     return x.view(*lead, ng * group_size)[..., :d].to(dtype)
 
 
+@dataclass(frozen=True)
+class Codes:
+    """Quantized rows as read, not expanded: ``codes`` ``[..., D]`` (the integer codes, exact in
+    float32) and each group's ``scale`` and ``zero`` ``[..., ng]`` (float32), so that an element
+    is ``zero + codes * scale`` of its group. Attention can run on them directly (``scores``,
+    ``weighted_sum``): the scales apply to ``W`` scores, not to ``W x D`` elements."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+
+    @property
+    def groups(self) -> int:
+        return self.scale.shape[-1]
+
+    def _grouped(self) -> torch.Tensor:
+        """``[..., ng, W, group_size]``: the codes by group, zero-padded to whole groups."""
+        ng, gs = self.groups, self.group_size
+        c = _pad_channels(self.codes, ng * gs)
+        return c.view(*c.shape[:-1], ng, gs).transpose(-3, -2)
+
+
+def _pad_channels(x: torch.Tensor, width: int) -> torch.Tensor:
+    pad = width - x.shape[-1]
+    return torch.cat([x, x.new_zeros(*x.shape[:-1], pad)], -1) if pad else x
+
+
+def read_codes(rows: torch.Tensor, head_dim: int, bits: int, group_size: int) -> Codes:
+    """``rows`` ``[..., R]`` uint8 (any strides) -> their ``Codes``: one conversion of the codes,
+    none of the ``D`` elements scaled (what ``decode`` does, for the kernels that need values)."""
+    d, ng = head_dim, groups(head_dim, group_size)
+    data = code_bytes(d, bits)
+    meta_at = data + (data & 1)
+    lead = rows.shape[:-1]
+    codes = rows[..., :data]
+    if bits == 4:
+        codes = torch.stack([codes & 15, codes >> 4], -1).reshape(*lead, 2 * data)
+    meta = rows[..., meta_at: meta_at + _META_BYTES * ng].contiguous().view(torch.bfloat16).float()
+    meta = meta.view(*lead, ng, 2)
+    return Codes(codes[..., :d].float(), meta[..., 0], meta[..., 1], group_size)
+
+
+def scores(query: torch.Tensor, keys: Codes) -> torch.Tensor:
+    """``query`` ``[..., G, D]`` float32 against keys ``[..., W, D]`` -> ``q . k`` ``[..., G, W]``:
+    per group, ``scale * (q . codes) + zero * sum(q)``."""
+    if keys.groups == 1:
+        dots = torch.matmul(query, keys.codes.transpose(-1, -2))
+        return torch.addcmul(dots.mul_(keys.scale[..., 0].unsqueeze(-2)),
+                             query.sum(-1, keepdim=True), keys.zero[..., 0].unsqueeze(-2))
+    ng, gs = keys.groups, keys.group_size
+    q = _pad_channels(query, ng * gs)
+    qg = q.view(*q.shape[:-1], ng, gs).transpose(-3, -2)  # [..., ng, G, gs]
+    per = torch.matmul(qg, keys._grouped().transpose(-1, -2))  # [..., ng, G, W]
+    scaled = (per * keys.scale.transpose(-1, -2).unsqueeze(-2)).sum(-3)
+    return scaled + torch.matmul(qg.sum(-1).transpose(-1, -2), keys.zero.transpose(-1, -2))
+
+
+def weighted_sum(probs: torch.Tensor, values: Codes) -> torch.Tensor:
+    """``probs`` ``[..., G, W]`` float32 over values ``[..., W, D]`` -> ``sum_w p_w v_w``
+    ``[..., G, D]``: per group, ``(p * scale) @ codes + p @ zero``."""
+    d = values.codes.shape[-1]
+    if values.groups == 1:
+        out = torch.matmul(probs * values.scale[..., 0].unsqueeze(-2), values.codes)
+        return out.add_(torch.matmul(probs, values.zero))
+    ng, gs = values.groups, values.group_size
+    weighted = probs.unsqueeze(-3) * values.scale.transpose(-1, -2).unsqueeze(-2)  # [..., ng, G, W]
+    out = torch.matmul(weighted, values._grouped())  # [..., ng, G, gs]
+    out = out + torch.matmul(probs, values.zero).transpose(-1, -2).unsqueeze(-1)
+    return out.transpose(-3, -2).reshape(*probs.shape[:-1], ng * gs)[..., :d]
+
+
 def error_bound(rows: torch.Tensor, head_dim: int, bits: int, group_size: int) -> torch.Tensor:
     """Per element, the analytic round-trip bound ``scale / 2`` of its group: ``[..., D]`` float32."""
     ng = groups(head_dim, group_size)
@@ -248,18 +320,29 @@ class QuantKVFormat(BytePages):
         v = self._decode(cells[..., r:], dtype)
         return k.reshape(*shape, bs, self.head_dim), v.reshape(*shape, bs, self.head_dim)
 
-    def gather_tokens(self, blocks: torch.Tensor, heads: torch.Tensor, offsets: torch.Tensor,
-                      dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized keys and values of single tokens ``(blocks[i], heads[i], offsets[i])``: ``[*shape, D]``."""
+    def _token_rows(self, blocks: torch.Tensor, heads: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The raw key-and-value rows of single tokens: ``[*shape, 2, R]`` uint8."""
         if self.raw.is_contiguous():  # one row copy per token, not element indexing
             nb, hkv, bs, two_r = self.raw.shape
             at = (blocks.long() * hkv + heads.long()) * bs + offsets.long()
             rows = self.raw.view(-1, two_r).index_select(0, at.reshape(-1)).view(*blocks.shape, two_r)
         else:
             rows = self.raw[blocks.long(), heads.long(), offsets.long()]  # [*shape, 2R]
-        r, dtype = self.row_bytes, dtype or torch.float32
-        both = self._decode(rows.view(*rows.shape[:-1], 2, r), dtype)  # keys and values in one pass
+        return rows.view(*rows.shape[:-1], 2, self.row_bytes)
+
+    def gather_tokens(self, blocks: torch.Tensor, heads: torch.Tensor, offsets: torch.Tensor,
+                      dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized keys and values of single tokens ``(blocks[i], heads[i], offsets[i])``: ``[*shape, D]``."""
+        both = self._decode(self._token_rows(blocks, heads, offsets), dtype or torch.float32)  # K and V in one pass
         return self._unrotate(both[..., 0, :]), both[..., 1, :]
+
+    def gather_token_codes(self, blocks: torch.Tensor, heads: torch.Tensor, offsets: torch.Tensor
+                           ) -> tuple[Codes, Codes]:
+        """Keys and values of single tokens as ``Codes``, not expanded. Keys stay rotated when
+        ``rotate_keys``: score them against ``rotate_query(query)``."""
+        rows = self._token_rows(blocks, heads, offsets)
+        return (read_codes(rows[..., 0, :], self.head_dim, self.bits, self.group_size),
+                read_codes(rows[..., 1, :], self.head_dim, self.bits, self.group_size))
 
     def token(self, block: int, head: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One token's key and value ``[D]``, dequantized in float64 (the reference's accessor)."""

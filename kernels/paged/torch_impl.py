@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import quant
 from .formats import KVFormat
 from .plan import BatchPlan
 from .rope import Rope
@@ -619,12 +620,20 @@ def _decode_batch(query: torch.Tensor, kv: KVFormat, prep: _DecodeBatch, scale: 
     group = query.shape[1] // hkv
     dev = kv.device
     heads = torch.arange(hkv, device=dev)[None, :, None].expand(b, hkv, width)
+    live = prep.live.to(dev)
+    if rope is None and hasattr(kv, "gather_token_codes"):
+        # Quantized pages: attend on the codes, scaling W scores instead of W x D elements.
+        kc, vc = kv.gather_token_codes(prep.blocks.to(dev), heads, prep.offsets.to(dev))
+        q = kv.rotate_query(query[:b].float()).view(b, hkv, group, d)
+        scores = quant.scores(q, kc).mul_(scale).masked_fill_(~live[:, :, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+        out[:b] = quant.weighted_sum(probs, vc).view(b, hkv * group, d).to(out.dtype)
+        return
     k, v = kv.gather_tokens(prep.blocks.to(dev), heads, prep.offsets.to(dev), torch.float32)  # [B, Hkv, W, D]
     if rope is not None:
         moved = (prep.gap != 0).to(dev)
         if bool(moved.any()):
             k = torch.where(moved[..., None], rope.rotate(k, prep.gap.to(dev)), k)
-    live = prep.live.to(dev)
     q = query[:b].float().view(b, hkv, group, d)
     scores = torch.matmul(q, k.transpose(2, 3)).mul_(scale)  # [B, Hkv, G, W]
     scores.masked_fill_(~live[:, :, None, :], float("-inf"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import quant
 from .formats import KVFormat
 from .plan import BatchPlan
 
@@ -120,11 +121,32 @@ def _decode_rows(query, kv: KVFormat, plan: BatchPlan, scale: float, out, sink: 
         ("window.decode", sink, window, tuple(seqs), hkv, kv.block_size, work, str(query.device)),
         lambda: _decode_index(plan, seqs, sink, window, hkv, kv.block_size, work, query.device))
     width = blocks.shape[-1] - 1
+    if hasattr(kv, "gather_token_codes"):
+        _decode_rows_codes(query, kv, scale, out, rows, blocks[..., :width], heads[..., :width], offsets[..., :width],
+                           bias, key, value)
+        return
     kc, vc = kv.gather_tokens(blocks, heads, offsets, work)  # [B, Hkv, width + 1, D]
     kc[:, :, width] = key.index_select(0, rows).to(work)
     vc[:, :, width] = value.index_select(0, rows).to(work)
     q = query.index_select(0, rows).to(work).view(n, hkv, group, d)  # a KV head's group as its query rows
     o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias, scale=scale)  # [B, Hkv, G, D]
+    out.index_copy_(0, rows, o.reshape(n, hkv * group, d).to(out.dtype))
+
+
+def _decode_rows_codes(query, kv, scale: float, out, rows, blocks, heads, offsets, bias, key, value) -> None:
+    """``_decode_rows`` over quantized pages: attention on the cached codes (``quant.scores`` and
+    ``quant.weighted_sum`` scale ``width`` scores, not ``width x D`` elements), plus each row's
+    own key and value from the step, unquantized, as one more column."""
+    n, hkv, width = blocks.shape
+    d = kv.head_dim
+    group = query.shape[1] // hkv
+    kc, vc = kv.gather_token_codes(blocks, heads, offsets)  # [B, Hkv, width, D] each
+    q = query.index_select(0, rows).float().view(n, hkv, group, d)
+    own_k = key.index_select(0, rows).float()[:, :, :, None]  # [B, Hkv, D, 1]
+    own_v = value.index_select(0, rows).float()[:, :, None, :]  # [B, Hkv, 1, D]
+    s = torch.cat([quant.scores(kv.rotate_query(q), kc), torch.matmul(q, own_k)], -1).mul_(scale)
+    probs = torch.softmax(s.add_(bias), dim=-1)  # [B, Hkv, G, width + 1]
+    o = quant.weighted_sum(probs[..., :width], vc).addcmul_(probs[..., width:], own_v)
     out.index_copy_(0, rows, o.reshape(n, hkv * group, d).to(out.dtype))
 
 

@@ -56,6 +56,30 @@ def test_round_trip_within_analytic_bound(bits, head_dim, group):
     assert (bound <= ideal + 1e-30).all(), f"seed={seed}: stored scales are looser than the group range"
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("head_dim,group", [(64, 64), (64, 32), (65, 64), (33, 16), (7, 3)])
+def test_attention_on_codes_equals_attention_on_dequantized_rows(bits, head_dim, group):
+    """``scores`` and ``weighted_sum`` apply the scales to scores, never expanding the rows: they
+    must equal the same products over ``decode``d rows, computed in float64 (padded last groups
+    included)."""
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    keys = quant.encode(_activations((2, 3, 40, head_dim), seed), bits, group)
+    values = quant.encode(_activations((2, 3, 40, head_dim), seed + 1), bits, group)
+    query = torch.randn(2, 3, 4, head_dim, generator=g)
+    probs = torch.softmax(torch.randn(2, 3, 4, 40, generator=g), -1)
+    k64 = quant.decode(keys, head_dim, bits, group, torch.float64)
+    v64 = quant.decode(values, head_dim, bits, group, torch.float64)
+    want_s = query.double() @ k64.transpose(-1, -2)
+    want_o = probs.double() @ v64
+    got_s = quant.scores(query, quant.read_codes(keys, head_dim, bits, group))
+    got_o = quant.weighted_sum(probs, quant.read_codes(values, head_dim, bits, group))
+    assert got_s.shape == want_s.shape and got_o.shape == want_o.shape
+    tol = 1e-4 * (1 + want_s.abs().max().item())
+    assert (got_s.double() - want_s).abs().max().item() < tol, f"seed={seed}"
+    assert (got_o.double() - want_o).abs().max().item() < 1e-4 * (1 + v64.abs().max().item()), f"seed={seed}"
+
+
 def test_round_trip_detects_a_corrupted_code():
     """The bound check can fail: one flipped code byte breaks it."""
     x = _activations((16, 1, 64), 3)

@@ -9,7 +9,7 @@ from lcx_plugin.kernels.paged import Selection
 from lcx_plugin.kernels.paged.reference import paged_attention_reference
 from lcx_plugin.kernels.paged.window import cached_positions, window_attention, window_attention_reference
 
-from .paged_cases import make_problem
+from .paged_cases import QUANT_FORMATS, make_problem
 
 CASES = [
     # (seq_lens, q_lens, sink, window, block_size): chunks longer than the window, windows
@@ -66,6 +66,22 @@ def test_window_attention_matches_both_references(case, row_tile):
     assert not torch.isnan(out).any(), f"seed={seed}: a dropped position was read, or a row left unwritten"
     assert (own - full).abs().max() < 1e-9, f"seed={seed}: the two references disagree"
     assert (out.double() - full).abs().max() < 2e-4, f"seed={seed}"
+
+
+@pytest.mark.parametrize("fmt", QUANT_FORMATS)
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_window_attention_over_quantized_pages(case, fmt):
+    """Streaming heads on int8/int4 pages (decode rows attend on the codes): against the float64
+    reference reading the same pages, with the dropped positions poisoned."""
+    seq_lens, q_lens, sink, window, bs = case
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    problem = make_problem(seq_lens, q_lens, 6, 2, head_dim=32, block_size=bs, seed=seed, fmt=fmt)
+    keys, vals = _split_storage(problem, sink, window)
+    want = window_attention_reference(problem.query, problem.kv, problem.plan, problem.scale, sink, window, keys, vals)
+    out = torch.full_like(problem.query, float("nan"))
+    window_attention(problem.query, problem.kv, problem.plan, problem.scale, out, sink, window, keys, vals)
+    assert not torch.isnan(out).any(), f"seed={seed}: a dropped position was read, or a row left unwritten"
+    assert (out.double() - want).abs().max() < 2e-4, f"seed={seed}"
 
 
 def test_bf16_cache():
