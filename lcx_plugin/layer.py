@@ -134,10 +134,11 @@ class LayerCore:
 
     def write(self, kv: KVFormat, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
               engine_write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-              positions: torch.Tensor | None = None) -> None:
+              positions: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
         """Store this step's keys and values ``[T, Hkv, D]``: per-page summaries first (from the raw
         keys, whatever the storage packs; un-rotated from ``positions`` ``[T]`` when
-        ``summaries_need_positions``), then the cache, through the engine's writer if given."""
+        ``summaries_need_positions``), then the cache, through the engine's writer if given.
+        ``rows``: quantized pages only, the same keys and values already encoded."""
         if self.selector.needs_page_summaries:
             if self.pages is None:
                 self.pages = PageSummaries(kv.num_blocks, kv.num_kv_heads, kv.head_dim, kv.block_size, kv.device)
@@ -151,6 +152,8 @@ class LayerCore:
             self.pages.update(summarised, slot_mapping)
         if engine_write is not None:
             engine_write(key, value, slot_mapping)
+        elif rows is not None:
+            kv.write(key, value, slot_mapping, rows=rows)
         else:
             kv.write(key, value, slot_mapping)
             self._hold_for_promotion(kv, key, value, slot_mapping)
@@ -206,8 +209,13 @@ class LayerCore:
         """Store the retrieval heads' keys/values like any layer, the streaming heads' at
         ``slots_streaming`` (negative: not kept, skipped)."""
         sp = self.split
-        sp.retrieval.write(kv_retrieval, key.index_select(1, sp.r_kv), value.index_select(1, sp.r_kv),
-                           slots_retrieval, engine_write)
+        k_r, v_r = key.index_select(1, sp.r_kv), value.index_select(1, sp.r_kv)
+        if engine_write is None and _one_quantized_format(kv_retrieval, kv_streaming):
+            rows = kv_streaming.encode_rows(key, value)  # every head quantized in one pass, then split
+            sp.retrieval.write(kv_retrieval, k_r, v_r, slots_retrieval, rows=rows.index_select(1, sp.r_kv))
+            kv_streaming.write(None, None, slots_streaming, rows=rows.index_select(1, sp.s_kv))
+            return
+        sp.retrieval.write(kv_retrieval, k_r, v_r, slots_retrieval, engine_write)
         k_s, v_s = key.index_select(1, sp.s_kv), value.index_select(1, sp.s_kv)
         kv_streaming.write(k_s, v_s, slots_streaming)
         self._hold_for_promotion(kv_streaming, k_s, v_s, slots_streaming)
@@ -277,6 +285,13 @@ class SplitStorage:
                                    replace(core.config, selector=inner), core.impl, core.requests,
                                    r_info)
         self.retrieval.metrics = core.metrics
+
+
+def _one_quantized_format(a: KVFormat, b: KVFormat) -> bool:
+    """Both caches quantized pages of one format (not mixed: those promote per write), so the
+    rows one encodes the other stores as they are."""
+    return (hasattr(a, "encode_rows") and hasattr(b, "encode_rows") and not a.mixed and not b.mixed
+            and a.name == b.name and a.row_bytes == b.row_bytes)
 
 
 def planning_selector(selector: Selector, stored_apart: bool) -> Selector:

@@ -83,8 +83,8 @@ def _outward(x: torch.Tensor, up: bool) -> torch.Tensor:
     """``x`` (float32) rounded to bfloat16 away from the inside of the group's range: the result is
     >= x when ``up``, <= x otherwise. A nudge of 2**-7 relative before round-to-nearest (whose
     error is at most 2**-9 relative) guarantees the side."""
-    nudge = x.abs() * 2.0 ** -7 + 1e-30
-    return (x + nudge if up else x - nudge).to(torch.bfloat16)
+    nudge = x.abs().mul_(2.0 ** -7).add_(1e-30)
+    return x.add(nudge, alpha=1 if up else -1).to(torch.bfloat16)
 
 
 def encode(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -98,11 +98,13 @@ def encode(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     if pad:  # the last group's missing channels repeat its first one: no effect on its range
         xf = torch.cat([xf, xf[..., (ng - 1) * group_size:][..., :1].expand(*lead, pad)], -1)
     g = xf.view(*lead, ng, group_size)
-    zero = _outward(g.amin(-1), up=False)
+    lo, hi = torch.aminmax(g, dim=-1)
+    zero = _outward(lo, up=False)
     levels = (1 << bits) - 1
-    scale = _outward((g.amax(-1) - zero.float()) / levels, up=True)
-    zf, sf = zero.float()[..., None], scale.float()[..., None]
-    q = torch.round((g - zf) / torch.where(sf > 0, sf, torch.ones_like(sf))).clamp_(0, levels)
+    zf = zero.float()
+    scale = _outward(hi.sub_(zf).div_(levels), up=True)
+    sf = scale.float()[..., None]
+    q = (g - zf[..., None]).div_(sf.masked_fill_(sf <= 0, 1.0)).round_().clamp_(0, levels)
     q = q.view(*lead, ng * group_size)[..., :d].to(torch.uint8)
     if bits == 4:
         if d & 1:
@@ -181,6 +183,14 @@ def read_codes(rows: torch.Tensor, head_dim: int, bits: int, group_size: int) ->
     return Codes(codes[..., :d].float(), meta[..., 0], meta[..., 1], group_size)
 
 
+def read_code_pairs(rows: torch.Tensor, head_dim: int, bits: int, group_size: int) -> tuple[Codes, Codes]:
+    """Key and value rows side by side, ``[..., 2, R]`` -> their two ``Codes``, converted together
+    (views of one buffer each for codes and scales: half the copies of two ``read_codes``)."""
+    both = read_codes(rows, head_dim, bits, group_size)
+    return tuple(Codes(both.codes.select(-2, i), both.scale.select(-2, i),
+                       both.zero.select(-2, i), group_size) for i in (0, 1))
+
+
 def scores(query: torch.Tensor, keys: Codes) -> torch.Tensor:
     """``query`` ``[..., G, D]`` float32 against keys ``[..., W, D]`` -> ``q . k`` ``[..., G, W]``:
     per group, ``scale * (q . codes) + zero * sum(q)``."""
@@ -202,7 +212,7 @@ def weighted_sum(probs: torch.Tensor, values: Codes) -> torch.Tensor:
     d = values.codes.shape[-1]
     if values.groups == 1:
         out = torch.matmul(probs * values.scale[..., 0].unsqueeze(-2), values.codes)
-        return out.add_(torch.matmul(probs, values.zero))
+        return out.add_((probs * values.zero[..., 0].unsqueeze(-2)).sum(-1, keepdim=True))  # no second GEMM
     ng, gs = values.groups, values.group_size
     weighted = probs.unsqueeze(-3) * values.scale.transpose(-1, -2).unsqueeze(-2)  # [..., ng, G, W]
     out = torch.matmul(weighted, values._grouped())  # [..., ng, G, gs]
@@ -320,6 +330,14 @@ class QuantKVFormat(BytePages):
         v = self._decode(cells[..., r:], dtype)
         return k.reshape(*shape, bs, self.head_dim), v.reshape(*shape, bs, self.head_dim)
 
+    def gather_cell_codes(self, blocks: torch.Tensor, heads: torch.Tensor) -> tuple[Codes, Codes]:
+        """Keys and values of whole cells ``(blocks[i], heads[i])`` as ``Codes`` ``[*shape, bs, D]``
+        (one gather of whole cells; keys stay rotated, as ``gather_token_codes``)."""
+        nb, hkv, bs, two_r = self.raw.shape
+        idx = blocks.reshape(-1).long() * hkv + heads.reshape(-1).long()
+        cells = self.raw.view(nb * hkv, bs, two_r).index_select(0, idx).view(*blocks.shape, bs, 2, two_r // 2)
+        return read_code_pairs(cells, self.head_dim, self.bits, self.group_size)
+
     def _token_rows(self, blocks: torch.Tensor, heads: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """The raw key-and-value rows of single tokens: ``[*shape, 2, R]`` uint8."""
         if self.raw.is_contiguous():  # one row copy per token, not element indexing
@@ -340,9 +358,7 @@ class QuantKVFormat(BytePages):
                            ) -> tuple[Codes, Codes]:
         """Keys and values of single tokens as ``Codes``, not expanded. Keys stay rotated when
         ``rotate_keys``: score them against ``rotate_query(query)``."""
-        rows = self._token_rows(blocks, heads, offsets)
-        return (read_codes(rows[..., 0, :], self.head_dim, self.bits, self.group_size),
-                read_codes(rows[..., 1, :], self.head_dim, self.bits, self.group_size))
+        return read_code_pairs(self._token_rows(blocks, heads, offsets), self.head_dim, self.bits, self.group_size)
 
     def token(self, block: int, head: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One token's key and value ``[D]``, dequantized in float64 (the reference's accessor)."""
@@ -352,20 +368,27 @@ class QuantKVFormat(BytePages):
             k = hadamard(self.head_dim, dtype=torch.float64) @ k
         return k, self._decode(row[r:], torch.float64)
 
-    def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Quantize ``key``/``value`` ``[T, Hkv, D]`` into ``slot = block * block_size + offset``;
-        negative slots (padding) are skipped."""
-        slots = slot_mapping[: key.shape[0]].long()
-        if bool((slots < 0).any()):
-            keep = slots >= 0
-            slots, key, value = slots[keep], key[keep], value[keep]
-        bs, r = self.block_size, self.row_bytes
-        blocks, offsets = slots // bs, slots % bs
+    def encode_rows(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Keys and values ``[T, H, D]`` as this format's rows ``[T, H, 2R]`` (keys rotated when
+        ``rotate_keys``), for ``write(..., rows=)``: storage that keeps a layer's heads apart in
+        two caches of one format quantizes once."""
         if self.rotate_keys:
             key = torch.matmul(key.float(), self._h)
-        both = encode(torch.stack([key.float(), value.float()]), self.bits, self.group_size)  # one pass for K and V
-        rows = torch.cat([both[0], both[1]], -1)
-        self.raw[blocks, :, offsets] = rows  # [T, Hkv, 2R]
+        both = encode(torch.stack([key, value]), self.bits, self.group_size)  # one pass for K and V
+        return torch.cat([both[0], both[1]], -1)
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+              rows: torch.Tensor | None = None) -> None:
+        """Quantize ``key``/``value`` ``[T, Hkv, D]`` into ``slot = block * block_size + offset``;
+        negative slots (padding) are skipped. ``rows``: the same already encoded (``encode_rows``)."""
+        if rows is None:
+            rows = self.encode_rows(key, value)
+        slots = slot_mapping[: rows.shape[0]].long()
+        if bool((slots < 0).any()):
+            keep = slots >= 0
+            slots, rows = slots[keep], rows[keep]
+        bs = self.block_size
+        self.raw[slots // bs, :, slots % bs] = rows  # [T, Hkv, 2R]
 
 
 def round_trip(key: torch.Tensor, value: torch.Tensor, bits: int, group_size: int, rotate_keys: bool

@@ -573,11 +573,70 @@ def _prepare_decode(sel: Selection, plan: BatchPlan, bs: int, compact: bool = Fa
     units (whole pages or tokens) and, for a dense head, everything; the marks become ascending
     position lists by one cumulative sum and one scatter. A few tensor operations for the whole
     batch, where the row-by-row path costs a few dozen per sequence. With ``compact``, also each
-    candidate's distance in compacted positions (``_prepare_token_row``'s ``gap``)."""
+    candidate's distance in compacted positions (``_prepare_token_row``'s ``gap``). Page lists
+    at absolute positions are marked page by page (``_decode_by_page``)."""
     key = ("torch-decode", bs, compact)
     hit = sel.memo.get(key)
     if hit is not None and hit[0] is plan:
         return hit[1]
+    if sel.granularity == "page" and not compact:
+        prep = _decode_by_page(sel, plan, bs)
+    else:
+        prep = _decode_by_position(sel, plan, bs, compact)
+    sel.memo[key] = (plan, prep)
+    return prep
+
+
+def _decode_by_page(sel: Selection, plan: BatchPlan, bs: int) -> _DecodeBatch:
+    """``_prepare_decode`` for page lists without compaction. A row's candidates are its sinks and
+    window (the pages that hold them, with those positions live: the same for every layer of the
+    step, so built once per plan, ``_fixed_pages``) and its listed pages, whose positions up to
+    the row are live where they are neither sink nor window (those are the fixed part's, and a
+    candidate must be counted once). The order of a row's candidates does not
+    matter to attention at absolute positions, so the two parts are concatenated, not sorted.
+    Dead entries re-read position 0, always written."""
+    if bool(sel.dense.any()):
+        return _decode_by_position(sel, plan, bs, False)
+    sink, window = sel.sink.cpu(), sel.window.cpu()
+    key = ("torch-decode-fixed", bs, tuple(sink.flatten().tolist()), tuple(window.flatten().tolist()))
+    fixed_pos, fixed_live = plan.memo(key, lambda: _fixed_pages(plan, bs, sink, window))
+    parts_pos, parts_live = [fixed_pos], [fixed_live]
+    if sel.indices.shape[3] > 0:
+        row = torch.tensor(plan.lens, dtype=torch.int64)[:, None, None] - 1
+        idx = sel.indices[:, :, 0].long().cpu()  # [B, Hkv, K]
+        alive = (torch.arange(idx.shape[2]) < sel.counts[:, :, 0].cpu()[..., None]) & (idx >= 0)
+        pos = (idx[..., None] * bs + torch.arange(bs)).flatten(2)  # [B, Hkv, K * bs]
+        unfixed = (pos >= sink.long()[..., None]) & (pos <= row - window.long()[..., None])  # neither sink nor window
+        parts_pos.append(pos)
+        parts_live.append(alive.repeat_interleave(bs, 2) & unfixed & (pos <= row))
+    pos, live = torch.cat(parts_pos, 2), torch.cat(parts_live, 2)
+    pos = torch.where(live, pos, 0)
+    blocks = plan.block_table.long().cpu().gather(1, (pos // bs).flatten(1)).view_as(pos)
+    return _DecodeBatch(blocks, pos % bs, live)
+
+
+def _fixed_pages(plan: BatchPlan, bs: int, sink: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For ``_decode_by_page``: per (sequence, KV head) the pages of the sinks, then those of the
+    window (from the first page past the sinks), as positions ``[B, Hkv, F * bs]`` with those
+    that are sinks or window live, and that mask."""
+    row = torch.tensor(plan.lens, dtype=torch.int64)[:, None, None] - 1
+    sink, window = sink.long()[..., None], window.long()[..., None]
+    n_sink = torch.minimum(sink, row + 1)
+    sink_end = -(-n_sink // bs)  # pages [0, sink_end) hold the sinks
+    first = (row - window + 1).clamp(min=0)
+    window_start = torch.where(window > 0, torch.maximum(first // bs, sink_end), row // bs + 1)
+    n_window = (row // bs + 1 - window_start).clamp(min=0)
+    s_pages, w_pages = int(sink_end.max()), int(n_window.max())
+    page = torch.cat([torch.arange(s_pages).expand(*sink.shape[:2], -1),
+                      window_start + torch.arange(w_pages)], 2)  # [B, Hkv, F]
+    held = torch.cat([torch.arange(s_pages) < sink_end, torch.arange(w_pages) < n_window], 2)
+    pos = (page[..., None] * bs + torch.arange(bs)).flatten(2)
+    live = held.repeat_interleave(bs, 2) & ((pos < sink) | (pos > row - window)) & (pos <= row)
+    return pos, live
+
+
+def _decode_by_position(sel: Selection, plan: BatchPlan, bs: int, compact: bool) -> _DecodeBatch:
+    """``_prepare_decode`` position by position (token lists, and compacted positions)."""
     b, hkv = sel.counts.shape[:2]
     lens = torch.tensor(plan.lens, dtype=torch.int64)
     row = (lens - 1)[:, None, None]  # each query's position
@@ -607,7 +666,6 @@ def _prepare_decode(sel: Selection, plan: BatchPlan, bs: int, compact: bool = Fa
         last = pos.gather(2, (counts - 1).clamp(min=0)[..., None])
         after = (counts[..., None] - 1 - torch.arange(width)) + (last != row).long()
         prep.gap = torch.where(live, (row - pos) - after, 0)
-    sel.memo[key] = (plan, prep)
     return prep
 
 
@@ -641,12 +699,46 @@ def _decode_batch(query: torch.Tensor, kv: KVFormat, prep: _DecodeBatch, scale: 
     out[:b] = torch.matmul(probs, v).view(b, hkv * group, d).to(out.dtype)
 
 
+def _decode_page_lists(query: torch.Tensor, kv, sel: Selection, plan: BatchPlan, scale: float,
+                       out: torch.Tensor) -> None:
+    """A decode-only batch whose selection is page lists alone (TokenSelect's page granularity
+    hands over sinks, window and chosen pages as one list) over quantized pages: the listed
+    cells are gathered whole and attended on their codes, with no per-position candidate
+    lists to build. Positions past a row (its last page's unwritten tail) are masked, and
+    their scales and zero points zeroed, so whatever those slots hold never reaches the output."""
+    b, hkv, width = sel.indices.shape[0], sel.indices.shape[1], sel.indices.shape[3]
+    d, bs, dev = kv.head_dim, kv.block_size, kv.device
+    group = query.shape[1] // hkv
+    row = (torch.tensor(plan.lens, dtype=torch.int64, device=dev) - 1)[:, None, None]
+    idx = sel.indices[:, :, 0].long().to(dev)  # [B, Hkv, K]
+    alive = ((torch.arange(width, device=dev) < sel.counts[:, :, 0:1].to(dev)) & (idx >= 0) & (idx * bs <= row))
+    pages = torch.where(alive, idx, 0)
+    blocks = plan.block_table.long().to(dev).gather(1, pages.flatten(1)).view(b, hkv, width)
+    kc, vc = kv.gather_cell_codes(blocks, torch.arange(hkv, device=dev)[None, :, None].expand(b, hkv, width))
+    pos = pages[..., None] * bs + torch.arange(bs, device=dev)
+    live = (alive[..., None] & (pos <= row[..., None])).view(b, hkv, width * bs)
+
+    def flat(c: quant.Codes, zero_dead: bool) -> quant.Codes:
+        s, z = c.scale.reshape(b, hkv, width * bs, -1), c.zero.reshape(b, hkv, width * bs, -1)
+        if zero_dead:
+            s, z = s.masked_fill(~live[..., None], 0.0), z.masked_fill(~live[..., None], 0.0)
+        return quant.Codes(c.codes.view(b, hkv, width * bs, d), s, z, c.group_size)
+
+    q = kv.rotate_query(query[:b].float()).view(b, hkv, group, d)
+    scores = quant.scores(q, flat(kc, False)).mul_(scale).masked_fill_(~live[:, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    out[:b] = quant.weighted_sum(probs, flat(vc, True)).view(b, hkv * group, d).to(out.dtype)
+
+
 def paged_attention_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
                           selection: Selection | None = None, rope: Rope | None = None) -> torch.Tensor:
     hq = query.shape[1]
     group = hq // kv.num_kv_heads
     bs = kv.block_size
     if selection is not None and plan.num_seqs and _decoding_only(plan):
+        if rope is None and hasattr(kv, "gather_cell_codes") and selection.only_page_lists:
+            _decode_page_lists(query, kv, selection, plan, scale, out)
+            return out
         _decode_batch(query, kv, _prepare_decode(selection, plan, bs, rope is not None), scale, out, rope)
         return out
     prep = _prepare(selection, plan, bs, rope is not None) if selection is not None else None

@@ -142,9 +142,9 @@ def _decode_rows_codes(query, kv, scale: float, out, rows, blocks, heads, offset
     group = query.shape[1] // hkv
     kc, vc = kv.gather_token_codes(blocks, heads, offsets)  # [B, Hkv, width, D] each
     q = query.index_select(0, rows).float().view(n, hkv, group, d)
-    own_k = key.index_select(0, rows).float()[:, :, :, None]  # [B, Hkv, D, 1]
-    own_v = value.index_select(0, rows).float()[:, :, None, :]  # [B, Hkv, 1, D]
-    s = torch.cat([quant.scores(kv.rotate_query(q), kc), torch.matmul(q, own_k)], -1).mul_(scale)
+    own_k = key.index_select(0, rows).float()[:, :, None, :]  # [B, Hkv, 1, D]
+    own_v = value.index_select(0, rows).float()[:, :, None, :]
+    s = torch.cat([quant.scores(kv.rotate_query(q), kc), (q * own_k).sum(-1, keepdim=True)], -1).mul_(scale)
     probs = torch.softmax(s.add_(bias), dim=-1)  # [B, Hkv, G, width + 1]
     o = quant.weighted_sum(probs[..., :width], vc).addcmul_(probs[..., width:], own_v)
     out.index_copy_(0, rows, o.reshape(n, hkv * group, d).to(out.dtype))

@@ -83,3 +83,37 @@ def test_decode_batch_at_compacted_positions_is_the_row_by_row_path(granularity,
     rowwise = torch.full_like(problem.query, float("nan"))
     paged_attention(problem.query, problem.kv, problem.plan, problem.scale, rowwise, sel, impl="torch", rope=rope)
     torch.testing.assert_close(batched, rowwise, rtol=0, atol=2e-5, msg=lambda m: f"seed={seed}: {m}")
+
+
+@pytest.mark.parametrize("fmt", [f for f in QUANT_FORMATS if not f.startswith("mixed")])
+def test_page_lists_over_quantized_pages_attend_whole_cells(fmt, monkeypatch):
+    """Page lists alone (TokenSelect's page granularity) over quantized pages take the cell path
+    (``_decode_page_lists``): each sequence's last page is only partly written, its tail NaN-scaled
+    bytes, and the output must neither read it nor differ from the float64 reference."""
+    seed = _seed()
+    problem = make_problem(SEQ_LENS, [1] * len(SEQ_LENS), 6, 3, head_dim=32, block_size=16, seed=seed, fmt=fmt)
+    sel = random_selection(problem, "page", 0.5, seed + 1)
+    # Every head keeps at least its last page (a page list the engine's op could run).
+    idx, cnt = sel.indices.clone(), sel.counts.clone()
+    last = torch.tensor([-(-n // 16) - 1 for n in SEQ_LENS], dtype=torch.int32)
+    for b in range(len(SEQ_LENS)):
+        for h in range(3):
+            listed = set(idx[b, h, 0, : cnt[b, h, 0]].tolist()) | {int(last[b])}
+            row = sorted(listed)
+            idx[b, h, 0, : len(row)] = torch.tensor(row, dtype=torch.int32) if row else idx[b, h, 0, :0]
+            cnt[b, h, 0] = len(row)
+    width = int(cnt.max())
+    if idx.shape[3] < width:
+        idx = torch.nn.functional.pad(idx, (0, width - idx.shape[3]))
+    sel = Selection("page", idx, cnt, sel.sink, sel.window, sel.dense)
+    assert sel.only_page_lists
+    calls = []
+    original = torch_impl._decode_page_lists
+    monkeypatch.setattr(torch_impl, "_decode_page_lists", lambda *a: calls.append(1) or original(*a))
+    expected = paged_attention_reference(problem.query, problem.kv, problem.plan, problem.scale, sel)
+    out = torch.full_like(problem.query, float("nan"))
+    paged_attention(problem.query, problem.kv, problem.plan, problem.scale, out, sel, impl="torch")
+    assert calls, "page lists over quantized pages must take the cell path"
+    assert not torch.isnan(out).any(), f"seed={seed}: an unwritten slot was read"
+    err = (out.double() - expected).abs().max().item()
+    assert err < 2e-4, f"seed={seed}: max abs error {err:.3g}"
