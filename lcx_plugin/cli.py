@@ -42,7 +42,8 @@ def _config(args) -> int:
 
         args.model = str(model_dir())
     try:
-        cfg = resolve_config({"lcx": json.loads(args.json)} if args.json else None, model=args.model)
+        cfg = resolve_config({"lcx": json.loads(args.json)} if args.json else None, model=args.model,
+                             engine=args.engine)
     except (LcxConfigError, json.JSONDecodeError) as e:
         print(f"lcx config: error: {e}", file=sys.stderr)
         return 2
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("json", nargs="?")
     p.add_argument("--model", default=None, help="the served model's name or path, which picks the default when "
                    "no config is given (default: the embedded model)")
+    p.add_argument("--engine", choices=("vllm", "sglang"), default="vllm",
+                   help="the engine whose default to print (SGLang's keeps the model's dtype: no quantized pages)")
     p.add_argument("--methods", action="store_true", help="list the methods and their parameters")
     p.set_defaults(fn=_config)
 

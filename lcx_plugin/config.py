@@ -196,9 +196,9 @@ def _parse_env(raw: str) -> tuple[Any, str]:
 
 
 def resolve_config(additional_config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
-                   model: str | None = None) -> LcxConfig:
+                   model: str | None = None, engine: str = "vllm") -> LcxConfig:
     """Build the config from vLLM's additional_config and/or ``$LCX_CONFIG``; with neither, the
-    recommended default for ``model`` (the served model's name or path)."""
+    recommended default for ``model`` (the served model's name or path) on ``engine``."""
     environ = os.environ if environ is None else environ
     engine_given, env_given = _given(additional_config, environ)
     a = LcxConfig.from_dict(additional_config["lcx"], "--additional-config") if engine_given else None
@@ -213,7 +213,7 @@ def resolve_config(additional_config: Mapping[str, Any] | None = None, environ: 
         return a or b
     from lcx_plugin.recommended import SOURCE, recommended
 
-    return LcxConfig.from_dict(recommended(model), SOURCE)
+    return LcxConfig.from_dict(recommended(model, engine), SOURCE)
 
 
 def _given(additional_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> tuple[bool, bool]:

@@ -83,7 +83,7 @@ class LcxSglangBackend(compat.attention_backend_base()):
         model_config = getattr(model_runner, "model_config", None)
         facts = compat.model_facts(model_config) if model_config is not None else None
         # $LCX_CONFIG, else the recommended default for the model; raises LcxConfigError on bad input
-        self.config = resolve_config(None, model=facts["name"] if facts else None)
+        self.config = resolve_config(None, model=facts["name"] if facts else None, engine="sglang")
         # Under tensor parallelism the pool holds this rank's KV heads; head patterns are indexed by
         # the model's global KV heads, so the model shape and this rank's first head come from the
         # model config and SGLang's published split (the same placement as vLLM's).

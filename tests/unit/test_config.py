@@ -16,7 +16,10 @@ def test_no_config_serves_the_recommended_default():
     cfg = resolve_config({}, environ={}, model="/models/SmolLM2-135M-Instruct")
     assert cfg == LcxConfig.from_dict(RECOMMENDED) and cfg.method == "head_split"
     assert cfg.selector.retrieval.name == "token_select" and cfg.selector.retrieval.min_context == 2048
-    assert not cfg.quantized
+    assert cfg.quantized and cfg.kv_format == "int8"  # vLLM: int8 pages under both kinds of heads
+    # SGLang's pools hold the model's dtype: the same composition, unquantized.
+    on_sglang = resolve_config({}, environ={}, model="/models/SmolLM2-135M-Instruct", engine="sglang")
+    assert not on_sglang.quantized and on_sglang.selector == cfg.selector
     # Any other model: TokenSelect alone (a head split needs a pattern), never an error.
     other = resolve_config(None, environ={}, model="org/Unknown-7B")
     assert other == LcxConfig.from_dict(WITHOUT_PATTERN) and other.method == "token_select"
