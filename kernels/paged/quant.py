@@ -118,10 +118,10 @@ def encode(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     return torch.cat(parts, -1)
 
 
-def decode(rows: torch.Tensor, head_dim: int, bits: int, group_size: int,
-           dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``rows`` ``[..., R]`` uint8 (any strides) -> ``[..., D]`` in ``dtype`` (computed in float32,
-    or float64 when asked for)."""
+def _fields(rows: torch.Tensor, head_dim: int, bits: int, group_size: int,
+            work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` ``[..., R]`` uint8 (any strides) -> the codes ``[..., D]`` and each group's (scale,
+    zero) ``[..., ng, 2]``, both converted to ``work`` (exact: codes are small integers, scales bf16)."""
     d, ng = head_dim, groups(head_dim, group_size)
     data = code_bytes(d, bits)
     meta_at = data + (data & 1)
@@ -129,13 +129,21 @@ def decode(rows: torch.Tensor, head_dim: int, bits: int, group_size: int,
     codes = rows[..., :data]
     if bits == 4:
         codes = torch.stack([codes & 15, codes >> 4], -1).reshape(*lead, 2 * data)
+    meta = rows[..., meta_at: meta_at + _META_BYTES * ng].contiguous().view(torch.bfloat16).to(work)
+    return codes[..., :d].to(work), meta.view(*lead, ng, 2)
+
+
+def decode(rows: torch.Tensor, head_dim: int, bits: int, group_size: int,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``rows`` ``[..., R]`` uint8 (any strides) -> ``[..., D]`` in ``dtype`` (computed in float32,
+    or float64 when asked for)."""
+    d, ng = head_dim, groups(head_dim, group_size)
+    lead = rows.shape[:-1]
     work = torch.float64 if dtype == torch.float64 else torch.float32
+    q, meta = _fields(rows, d, bits, group_size, work)
     pad = ng * group_size - d
-    q = codes[..., :d].to(work)
     if pad:
         q = torch.cat([q, q.new_zeros(*lead, pad)], -1)
-    meta = rows[..., meta_at: meta_at + _META_BYTES * ng].contiguous().view(torch.bfloat16).to(work)
-    meta = meta.view(*lead, ng, 2)
     x = torch.addcmul(meta[..., 1:2], q.view(*lead, ng, group_size), meta[..., 0:1])
     return x.view(*lead, ng * group_size)[..., :d].to(dtype)
 
@@ -171,16 +179,8 @@ def _pad_channels(x: torch.Tensor, width: int) -> torch.Tensor:
 def read_codes(rows: torch.Tensor, head_dim: int, bits: int, group_size: int) -> Codes:
     """``rows`` ``[..., R]`` uint8 (any strides) -> their ``Codes``: one conversion of the codes,
     none of the ``D`` elements scaled (what ``decode`` does, for the kernels that need values)."""
-    d, ng = head_dim, groups(head_dim, group_size)
-    data = code_bytes(d, bits)
-    meta_at = data + (data & 1)
-    lead = rows.shape[:-1]
-    codes = rows[..., :data]
-    if bits == 4:
-        codes = torch.stack([codes & 15, codes >> 4], -1).reshape(*lead, 2 * data)
-    meta = rows[..., meta_at: meta_at + _META_BYTES * ng].contiguous().view(torch.bfloat16).float()
-    meta = meta.view(*lead, ng, 2)
-    return Codes(codes[..., :d].float(), meta[..., 0], meta[..., 1], group_size)
+    codes, meta = _fields(rows, head_dim, bits, group_size, torch.float32)
+    return Codes(codes, meta[..., 0], meta[..., 1], group_size)
 
 
 def read_code_pairs(rows: torch.Tensor, head_dim: int, bits: int, group_size: int) -> tuple[Codes, Codes]:
