@@ -682,10 +682,7 @@ def _decode_batch(query: torch.Tensor, kv: KVFormat, prep: _DecodeBatch, scale: 
     if rope is None and hasattr(kv, "gather_token_codes"):
         # Quantized pages: attend on the codes, scaling W scores instead of W x D elements.
         kc, vc = kv.gather_token_codes(prep.blocks.to(dev), heads, prep.offsets.to(dev))
-        q = kv.rotate_query(query[:b].float()).view(b, hkv, group, d)
-        scores = quant.scores(q, kc).mul_(scale).masked_fill_(~live[:, :, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
-        out[:b] = quant.weighted_sum(probs, vc).view(b, hkv * group, d).to(out.dtype)
+        _attend_codes(query, kv, kc, vc, live, scale, out)
         return
     k, v = kv.gather_tokens(prep.blocks.to(dev), heads, prep.offsets.to(dev), torch.float32)  # [B, Hkv, W, D]
     if rope is not None:
@@ -708,7 +705,6 @@ def _decode_page_lists(query: torch.Tensor, kv, sel: Selection, plan: BatchPlan,
     their scales and zero points zeroed, so whatever those slots hold never reaches the output."""
     b, hkv, width = sel.indices.shape[0], sel.indices.shape[1], sel.indices.shape[3]
     d, bs, dev = kv.head_dim, kv.block_size, kv.device
-    group = query.shape[1] // hkv
     row = (torch.tensor(plan.lens, dtype=torch.int64, device=dev) - 1)[:, None, None]
     idx = sel.indices[:, :, 0].long().to(dev)  # [B, Hkv, K]
     alive = ((torch.arange(width, device=dev) < sel.counts[:, :, 0:1].to(dev)) & (idx >= 0) & (idx * bs <= row))
@@ -724,10 +720,19 @@ def _decode_page_lists(query: torch.Tensor, kv, sel: Selection, plan: BatchPlan,
             s, z = s.masked_fill(~live[..., None], 0.0), z.masked_fill(~live[..., None], 0.0)
         return quant.Codes(c.codes.view(b, hkv, width * bs, d), s, z, c.group_size)
 
+    _attend_codes(query, kv, flat(kc, False), flat(vc, True), live, scale, out)
+
+
+def _attend_codes(query: torch.Tensor, kv, kc: "quant.Codes", vc: "quant.Codes", live: torch.Tensor, scale: float,
+                  out: torch.Tensor) -> None:
+    """Decode rows ``query[:B]`` over their candidates' codes ``[B, Hkv, W, D]`` where ``live``
+    ``[B, Hkv, W]`` -> ``out[:B]``; a row with no live candidate gets zeros."""
+    b, hkv, _, d = kc.codes.shape
+    group = query.shape[1] // hkv
     q = kv.rotate_query(query[:b].float()).view(b, hkv, group, d)
-    scores = quant.scores(q, flat(kc, False)).mul_(scale).masked_fill_(~live[:, :, None, :], float("-inf"))
+    scores = quant.scores(q, kc).mul_(scale).masked_fill_(~live[:, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
-    out[:b] = quant.weighted_sum(probs, flat(vc, True)).view(b, hkv * group, d).to(out.dtype)
+    out[:b] = quant.weighted_sum(probs, vc).view(b, hkv * group, d).to(out.dtype)
 
 
 def paged_attention_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
