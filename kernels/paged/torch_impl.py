@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import quant
+from . import cpu_op, quant
 from .formats import KVFormat
 from .plan import BatchPlan
 from .rope import Rope
@@ -679,6 +679,11 @@ def _decode_batch(query: torch.Tensor, kv: KVFormat, prep: _DecodeBatch, scale: 
     dev = kv.device
     heads = torch.arange(hkv, device=dev)[None, :, None].expand(b, hkv, width)
     live = prep.live.to(dev)
+    if rope is None and cpu_op.serves(kv, query):  # quantized pages, one native call: each candidate a span
+        offsets = prep.offsets.to(dev)
+        spans = torch.stack([torch.where(live, prep.blocks.to(dev), -1), offsets, offsets + 1], -1)
+        out[:b] = cpu_op.decode_codes(kv.rotate_query(query[:b].float()), kv, spans, scale).to(out.dtype)
+        return
     if rope is None and hasattr(kv, "gather_token_codes"):
         # Quantized pages: attend on the codes, scaling W scores instead of W x D elements.
         kc, vc = kv.gather_token_codes(prep.blocks.to(dev), heads, prep.offsets.to(dev))
@@ -710,6 +715,11 @@ def _decode_page_lists(query: torch.Tensor, kv, sel: Selection, plan: BatchPlan,
     alive = ((torch.arange(width, device=dev) < sel.counts[:, :, 0:1].to(dev)) & (idx >= 0) & (idx * bs <= row))
     pages = torch.where(alive, idx, 0)
     blocks = plan.block_table.long().to(dev).gather(1, pages.flatten(1)).view(b, hkv, width)
+    if cpu_op.serves(kv, query):  # one native call over whole cells, each row's tail cut by its span
+        hi = torch.where(alive, (row - pages * bs + 1).clamp(max=bs), 0)
+        spans = torch.stack([blocks, torch.zeros_like(hi), hi], -1)
+        out[:b] = cpu_op.decode_codes(kv.rotate_query(query[:b].float()), kv, spans, scale).to(out.dtype)
+        return
     kc, vc = kv.gather_cell_codes(blocks, torch.arange(hkv, device=dev)[None, :, None].expand(b, hkv, width))
     pos = pages[..., None] * bs + torch.arange(bs, device=dev)
     live = (alive[..., None] & (pos <= row[..., None])).view(b, hkv, width * bs)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import quant
+from . import cpu_op, quant
 from .formats import KVFormat
 from .plan import BatchPlan
 
@@ -121,6 +121,14 @@ def _decode_rows(query, kv: KVFormat, plan: BatchPlan, scale: float, out, sink: 
         ("window.decode", sink, window, tuple(seqs), hkv, kv.block_size, work, str(query.device)),
         lambda: _decode_index(plan, seqs, sink, window, hkv, kv.block_size, work, query.device))
     width = blocks.shape[-1] - 1
+    if cpu_op.serves(kv, query):
+        spans = plan.memo(("window.decode.spans", sink, window, tuple(seqs), kv.block_size, str(query.device)),
+                          lambda: _decode_spans(blocks, offsets, bias, width))
+        own_k = kv.rotate_query(key.index_select(0, rows).float())  # scored against the rotated query
+        o = cpu_op.decode_codes(kv.rotate_query(query.index_select(0, rows).float()), kv, spans, scale,
+                                own_key=own_k, own_value=value.index_select(0, rows))
+        out.index_copy_(0, rows, o.to(out.dtype))
+        return
     if hasattr(kv, "gather_token_codes"):
         _decode_rows_codes(query, kv, scale, out, rows, blocks[..., :width], heads[..., :width], offsets[..., :width],
                            bias, key, value)
@@ -131,6 +139,14 @@ def _decode_rows(query, kv: KVFormat, plan: BatchPlan, scale: float, out, sink: 
     q = query.index_select(0, rows).to(work).view(n, hkv, group, d)  # a KV head's group as its query rows
     o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias, scale=scale)  # [B, Hkv, G, D]
     out.index_copy_(0, rows, o.reshape(n, hkv * group, d).to(out.dtype))
+
+
+def _decode_spans(blocks, offsets, bias, width: int) -> torch.Tensor:
+    """``_decode_index``'s cached candidates as the native op's spans ``[B, width, 3]``, one token
+    each, the same for every KV head (the own column is passed apart; padding is a dead span)."""
+    valid = bias[:, 0, 0, :width] == 0
+    b0, o0 = blocks[:, 0, :width], offsets[:, 0, :width]
+    return torch.stack([torch.where(valid, b0, -1), o0, o0 + 1], -1).to(torch.int32)
 
 
 def _decode_rows_codes(query, kv, scale: float, out, rows, blocks, heads, offsets, bias, key, value) -> None:

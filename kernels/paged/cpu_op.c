@@ -1,0 +1,216 @@
+/* Decode attention over quantized pages (lcx's int8/int4 cells): one query row per sequence, read
+ * straight from the codes, in one call per layer. The CPU counterpart of the torch twin's
+ * quantized decode paths (torch_impl._decode_page_lists, torch_impl._decode_batch and
+ * window._decode_rows_codes), which spend most of their time in two dozen small tensor ops; see
+ * cpu_op.py for the contract and the build.
+ *
+ * Cell layout (quant.py): a token's row on one side (keys, then values row_bytes further) is
+ *   [ codes: ceil(D * bits / 8) bytes | pad to even | per group: scale, zero (bf16, little-endian) ]
+ * and an element reads back as zero + code * scale of its group (int4: even channel in the low nibble).
+ *
+ * Each (sequence, KV head) row lists spans (block, lo, hi): offsets [lo, hi) of that physical
+ * block are candidates; a span with block < 0 or lo >= hi is padding. An optional extra
+ * candidate per row (own_k/own_v, float32) is the step's own key and value. Scores and the
+ * softmax are float32, computed in two passes over the candidates (scores, then values); a row
+ * without candidates is zero.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LCX_MAX_D 1024
+#define LCX_INLINE static inline __attribute__((always_inline))
+
+enum { LCX_OK = 0, LCX_BAD_PARAMS = 1, LCX_NO_MEMORY = 2, LCX_BAD_SPAN = 3 };
+
+LCX_INLINE float bf16_at(const uint8_t *p) {
+    uint32_t bits = ((uint32_t)p[0] | ((uint32_t)p[1] << 8)) << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* A row's codes as floats (exact: small integers). */
+LCX_INLINE void codes_of(const uint8_t *restrict row, int64_t d, int64_t bits, float *restrict x) {
+    if (bits == 8) {
+#pragma omp simd
+        for (int64_t c = 0; c < d; c++) x[c] = (float)row[c];
+    } else {
+        int64_t pairs = d / 2;
+#pragma omp simd
+        for (int64_t i = 0; i < pairs; i++) {
+            x[2 * i] = (float)(row[i] & 15);
+            x[2 * i + 1] = (float)(row[i] >> 4);
+        }
+        if (d & 1) x[d - 1] = (float)(row[pairs] & 15);
+    }
+}
+
+/* Candidates of one row, checked: the number of live tokens, or -1 for a span out of range. */
+static int64_t row_tokens(const int32_t *spans, int64_t w, int64_t num_blocks, int64_t block_size) {
+    int64_t n = 0;
+    for (int64_t i = 0; i < w; i++) {
+        int32_t blk = spans[3 * i], lo = spans[3 * i + 1], hi = spans[3 * i + 2];
+        if (blk < 0 || lo >= hi) continue;
+        if (blk >= num_blocks || lo < 0 || hi > block_size) return -1;
+        n += hi - lo;
+    }
+    return n;
+}
+
+typedef struct {
+    const uint8_t *cache;
+    int64_t s_block, s_token, w, group, row_bytes, meta_at, cap;
+    float scale;
+} Job;
+
+/* One (sequence, KV head) row: q [G, D] over its spans (and own token) -> o [G, D].
+ * Keys are scored on their codes, per group: scale * (q . codes) + zero * sum(q); values are
+ * summed the same way: (p * scale) . codes, plus p * zero added once per group at the end.
+ * Scratch: p [G, cap], x [D], qsum and zsum [G, ng]. Inlined with constant d, bits and gs for
+ * the common head shapes, so the channel loops unroll into whole vectors. */
+LCX_INLINE void attend_row(const Job *job, const int32_t *sp, const float *restrict qh, const float *own_k,
+                           const float *own_v, const uint8_t *cell, float *restrict o, float *restrict p,
+                           float *restrict x, float *restrict qsum, float *restrict zsum,
+                           const int64_t d, const int64_t bits, const int64_t gs) {
+    const int64_t group = job->group, cap = job->cap, ng = (d + gs - 1) / gs;
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t k = 0; k < ng; k++) {
+            float s = 0.f;
+            int64_t end = (k + 1) * gs < d ? (k + 1) * gs : d;
+            for (int64_t c = k * gs; c < end; c++) s += qh[g * d + c];
+            qsum[g * ng + k] = s;
+        }
+    /* Pass 1: scores. */
+    int64_t t = 0;
+    for (int64_t s = 0; s < job->w; s++) {
+        int32_t blk = sp[3 * s], lo = sp[3 * s + 1], hi = sp[3 * s + 2];
+        if (blk < 0 || lo >= hi) continue;
+        for (int32_t tok = lo; tok < hi; tok++, t++) {
+            const uint8_t *row = cell + blk * job->s_block + tok * job->s_token;
+            codes_of(row, d, bits, x);
+            for (int64_t g = 0; g < group; g++) {
+                float score = 0.f;
+                for (int64_t k = 0; k < ng; k++) {
+                    int64_t c0 = k * gs, end = c0 + gs < d ? c0 + gs : d;
+                    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t c = c0; c < end; c++) dot += qh[g * d + c] * x[c];
+                    const uint8_t *m = row + job->meta_at + 4 * k;
+                    score += bf16_at(m) * dot + bf16_at(m + 2) * qsum[g * ng + k];
+                }
+                p[g * cap + t] = job->scale * score;
+            }
+        }
+    }
+    if (own_k != NULL) {
+        for (int64_t g = 0; g < group; g++) {
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t c = 0; c < d; c++) dot += qh[g * d + c] * own_k[c];
+            p[g * cap + t] = job->scale * dot;
+        }
+        t++;
+    }
+    memset(o, 0, sizeof(float) * (size_t)(group * d));
+    if (t == 0) return;
+    /* Softmax per query head. */
+    for (int64_t g = 0; g < group; g++) {
+        float *pg = p + g * cap, mx = pg[0], sum = 0.f;
+        for (int64_t j = 1; j < t; j++) mx = pg[j] > mx ? pg[j] : mx;
+        for (int64_t j = 0; j < t; j++) sum += (pg[j] = expf(pg[j] - mx));
+        float inv = 1.f / sum;
+        for (int64_t j = 0; j < t; j++) pg[j] *= inv;
+    }
+    /* Pass 2: the weighted sum of values. */
+    memset(zsum, 0, sizeof(float) * (size_t)(group * ng));
+    t = 0;
+    for (int64_t s = 0; s < job->w; s++) {
+        int32_t blk = sp[3 * s], lo = sp[3 * s + 1], hi = sp[3 * s + 2];
+        if (blk < 0 || lo >= hi) continue;
+        for (int32_t tok = lo; tok < hi; tok++, t++) {
+            const uint8_t *row = cell + blk * job->s_block + tok * job->s_token + job->row_bytes;
+            codes_of(row, d, bits, x);
+            for (int64_t k = 0; k < ng; k++) {
+                const uint8_t *m = row + job->meta_at + 4 * k;
+                float sc = bf16_at(m), ze = bf16_at(m + 2);
+                int64_t c0 = k * gs, end = c0 + gs < d ? c0 + gs : d;
+                for (int64_t g = 0; g < group; g++) {
+                    float w = p[g * cap + t] * sc;
+                    float *og = o + g * d;
+#pragma omp simd
+                    for (int64_t c = c0; c < end; c++) og[c] += w * x[c];
+                    zsum[g * ng + k] += p[g * cap + t] * ze;
+                }
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        for (int64_t k = 0; k < ng; k++) {
+            int64_t c0 = k * gs, end = c0 + gs < d ? c0 + gs : d;
+            for (int64_t c = c0; c < end; c++) o[g * d + c] += zsum[g * ng + k];
+        }
+        if (own_v != NULL) {
+            float w = p[g * cap + t];
+#pragma omp simd
+            for (int64_t c = 0; c < d; c++) o[g * d + c] += w * own_v[c];
+        }
+    }
+}
+
+int lcx_decode_codes(const float *q,                 /* [n, hkv, G, D] */
+                     const uint8_t *cache,           /* cell (b, h) token t at b*s_block + h*s_head + t*s_token */
+                     int64_t s_block, int64_t s_head, int64_t s_token, int64_t num_blocks, int64_t block_size,
+                     const int32_t *spans,           /* row (i, h) at i*span_seq + h*span_head: w spans of 3 */
+                     int64_t span_seq, int64_t span_head, int64_t w,
+                     int64_t n, int64_t hkv, int64_t group, int64_t d,
+                     int64_t bits, int64_t gs, int64_t row_bytes,
+                     const float *own_k, const float *own_v, /* [n, hkv, D] or NULL */
+                     float scale, float *out)        /* [n, hkv, G, D] */
+{
+    if ((bits != 8 && bits != 4) || d < 1 || d > LCX_MAX_D || gs < 1 || group < 1 || n < 0 || hkv < 1 || w < 0)
+        return LCX_BAD_PARAMS;
+    int64_t data = (d * bits + 7) / 8, ng = (d + gs - 1) / gs;
+    Job job = {cache, s_block, s_token, w, group, row_bytes, data + (data & 1), 1, scale};
+    if (row_bytes < job.meta_at + 4 * ng) return LCX_BAD_PARAMS;
+    int own = own_k != NULL && own_v != NULL;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t h = 0; h < hkv; h++) {
+            int64_t t = row_tokens(spans + i * span_seq + h * span_head, w, num_blocks, block_size);
+            if (t < 0) return LCX_BAD_SPAN;
+            if (t + own > job.cap) job.cap = t + own;
+        }
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        size_t floats = (size_t)(group * job.cap + d + 2 * group * ng);
+        float *scratch = malloc(sizeof(float) * floats);
+        if (scratch == NULL) {
+            failed = 1;
+        } else {
+            float *p = scratch, *x = p + group * job.cap, *qsum = x + d, *zsum = qsum + group * ng;
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < n * hkv; r++) {
+                int64_t i = r / hkv, h = r % hkv;
+                const int32_t *sp = spans + i * span_seq + h * span_head;
+                const float *qh = q + r * group * d;
+                const float *ok = own ? own_k + r * d : NULL, *ov = own ? own_v + r * d : NULL;
+                const uint8_t *cell = cache + h * s_head;
+                float *o = out + r * group * d;
+                if (d == 64 && gs == 64 && bits == 8)
+                    attend_row(&job, sp, qh, ok, ov, cell, o, p, x, qsum, zsum, 64, 8, 64);
+                else if (d == 64 && gs == 64 && bits == 4)
+                    attend_row(&job, sp, qh, ok, ov, cell, o, p, x, qsum, zsum, 64, 4, 64);
+                else if (d == 128 && gs == 128 && bits == 8)
+                    attend_row(&job, sp, qh, ok, ov, cell, o, p, x, qsum, zsum, 128, 8, 128);
+                else if (d == 128 && gs == 128 && bits == 4)
+                    attend_row(&job, sp, qh, ok, ov, cell, o, p, x, qsum, zsum, 128, 4, 128);
+                else
+                    attend_row(&job, sp, qh, ok, ov, cell, o, p, x, qsum, zsum, d, bits, gs);
+            }
+            free(scratch);
+        }
+    }
+    return failed ? LCX_NO_MEMORY : LCX_OK;
+}

@@ -1,0 +1,178 @@
+"""The native CPU op for decode over quantized pages, and its build.
+
+On a CPU, the torch twin's quantized decode (``torch_impl._decode_page_lists``, ``_decode_batch``,
+``window._decode_rows_codes``) costs two dozen small tensor operations per layer: gathers of
+code rows, conversions, grouped products, a softmax. At decode's sizes (a few hundred candidates
+per sequence and head) their fixed costs dominate, and a step over int8 pages ran slower than the
+engine's own bf16 op (bench/results/decode_profile.json). ``cpu_op.c`` does the same work in one
+call per layer: for each (sequence, KV head) it reads its candidates' codes where they lie, scores
+them against the head's queries, takes the softmax and sums the values, all in float32.
+
+**Contract** (``decode_codes``): candidates as spans ``(block, lo, hi)`` per (sequence, KV head),
+the offsets ``[lo, hi)`` of one physical block, padding spans having ``block < 0`` or ``lo >=
+hi``; optionally one more candidate per row, the step's own key and value (unquantized). Keys are
+scored as stored: a caller with rotated keys passes the rotated query (``QuantKVFormat.rotate_query``).
+Same tests as the twin: ``tests/kernels/test_cpu_op.py`` holds it to a float64 reference.
+
+**Build.** The C file is compiled at first use with the machine's C compiler (``$LCX_CC``, else
+``cc``; ``-O3 -march=native``, under a second) into ``~/.cache/lcx/cpu_op/`` (``$LCX_CPU_OP_CACHE``),
+keyed by the source, the flags and the CPU's feature flags, and loaded with ctypes: no torch headers,
+no Python extension ABI. Without a compiler, or with ``LCX_CPU_OP=0``, the twin's torch paths serve
+(the same results within float32 rounding), and lcx says so once.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("lcx")
+
+SOURCE = Path(__file__).with_name("cpu_op.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+_ERRORS = {1: "bad parameters", 2: "out of memory", 3: "a span outside the cache (block or offset out of range)"}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_failed: str | None = None
+
+
+def enabled() -> bool:
+    """Whether the op may serve (``LCX_CPU_OP=0`` turns it off; read at every call)."""
+    return os.environ.get("LCX_CPU_OP", "1") != "0"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str:
+    return os.environ.get("LCX_CC") or "cc"
+
+
+def library_path() -> Path:
+    """Where the compiled op for this source, compiler, flags and CPU lives."""
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), _compiler(), *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LCX_CPU_OP_CACHE") or Path.home() / ".cache" / "lcx" / "cpu_op")
+    return root / f"lcx_cpu_op-{key}.so"
+
+
+def _build(path: Path) -> None:
+    cc = shutil.which(_compiler())
+    if cc is None:
+        raise RuntimeError(f"no C compiler {_compiler()!r} on PATH (set $LCX_CC)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # built aside, then moved in whole:
+    os.close(fd)  # concurrent engine processes never load a half-written library
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-600:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL:
+    path = library_path()
+    if not path.exists():
+        _build(path)
+        log.info("lcx: built the native CPU decode op at %s", path)
+    lib = ctypes.CDLL(str(path))
+    f = lib.lcx_decode_codes
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    f.argtypes = [p, p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, p, p,
+                  ctypes.c_float, p]
+    f.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded op, building it on first use; None when disabled or it cannot be built (logged once)."""
+    global _lib, _failed
+    if not enabled():
+        return None
+    if _lib is not None or _failed is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _failed is None:
+            try:
+                _lib = _load()
+            except Exception as exc:  # noqa: BLE001 - any failure means: serve with the torch paths
+                _failed = str(exc)
+                log.warning("lcx: the native CPU decode op is unavailable (%s); quantized decode runs on the "
+                            "torch twin, slower", _failed)
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def serves(kv, query: torch.Tensor) -> bool:
+    """Whether ``decode_codes`` can serve this cache and query: quantized pages on the CPU, op built."""
+    from .quant import QuantKVFormat
+
+    return (isinstance(kv, QuantKVFormat) and kv.raw.device.type == "cpu" and not query.is_cuda
+            and kv.raw.stride(-1) == 1 and available())
+
+
+def decode_codes(query: torch.Tensor, kv, spans: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+                 own_key: torch.Tensor | None = None, own_value: torch.Tensor | None = None) -> torch.Tensor:
+    """``query`` ``[n, Hq, D]`` (float32; rotated when the keys are) over quantized pages ``kv``
+    (``QuantKVFormat``) -> ``[n, Hq, D]`` float32 (into ``out`` when given, contiguous float32).
+
+    ``spans`` int32 ``[n, Hkv, W, 3]`` or ``[n, W, 3]`` (the same spans for every KV head):
+    ``(block, lo, hi)``. ``own_key``/``own_value`` ``[n, Hkv, D]``: one more candidate per row."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native CPU decode op is not available: {_failed or 'disabled (LCX_CPU_OP=0)'}")
+    n, hq, d = query.shape
+    nb, hkv, bs, _ = kv.raw.shape
+    if d != kv.head_dim or hq % hkv:
+        raise ValueError(f"query {tuple(query.shape)} does not fit a cache of {hkv} heads x {kv.head_dim}")
+    q = query.float().contiguous()
+    spans = spans.to(torch.int32).contiguous()
+    if spans.dim() == 3:
+        span_seq, span_head, w = spans.shape[1] * 3, 0, spans.shape[1]
+    elif spans.dim() == 4 and spans.shape[1] == hkv:
+        span_seq, span_head, w = hkv * spans.shape[2] * 3, spans.shape[2] * 3, spans.shape[2]
+    else:
+        raise ValueError(f"spans must be [n, {hkv}, W, 3] or [n, W, 3], got {tuple(spans.shape)}")
+    if spans.shape[0] != n or spans.shape[-1] != 3:
+        raise ValueError(f"spans {tuple(spans.shape)} do not match {n} query rows")
+    if out is None:
+        out = torch.empty(n, hq, d, dtype=torch.float32)
+    elif out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (n, hq, d):
+        raise ValueError(f"out must be contiguous float32 [{n}, {hq}, {d}], got {out.dtype} {tuple(out.shape)}")
+    ok, ov = None, None
+    if own_key is not None:
+        ok, ov = own_key.float().contiguous(), own_value.float().contiguous()
+        if tuple(ok.shape) != (n, hkv, d) or ok.shape != ov.shape:
+            raise ValueError(f"own key/value must be [{n}, {hkv}, {d}], got {tuple(ok.shape)}/{tuple(ov.shape)}")
+    raw = kv.raw
+    sb, sh, st, _ = raw.stride()
+    rc = lib.lcx_decode_codes(q.data_ptr(), raw.data_ptr(), sb, sh, st, nb, bs, spans.data_ptr(), span_seq,
+                              span_head, w, n, hkv, hq // hkv, d, kv.bits, kv.group_size, kv.row_bytes,
+                              None if ok is None else ok.data_ptr(), None if ov is None else ov.data_ptr(),
+                              float(scale), out.data_ptr())
+    if rc:
+        raise ValueError(f"lcx native decode: {_ERRORS.get(rc, f'error {rc}')}")
+    return out
