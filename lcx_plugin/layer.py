@@ -19,6 +19,7 @@ import torch
 
 from lcx_plugin.config import LcxConfig
 from lcx_plugin.kernels.paged import BatchPlan, KVFormat, Selection, paged_attention
+from lcx_plugin.kernels.paged import cpu_op
 from lcx_plugin.kernels.paged.api import triton_cannot_compact
 from lcx_plugin.kernels.paged.mixed import observed_importance
 from lcx_plugin.kernels.paged.rope import Rope
@@ -210,7 +211,8 @@ class LayerCore:
         ``slots_streaming`` (negative: not kept, skipped)."""
         sp = self.split
         k_r, v_r = key.index_select(1, sp.r_kv), value.index_select(1, sp.r_kv)
-        if engine_write is None and _one_quantized_format(kv_retrieval, kv_streaming):
+        if engine_write is None and _one_quantized_format(kv_retrieval, kv_streaming) and not cpu_op.serves(
+                kv_streaming, key):  # the native write quantizes each head where it lands: nothing to share
             rows = kv_streaming.encode_rows(key, value)  # every head quantized in one pass, then split
             sp.retrieval.write(kv_retrieval, k_r, v_r, slots_retrieval, rows=rows.index_select(1, sp.r_kv))
             kv_streaming.write(None, None, slots_streaming, rows=rows.index_select(1, sp.s_kv))

@@ -15,9 +15,9 @@ serves :data:`RECOMMENDED` (README, "The default", has the figures behind it):
   every token there;
 - **int8 pages** under both kinds of heads (``kv_format``; per token and head, one scale and zero
   point per 64 channels): 136 bytes a token and head against bf16's 256, which takes the engine's
-  KV capacity past 4x stock's. Decode attends on the codes (``kernels/paged/quant.py``), so the
-  scales touch each score, not each element. It costs decode speed on a CPU (README, "The
-  default"): ``"kv_format": "auto"`` keeps the model's dtype. SGLang's pools hold the model's
+  KV capacity past 4x stock's. Decode attends on the codes (``kernels/paged/quant.py``), on a
+  CPU in one native call per layer (``kernels/paged/cpu_op.c``), so the scales touch each score,
+  not each element; ``"kv_format": "auto"`` keeps the model's dtype. SGLang's pools hold the model's
   dtype, so SGLang serves the same composition unquantized (``UNQUANTIZED_ENGINES``).
 
 For a model without a shipped head pattern (``lcx calibrate`` makes one), the head split cannot

@@ -1,5 +1,5 @@
 /* Decode attention over quantized pages (lcx's int8/int4 cells): one query row per sequence, read
- * straight from the codes, in one call per layer. The CPU counterpart of the torch twin's
+ * straight from the codes, in one call per layer; and the write that quantizes into them. The CPU counterpart of the torch twin's
  * quantized decode paths (torch_impl._decode_page_lists, torch_impl._decode_batch and
  * window._decode_rows_codes), which spend most of their time in two dozen small tensor ops; see
  * cpu_op.py for the contract and the build.
@@ -22,7 +22,7 @@
 #define LCX_MAX_D 1024
 #define LCX_INLINE static inline __attribute__((always_inline))
 
-enum { LCX_OK = 0, LCX_BAD_PARAMS = 1, LCX_NO_MEMORY = 2, LCX_BAD_SPAN = 3 };
+enum { LCX_OK = 0, LCX_BAD_PARAMS = 1, LCX_NO_MEMORY = 2, LCX_BAD_SPAN = 3, LCX_BAD_SLOT = 4 };
 
 LCX_INLINE float bf16_at(const uint8_t *p) {
     uint32_t bits = ((uint32_t)p[0] | ((uint32_t)p[1] << 8)) << 16;
@@ -211,6 +211,108 @@ int lcx_decode_codes(const float *q,                 /* [n, hkv, G, D] */
             }
             free(scratch);
         }
+    }
+    return failed ? LCX_NO_MEMORY : LCX_OK;
+}
+
+/* ---- Writing: quantize keys and values into their cells (quant.encode, byte for byte). ---- */
+
+/* float32 -> bfloat16 bits, round to nearest even (as torch converts). */
+LCX_INLINE uint16_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+LCX_INLINE float bf16_value(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* quant._outward: x rounded to bfloat16 away from the inside of its group's range. */
+LCX_INLINE uint16_t outward(float x, int up) {
+    float nudge = fabsf(x) * 0.0078125f + 1e-30f;
+    return bf16_bits(up ? x + nudge : x - nudge);
+}
+
+/* One side of one token: d elements (float32 or bfloat16 at src) -> its row of row_bytes. */
+static void encode_row(const void *src, int in_bf16, int64_t d, int64_t bits, int64_t gs, int64_t meta_at,
+                       float *restrict x, uint8_t *restrict codes, uint8_t *restrict row) {
+    if (in_bf16) {
+        const uint16_t *s = src;
+        for (int64_t c = 0; c < d; c++) x[c] = bf16_value(s[c]);
+    } else {
+        memcpy(x, src, sizeof(float) * (size_t)d);
+    }
+    const float levels = (float)((1 << bits) - 1);
+    for (int64_t c0 = 0, grp = 0; c0 < d; c0 += gs, grp++) {
+        int64_t end = c0 + gs < d ? c0 + gs : d;
+        float lo = x[c0], hi = x[c0];
+        for (int64_t c = c0 + 1; c < end; c++) {
+            lo = x[c] < lo ? x[c] : lo;
+            hi = x[c] > hi ? x[c] : hi;
+        }
+        uint16_t zero = outward(lo, 0);
+        float zf = bf16_value(zero);
+        uint16_t scale = outward((hi - zf) / levels, 1);
+        float sf = bf16_value(scale);
+        if (!(sf > 0.f)) sf = 1.f;
+        for (int64_t c = c0; c < end; c++) {
+            float qv = rintf((x[c] - zf) / sf);
+            codes[c] = (uint8_t)(qv < 0.f ? 0.f : qv > levels ? levels : qv);
+        }
+        uint8_t *m = row + meta_at + 4 * grp;
+        m[0] = (uint8_t)(scale & 0xff), m[1] = (uint8_t)(scale >> 8);
+        m[2] = (uint8_t)(zero & 0xff), m[3] = (uint8_t)(zero >> 8);
+    }
+    int64_t data = (d * bits + 7) / 8;
+    if (bits == 8) {
+        memcpy(row, codes, (size_t)d);
+    } else {
+        for (int64_t i = 0; i < d / 2; i++) row[i] = (uint8_t)(codes[2 * i] | (codes[2 * i + 1] << 4));
+        if (d & 1) row[d / 2] = codes[d - 1];
+    }
+    if (data & 1) row[data] = 0;
+}
+
+/* key/value [t, h, D] (element strides per token and head; float32 or bfloat16) -> cells
+ * (slot / block_size, head, slot % block_size); negative slots are skipped. */
+int lcx_encode_write(const void *key, const void *value, int64_t in_bf16, int64_t k_tok, int64_t k_head,
+                     int64_t v_tok, int64_t v_head, int64_t t, int64_t h, const int64_t *slots,
+                     uint8_t *cache, int64_t s_block, int64_t s_head, int64_t s_token, int64_t num_blocks,
+                     int64_t block_size, int64_t d, int64_t bits, int64_t gs, int64_t row_bytes)
+{
+    if ((bits != 8 && bits != 4) || d < 1 || d > LCX_MAX_D || gs < 1 || t < 0 || h < 1 || block_size < 1)
+        return LCX_BAD_PARAMS;
+    int64_t data = (d * bits + 7) / 8, meta_at = data + (data & 1);
+    if (row_bytes < meta_at + 4 * ((d + gs - 1) / gs)) return LCX_BAD_PARAMS;
+    for (int64_t i = 0; i < t; i++)
+        if (slots[i] >= num_blocks * block_size) return LCX_BAD_SLOT;
+    const size_t elem = in_bf16 ? 2 : 4;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed) if (t * h >= 64)
+    {
+        float *x = malloc(sizeof(float) * (size_t)d);
+        uint8_t *codes = malloc((size_t)d + 1);
+        if (x == NULL || codes == NULL) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < t * h; r++) {
+                int64_t i = r / h, j = r % h;
+                if (slots[i] < 0) continue;
+                uint8_t *row = cache + (slots[i] / block_size) * s_block + j * s_head + (slots[i] % block_size) * s_token;
+                encode_row((const char *)key + (i * k_tok + j * k_head) * elem, (int)in_bf16, d, bits, gs, meta_at, x,
+                           codes, row);
+                encode_row((const char *)value + (i * v_tok + j * v_head) * elem, (int)in_bf16, d, bits, gs, meta_at,
+                           x, codes, row + row_bytes);
+            }
+        }
+        free(x);
+        free(codes);
     }
     return failed ? LCX_NO_MEMORY : LCX_OK;
 }

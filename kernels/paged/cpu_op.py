@@ -39,7 +39,8 @@ log = logging.getLogger("lcx")
 
 SOURCE = Path(__file__).with_name("cpu_op.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
-_ERRORS = {1: "bad parameters", 2: "out of memory", 3: "a span outside the cache (block or offset out of range)"}
+_ERRORS = {1: "bad parameters", 2: "out of memory", 3: "a span outside the cache (block or offset out of range)",
+           4: "a slot outside the cache"}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -100,6 +101,9 @@ def _load() -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     f.argtypes = [p, p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, p, p,
                   ctypes.c_float, p]
+    f.restype = ctypes.c_int
+    f = lib.lcx_encode_write
+    f.argtypes = [p, p, i64, i64, i64, i64, i64, i64, i64, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64]
     f.restype = ctypes.c_int
     return lib
 
@@ -176,3 +180,34 @@ def decode_codes(query: torch.Tensor, kv, spans: torch.Tensor, scale: float, out
     if rc:
         raise ValueError(f"lcx native decode: {_ERRORS.get(rc, f'error {rc}')}")
     return out
+
+
+def encode_write(kv, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """``QuantKVFormat.write`` natively: ``key``/``value`` ``[T, Hkv, D]`` (float32 or bfloat16, any
+    token and head strides, channels contiguous; keys already rotated when the format rotates them)
+    quantized into ``slot = block * block_size + offset``, negative slots skipped: the same bytes
+    as ``quant.encode`` (tests/kernels/test_cpu_op.py holds them equal)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native CPU op is not available: {_failed or 'disabled (LCX_CPU_OP=0)'}")
+    t, h, d = key.shape
+    if value.shape != key.shape or (h, d) != (kv.num_kv_heads, kv.head_dim):
+        raise ValueError(f"key/value {tuple(key.shape)}/{tuple(value.shape)} do not fit a cache of "
+                         f"{kv.num_kv_heads} heads x {kv.head_dim}")
+    if key.dtype not in (torch.float32, torch.bfloat16) or value.dtype != key.dtype:
+        key, value = key.float(), value.float()
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if value.stride(-1) != 1:
+        value = value.contiguous()
+    slots = slot_mapping[:t].to(torch.int64).contiguous()
+    if slots.shape[0] < t:
+        raise ValueError(f"slot_mapping holds {slots.shape[0]} slots for {t} tokens")
+    raw = kv.raw
+    nb, _, bs, _ = raw.shape
+    sb, sh, st, _ = raw.stride()
+    rc = lib.lcx_encode_write(key.data_ptr(), value.data_ptr(), int(key.dtype == torch.bfloat16), key.stride(0),
+                              key.stride(1), value.stride(0), value.stride(1), t, h, slots.data_ptr(), raw.data_ptr(),
+                              sb, sh, st, nb, bs, d, kv.bits, kv.group_size, kv.row_bytes)
+    if rc:
+        raise ValueError(f"lcx native write: {_ERRORS.get(rc, f'error {rc}')}")

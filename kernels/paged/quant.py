@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu_op
+
 #: Storage formats by name: bits per code (None: the cache's own floating dtype).
 BITS = {"auto": None, "int8": 8, "int4": 4}
 _META_BYTES = 4  # scale and zero, bf16 each, per group
@@ -381,6 +383,10 @@ class QuantKVFormat(BytePages):
               rows: torch.Tensor | None = None) -> None:
         """Quantize ``key``/``value`` ``[T, Hkv, D]`` into ``slot = block * block_size + offset``;
         negative slots (padding) are skipped. ``rows``: the same already encoded (``encode_rows``)."""
+        if rows is None and cpu_op.serves(self, key):  # quantized where the rows land, in one native call
+            cpu_op.encode_write(self, torch.matmul(key.float(), self._h) if self.rotate_keys else key, value,
+                                slot_mapping)
+            return
         if rows is None:
             rows = self.encode_rows(key, value)
         slots = slot_mapping[: rows.shape[0]].long()

@@ -178,3 +178,64 @@ def test_without_a_compiler_the_twin_serves_and_says_so_once(monkeypatch, tmp_pa
     paged_attention(problem.query, problem.kv, problem.plan, problem.scale, out, sel, impl="torch")
     assert not torch.isnan(out).any()
     assert not list(tmp_path.glob("*.so")), "a failed build leaves no library behind"
+
+
+def _awkward_rows(g, t, h, d):
+    """Keys with every kind of group: gaussian, wide, tiny, constant, zero, one huge channel."""
+    x = torch.randn(t, h, d, generator=g)
+    x[0::5] *= 1e3
+    x[1::5] *= 1e-6
+    x[2::5] = 0.75
+    x[3::5] = 0.0
+    x[4::5, :, 0] = -4e4
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,d,group", [(8, 64, 64), (8, 40, 16), (4, 64, 64), (4, 32, 12), (4, 7, 3), (8, 5, 64)])
+def test_native_write_stores_the_bytes_quant_encode_makes(bits, d, group, dtype):
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    t, h, bs, nb = 40, 3, 8, 7
+    key, value = _awkward_rows(g, t, h, d).to(dtype), torch.randn(t, h, d, generator=g).to(dtype)
+    slots = torch.randperm(nb * bs, generator=g)[:t]
+    slots[::7] = -1  # padding rows are skipped
+    r = quant.row_bytes(d, bits, group)
+    native = quant.quantized(torch.full((nb, h, bs, 2 * r), 7, dtype=torch.uint8), d, bits, group)
+    cpu_op.encode_write(native, key[:, :, :], value, slots)
+    expected = torch.full((nb, h, bs, 2 * r), 7, dtype=torch.uint8)
+    rows = torch.cat([quant.encode(key, bits, group), quant.encode(value, bits, group)], -1)
+    keep = slots >= 0
+    expected[slots[keep] // bs, :, slots[keep] % bs] = rows[keep]
+    diff = (native.raw != expected).nonzero()
+    assert diff.numel() == 0, f"seed={seed}: {diff.shape[0]} bytes differ, first at {diff[0].tolist()}"
+
+
+def test_write_takes_the_native_path_with_strided_inputs_and_rotated_keys(monkeypatch):
+    """``QuantKVFormat.write`` goes native (one call) and stores what the torch path stores, for
+    keys that are a strided view (as an engine's fused qkv output hands them over) and for int4
+    pages that rotate keys."""
+    g = torch.Generator().manual_seed(_seed())
+    calls = []
+    real = cpu_op.encode_write
+    monkeypatch.setattr(cpu_op, "encode_write", lambda *a: calls.append(1) or real(*a))
+    for bits, rotate in ((8, False), (4, True)):
+        qkv = torch.randn(30, 5, 64, generator=g).to(torch.bfloat16)
+        key, value = qkv[:, 1:3], qkv[:, 3:5]  # [30, 2, 64], token stride 5 * 64
+        slots = torch.randperm(4 * 16, generator=g)[:30]
+        r = quant.row_bytes(64, bits, 64)
+        caches = [quant.quantized(torch.zeros(4, 2, 16, 2 * r, dtype=torch.uint8), 64, bits, 64, rotate) for _ in "ab"]
+        calls.clear()
+        caches[0].write(key, value, slots)
+        monkeypatch.setenv("LCX_CPU_OP", "0")
+        caches[1].write(key, value, slots)
+        monkeypatch.delenv("LCX_CPU_OP")
+        assert calls == [1]
+        assert torch.equal(caches[0].raw, caches[1].raw), f"int{bits}: native and torch writes differ"
+
+
+def test_a_slot_outside_the_cache_is_refused_before_anything_is_written():
+    kv = quant.quantized(torch.zeros(2, 1, 4, 2 * quant.row_bytes(8, 8, 8), dtype=torch.uint8), 8, 8, 8)
+    with pytest.raises(ValueError, match="slot outside the cache"):
+        cpu_op.encode_write(kv, torch.ones(2, 1, 8), torch.ones(2, 1, 8), torch.tensor([3, 8]))
+    assert not kv.raw.any()
