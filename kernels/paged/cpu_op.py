@@ -15,10 +15,15 @@ scored as stored: a caller with rotated keys passes the rotated query (``QuantKV
 Same tests as the twin: ``tests/kernels/test_cpu_op.py`` holds it to a float64 reference.
 
 **Build.** The C file is compiled at first use with the machine's C compiler (``$LCX_CC``, else
-``cc``; ``-O3 -march=native``, under a second) into ``~/.cache/lcx/cpu_op/`` (``$LCX_CPU_OP_CACHE``),
-keyed by the source, the flags and the CPU's feature flags, and loaded with ctypes: no torch headers,
-no Python extension ABI. Without a compiler, or with ``LCX_CPU_OP=0``, the twin's torch paths serve
-(the same results within float32 rounding), and lcx says so once.
+``cc``; ``-O3 -march=native -fopenmp``, about a second) into ``cpu_op/`` under lcx's cache
+(``$LCX_CACHE_DIR``, else ``~/.cache/lcx``; or ``$LCX_CPU_OP_CACHE``), keyed by the source, the
+flags and the CPU's feature flags, and loaded with ctypes: no torch headers, no Python extension
+ABI. torch's wheels ship their own ``libgomp.so.1``, already loaded when the op is, so its OpenMP
+calls resolve to it: the op runs on torch's threads (and vLLM's binding of them), not a second pool. Without a compiler, or with ``LCX_CPU_OP=0``, the twin's torch paths
+serve (the same results within float32 rounding), and lcx says so once.
+
+**Writing** (``encode_write``): keys and values quantized where they land, the same bytes as
+``quant.encode``.
 """
 from __future__ import annotations
 
@@ -70,7 +75,8 @@ def _compiler() -> str:
 def library_path() -> Path:
     """Where the compiled op for this source, compiler, flags and CPU lives."""
     key = hashlib.sha256("\0".join([SOURCE.read_text(), _compiler(), *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("LCX_CPU_OP_CACHE") or Path.home() / ".cache" / "lcx" / "cpu_op")
+    root = Path(os.environ.get("LCX_CPU_OP_CACHE")
+                or Path(os.environ.get("LCX_CACHE_DIR") or Path.home() / ".cache" / "lcx") / "cpu_op")
     return root / f"lcx_cpu_op-{key}.so"
 
 
