@@ -16,6 +16,8 @@ from typing import Any, Iterable
 
 import torch
 
+from lcx_plugin.kernels.paged import cpu_op
+
 
 class PageSummaries:
     """Per-(page, KV head) key summaries of one layer: ``min``, ``max``, ``sum`` ``[num_blocks, Hkv, D]``
@@ -31,7 +33,11 @@ class PageSummaries:
         self.count = torch.zeros(num_blocks, dtype=torch.int32, device=device)
 
     def update(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Fold new keys ``[T, Hkv, D]`` written at ``slot_mapping`` into their pages' summaries."""
+        """Fold new keys ``[T, Hkv, D]`` written at ``slot_mapping`` into their pages' summaries
+        (on a CPU in one native call, ``cpu_op.summaries_update``, when the op is built)."""
+        if self.min.device.type == "cpu" and key.device.type == "cpu" and cpu_op.available():
+            cpu_op.summaries_update(self, key, slot_mapping)
+            return
         slots = slot_mapping[: key.shape[0]].long()
         keep = slots >= 0
         slots, key = slots[keep], key[keep].float()

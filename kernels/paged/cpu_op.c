@@ -316,3 +316,71 @@ int lcx_encode_write(const void *key, const void *value, int64_t in_bf16, int64_
     }
     return failed ? LCX_NO_MEMORY : LCX_OK;
 }
+
+/* ---- Page lists as spans (a decode selection of whole pages, TokenSelect's page variant). ---- */
+
+/* indices [B, Hkv, K] (element strides) of logical pages, counts [B, Hkv] (strides), lens [B],
+ * block_table [B, P] (row stride) -> spans [B, Hkv, K, 3]: listed page j of row (b, h) is
+ * (block_table[b, page], 0, its written length up to the query at lens[b] - 1) when j < count
+ * and the page holds a position <= that query; otherwise padding. */
+int lcx_page_list_spans(const int32_t *indices, int64_t i_b, int64_t i_h, const int32_t *counts, int64_t c_b,
+                        int64_t c_h, const int64_t *lens, const int32_t *table, int64_t t_b, int64_t pages,
+                        int64_t b, int64_t hkv, int64_t k, int64_t block_size, int32_t *spans)
+{
+    if (b < 0 || hkv < 1 || k < 0 || block_size < 1) return LCX_BAD_PARAMS;
+    for (int64_t i = 0; i < b; i++)
+        for (int64_t h = 0; h < hkv; h++) {
+            int64_t row = lens[i] - 1, n = counts[i * c_b + h * c_h];
+            int32_t *out = spans + (i * hkv + h) * k * 3;
+            for (int64_t j = 0; j < k; j++) {
+                int64_t page = indices[i * i_b + h * i_h + j];
+                int ok = j < n && page >= 0 && page < pages && page * block_size <= row;
+                int64_t len = row - page * block_size + 1;
+                out[3 * j] = ok ? table[i * t_b + page] : -1;
+                out[3 * j + 1] = 0;
+                out[3 * j + 2] = ok ? (int32_t)(len < block_size ? len : block_size) : 0;
+            }
+        }
+    return LCX_OK;
+}
+
+/* ---- Page summaries (state.PageSummaries.update): key min, max, sum and count per page. ---- */
+
+/* key [t, h, D] (float32 or bfloat16, strides per token and head) at slots (negative: skipped)
+ * -> min/max/sum [num_blocks, h, D] float32 (contiguous), count [num_blocks] int32. A page
+ * written from its first slot is reset first, as the torch update does. */
+int lcx_summaries_update(const void *key, int64_t in_bf16, int64_t k_tok, int64_t k_head, int64_t t, int64_t h,
+                         int64_t d, const int64_t *slots, int64_t num_blocks, int64_t block_size, float *mn,
+                         float *mx, float *sum, int32_t *count)
+{
+    if (t < 0 || h < 1 || d < 1 || block_size < 1) return LCX_BAD_PARAMS;
+    for (int64_t i = 0; i < t; i++)
+        if (slots[i] >= num_blocks * block_size) return LCX_BAD_SLOT;
+    const int64_t cell = h * d;
+    for (int64_t i = 0; i < t; i++) {
+        if (slots[i] < 0 || slots[i] % block_size) continue;
+        int64_t blk = slots[i] / block_size;
+        for (int64_t c = 0; c < cell; c++) {
+            mn[blk * cell + c] = INFINITY;
+            mx[blk * cell + c] = -INFINITY;
+            sum[blk * cell + c] = 0.f;
+        }
+        count[blk] = 0;
+    }
+    for (int64_t i = 0; i < t; i++) {
+        if (slots[i] < 0) continue;
+        int64_t blk = slots[i] / block_size;
+        for (int64_t j = 0; j < h; j++) {
+            float *a = mn + blk * cell + j * d, *b = mx + blk * cell + j * d, *s = sum + blk * cell + j * d;
+            int64_t at = i * k_tok + j * k_head;
+            for (int64_t c = 0; c < d; c++) {
+                float x = in_bf16 ? bf16_value(((const uint16_t *)key)[at + c]) : ((const float *)key)[at + c];
+                a[c] = x < a[c] ? x : a[c];
+                b[c] = x > b[c] ? x : b[c];
+                s[c] += x;
+            }
+        }
+        count[blk] += 1;
+    }
+    return LCX_OK;
+}

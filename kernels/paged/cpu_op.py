@@ -108,6 +108,12 @@ def _load() -> ctypes.CDLL:
     f.argtypes = [p, p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, p, p,
                   ctypes.c_float, p]
     f.restype = ctypes.c_int
+    f = lib.lcx_page_list_spans
+    f.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, i64, i64, i64, i64, i64, p]
+    f.restype = ctypes.c_int
+    f = lib.lcx_summaries_update
+    f.argtypes = [p, i64, i64, i64, i64, i64, i64, p, i64, i64, p, p, p, p]
+    f.restype = ctypes.c_int
     f = lib.lcx_encode_write
     f.argtypes = [p, p, i64, i64, i64, i64, i64, i64, i64, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64]
     f.restype = ctypes.c_int
@@ -217,3 +223,56 @@ def encode_write(kv, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch
                               sb, sh, st, nb, bs, d, kv.bits, kv.group_size, kv.row_bytes)
     if rc:
         raise ValueError(f"lcx native write: {_ERRORS.get(rc, f'error {rc}')}")
+
+
+def _int32_rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.int32 and x.stride(-1) == 1 else x.to(torch.int32).contiguous()
+
+
+def page_list_spans(indices: torch.Tensor, counts: torch.Tensor, lens: torch.Tensor, block_table: torch.Tensor,
+                    block_size: int) -> torch.Tensor:
+    """A decode selection of page lists as ``decode_codes``' spans ``[B, Hkv, K, 3]``: ``indices``
+    ``[B, Hkv, K]`` logical pages, ``counts`` ``[B, Hkv]``, ``lens`` ``[B]``, the plan's
+    ``block_table`` ``[B, P]``. Listed page ``j`` becomes (its block, 0, its length up to the
+    query at ``lens - 1``) when ``j < count`` and it holds a position up to the query; padding
+    otherwise (the twin's ``_decode_page_lists`` masks the same)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native CPU op is not available: {_failed or 'disabled (LCX_CPU_OP=0)'}")
+    idx, cnt, table = _int32_rows(indices), counts.to(torch.int32), _int32_rows(block_table)
+    lens = lens.to(torch.int64).contiguous()
+    b, hkv, k = idx.shape
+    if tuple(cnt.shape) != (b, hkv) or lens.shape[0] < b or table.shape[0] < b:
+        raise ValueError(f"page lists {tuple(idx.shape)}, counts {tuple(cnt.shape)}, {lens.shape[0]} lengths and "
+                         f"{table.shape[0]} block-table rows do not match")
+    spans = torch.empty(b, hkv, k, 3, dtype=torch.int32)
+    rc = lib.lcx_page_list_spans(idx.data_ptr(), idx.stride(0), idx.stride(1), cnt.data_ptr(), cnt.stride(0),
+                                 cnt.stride(1), lens.data_ptr(), table.data_ptr(), table.stride(0), table.shape[1],
+                                 b, hkv, k, block_size, spans.data_ptr())
+    if rc:
+        raise ValueError(f"lcx native page lists: {_ERRORS.get(rc, f'error {rc}')}")
+    return spans
+
+
+def summaries_update(pages, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """``state.PageSummaries.update`` natively: keys ``[T, Hkv, D]`` (float32 or bfloat16, channels
+    contiguous) at ``slot_mapping`` folded into their pages' min, max, sum and count; a page
+    written from its first slot is reset first."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native CPU op is not available: {_failed or 'disabled (LCX_CPU_OP=0)'}")
+    t, h, d = key.shape
+    if tuple(pages.min.shape[1:]) != (h, d):
+        raise ValueError(f"keys {tuple(key.shape)} do not fit summaries of {tuple(pages.min.shape[1:])}")
+    if key.dtype not in (torch.float32, torch.bfloat16):
+        key = key.float()
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    slots = slot_mapping[:t].to(torch.int64).contiguous()
+    if slots.shape[0] < t:
+        raise ValueError(f"slot_mapping holds {slots.shape[0]} slots for {t} tokens")
+    rc = lib.lcx_summaries_update(key.data_ptr(), int(key.dtype == torch.bfloat16), key.stride(0), key.stride(1), t,
+                                  h, d, slots.data_ptr(), pages.min.shape[0], pages.block_size, pages.min.data_ptr(),
+                                  pages.max.data_ptr(), pages.sum.data_ptr(), pages.count.data_ptr())
+    if rc:
+        raise ValueError(f"lcx native page summaries: {_ERRORS.get(rc, f'error {rc}')}")

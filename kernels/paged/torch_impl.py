@@ -710,16 +710,16 @@ def _decode_page_lists(query: torch.Tensor, kv, sel: Selection, plan: BatchPlan,
     their scales and zero points zeroed, so whatever those slots hold never reaches the output."""
     b, hkv, width = sel.indices.shape[0], sel.indices.shape[1], sel.indices.shape[3]
     d, bs, dev = kv.head_dim, kv.block_size, kv.device
+    if cpu_op.serves(kv, query):  # one native call over whole cells, each row's tail cut by its span
+        lens = plan.memo(("cpu_op.lens",), lambda: torch.tensor(plan.lens, dtype=torch.int64))
+        spans = cpu_op.page_list_spans(sel.indices[:, :, 0], sel.counts[:, :, 0], lens, plan.block_table, bs)
+        out[:b] = cpu_op.decode_codes(kv.rotate_query(query[:b].float()), kv, spans, scale).to(out.dtype)
+        return
     row = (torch.tensor(plan.lens, dtype=torch.int64, device=dev) - 1)[:, None, None]
     idx = sel.indices[:, :, 0].long().to(dev)  # [B, Hkv, K]
     alive = ((torch.arange(width, device=dev) < sel.counts[:, :, 0:1].to(dev)) & (idx >= 0) & (idx * bs <= row))
     pages = torch.where(alive, idx, 0)
     blocks = plan.block_table.long().to(dev).gather(1, pages.flatten(1)).view(b, hkv, width)
-    if cpu_op.serves(kv, query):  # one native call over whole cells, each row's tail cut by its span
-        hi = torch.where(alive, (row - pages * bs + 1).clamp(max=bs), 0)
-        spans = torch.stack([blocks, torch.zeros_like(hi), hi], -1)
-        out[:b] = cpu_op.decode_codes(kv.rotate_query(query[:b].float()), kv, spans, scale).to(out.dtype)
-        return
     kc, vc = kv.gather_cell_codes(blocks, torch.arange(hkv, device=dev)[None, :, None].expand(b, hkv, width))
     pos = pages[..., None] * bs + torch.arange(bs, device=dev)
     live = (alive[..., None] & (pos <= row[..., None])).view(b, hkv, width * bs)

@@ -239,3 +239,35 @@ def test_a_slot_outside_the_cache_is_refused_before_anything_is_written():
     with pytest.raises(ValueError, match="slot outside the cache"):
         cpu_op.encode_write(kv, torch.ones(2, 1, 8), torch.ones(2, 1, 8), torch.tensor([3, 8]))
     assert not kv.raw.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_page_summaries_equal_the_torch_update(dtype, monkeypatch):
+    """Prefill chunks over fresh and half-written pages, then decode tokens, some slots padding,
+    keys a strided view: min, max and count equal, sums within float32 rounding."""
+    from lcx_plugin.state import PageSummaries
+
+    g = torch.Generator().manual_seed(_seed())
+    nb, hkv, d, bs = 9, 2, 16, 8
+    a, b = PageSummaries(nb, hkv, d, bs), PageSummaries(nb, hkv, d, bs)
+    steps = [torch.arange(0, 13), torch.arange(13, 14), torch.tensor([14, -1, 15]), torch.arange(16, 40),
+             torch.arange(0, 5)]  # the last rewrites page 0 from its first slot: a fresh summary
+    for slots in steps:
+        qkv = torch.randn(slots.shape[0], 3 * hkv, d, generator=g).to(dtype)
+        key = qkv[:, hkv: 2 * hkv]
+        a.update(key, slots)
+        monkeypatch.setenv("LCX_CPU_OP", "0")
+        b.update(key, slots)
+        monkeypatch.delenv("LCX_CPU_OP")
+    assert torch.equal(a.min, b.min) and torch.equal(a.max, b.max) and torch.equal(a.count, b.count)
+    torch.testing.assert_close(a.sum, b.sum, rtol=1e-6, atol=1e-5)
+
+
+def test_page_list_spans_mark_what_the_twin_masks():
+    table = torch.tensor([[5, 2, 7, 0], [1, 3, 4, 6]], dtype=torch.int32)
+    indices = torch.tensor([[[0, 2, 3]], [[1, 3, 2]]], dtype=torch.int32)  # [B=2, Hkv=1, K=3]
+    counts = torch.tensor([[3], [2]], dtype=torch.int32)
+    spans = cpu_op.page_list_spans(indices, counts, torch.tensor([20, 30]), table, 8)
+    # seq 0 (query at 19): page 0 whole, page 2 up to offset 3, page 3 past the query: padding;
+    # seq 1 (query at 29): page 1 whole, page 3 up to offset 5, the third entry past its count.
+    assert spans.tolist() == [[[[5, 0, 8], [7, 0, 4], [-1, 0, 0]]], [[[3, 0, 8], [6, 0, 6], [-1, 0, 0]]]]
