@@ -745,11 +745,31 @@ def _attend_codes(query: torch.Tensor, kv, kc: "quant.Codes", vc: "quant.Codes",
     out[:b] = quant.weighted_sum(probs, vc).view(b, hkv * group, d).to(out.dtype)
 
 
+def _decode_dense_codes(query: torch.Tensor, kv, plan: BatchPlan, scale: float, out: torch.Tensor) -> None:
+    """A decode-only batch without a selection over quantized pages (a dense head, or a context
+    below a selector's ``min_context``): every written position of each sequence, as the native
+    op's spans (each page whole, the last up to the row), one call for the batch."""
+    b, bs = plan.num_seqs, kv.block_size
+
+    def spans() -> torch.Tensor:
+        lens = torch.tensor(plan.lens, dtype=torch.int64)
+        n_pages = (lens + bs - 1) // bs
+        width = max(1, int(n_pages.max()))
+        pages = torch.arange(width, dtype=torch.int32).expand(b, 1, width)
+        return cpu_op.page_list_spans(pages, n_pages.to(torch.int32)[:, None], lens, plan.block_table, bs)[:, 0]
+
+    every = plan.memo(("cpu_op.dense-spans", bs), spans)  # the same for every head and layer of the step
+    out[:b] = cpu_op.decode_codes(kv.rotate_query(query[:b].float()), kv, every, scale).to(out.dtype)
+
+
 def paged_attention_torch(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: float, out: torch.Tensor,
                           selection: Selection | None = None, rope: Rope | None = None) -> torch.Tensor:
     hq = query.shape[1]
     group = hq // kv.num_kv_heads
     bs = kv.block_size
+    if selection is None and rope is None and plan.num_seqs and cpu_op.serves(kv, query) and _decoding_only(plan):
+        _decode_dense_codes(query, kv, plan, scale, out)
+        return out
     if selection is not None and plan.num_seqs and _decoding_only(plan):
         if rope is None and hasattr(kv, "gather_cell_codes") and selection.only_page_lists:
             _decode_page_lists(query, kv, selection, plan, scale, out)

@@ -118,12 +118,14 @@ def _both_ways(monkeypatch, run):
     return with_op, without, len(calls)
 
 
-@pytest.mark.parametrize("granularity", ["page", "token", "page-lists"])
+@pytest.mark.parametrize("granularity", ["page", "token", "page-lists", "dense"])
 @pytest.mark.parametrize("fmt", [f for f in QUANT_FORMATS if not f.startswith("mixed")])
 def test_every_quantized_decode_path_of_the_twin_takes_the_op(fmt, granularity, monkeypatch):
     seed = _seed()
     problem = make_problem(SEQ_LENS, [1] * len(SEQ_LENS), 6, 3, head_dim=32, block_size=16, seed=seed, fmt=fmt)
-    if granularity == "page-lists":
+    if granularity == "dense":
+        sel = None
+    elif granularity == "page-lists":
         sel = random_selection(problem, "page", 0.5, seed + 1)
         empty = sel.counts == 0  # every head lists at least one page: give those page 0
         sel.indices[..., 0] = torch.where(empty, 0, sel.indices[..., 0])
@@ -133,7 +135,7 @@ def test_every_quantized_decode_path_of_the_twin_takes_the_op(fmt, granularity, 
         shape = (problem.plan.num_seqs, 3)
         sel = random_selection(problem, granularity, 0.3, seed + 1, sink=torch.randint(0, 20, shape, generator=g),
                                window=torch.randint(1, 40, shape, generator=g))
-    assert sel.only_page_lists == (granularity == "page-lists")
+    assert sel is None or sel.only_page_lists == (granularity == "page-lists")
 
     def run():
         out = torch.full_like(problem.query, float("nan"))
