@@ -138,6 +138,26 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
+def _required() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native CPU op is not available: {_failed or 'disabled (LCX_CPU_OP=0)'}")
+    return lib
+
+
+def _rows_and_slots(x: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[T, H, D]`` as the op reads rows (float32 or bfloat16, channels contiguous) and the
+    first ``T`` slots as int64."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    slots = slot_mapping[: x.shape[0]].to(torch.int64).contiguous()
+    if slots.shape[0] < x.shape[0]:
+        raise ValueError(f"slot_mapping holds {slots.shape[0]} slots for {x.shape[0]} tokens")
+    return x, slots
+
+
 def available() -> bool:
     return library() is not None
 
@@ -157,9 +177,7 @@ def decode_codes(query: torch.Tensor, kv, spans: torch.Tensor, scale: float, out
 
     ``spans`` int32 ``[n, Hkv, W, 3]`` or ``[n, W, 3]`` (the same spans for every KV head):
     ``(block, lo, hi)``. ``own_key``/``own_value`` ``[n, Hkv, D]``: one more candidate per row."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"the native CPU decode op is not available: {_failed or 'disabled (LCX_CPU_OP=0)'}")
+    lib = _required()
     n, hq, d = query.shape
     nb, hkv, bs, _ = kv.raw.shape
     if d != kv.head_dim or hq % hkv:
@@ -199,22 +217,15 @@ def encode_write(kv, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch
     token and head strides, channels contiguous; keys already rotated when the format rotates them)
     quantized into ``slot = block * block_size + offset``, negative slots skipped: the same bytes
     as ``quant.encode`` (tests/kernels/test_cpu_op.py holds them equal)."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"the native CPU op is not available: {_failed or 'disabled (LCX_CPU_OP=0)'}")
+    lib = _required()
     t, h, d = key.shape
     if value.shape != key.shape or (h, d) != (kv.num_kv_heads, kv.head_dim):
         raise ValueError(f"key/value {tuple(key.shape)}/{tuple(value.shape)} do not fit a cache of "
                          f"{kv.num_kv_heads} heads x {kv.head_dim}")
-    if key.dtype not in (torch.float32, torch.bfloat16) or value.dtype != key.dtype:
+    if value.dtype != key.dtype:
         key, value = key.float(), value.float()
-    if key.stride(-1) != 1:
-        key = key.contiguous()
-    if value.stride(-1) != 1:
-        value = value.contiguous()
-    slots = slot_mapping[:t].to(torch.int64).contiguous()
-    if slots.shape[0] < t:
-        raise ValueError(f"slot_mapping holds {slots.shape[0]} slots for {t} tokens")
+    key, slots = _rows_and_slots(key, slot_mapping)
+    value, _ = _rows_and_slots(value, slot_mapping)
     raw = kv.raw
     nb, _, bs, _ = raw.shape
     sb, sh, st, _ = raw.stride()
@@ -236,9 +247,7 @@ def page_list_spans(indices: torch.Tensor, counts: torch.Tensor, lens: torch.Ten
     ``block_table`` ``[B, P]``. Listed page ``j`` becomes (its block, 0, its length up to the
     query at ``lens - 1``) when ``j < count`` and it holds a position up to the query; padding
     otherwise (the twin's ``_decode_page_lists`` masks the same)."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"the native CPU op is not available: {_failed or 'disabled (LCX_CPU_OP=0)'}")
+    lib = _required()
     idx, cnt, table = _int32_rows(indices), counts.to(torch.int32), _int32_rows(block_table)
     lens = lens.to(torch.int64).contiguous()
     b, hkv, k = idx.shape
@@ -258,19 +267,11 @@ def summaries_update(pages, key: torch.Tensor, slot_mapping: torch.Tensor) -> No
     """``state.PageSummaries.update`` natively: keys ``[T, Hkv, D]`` (float32 or bfloat16, channels
     contiguous) at ``slot_mapping`` folded into their pages' min, max, sum and count; a page
     written from its first slot is reset first."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"the native CPU op is not available: {_failed or 'disabled (LCX_CPU_OP=0)'}")
+    lib = _required()
     t, h, d = key.shape
     if tuple(pages.min.shape[1:]) != (h, d):
         raise ValueError(f"keys {tuple(key.shape)} do not fit summaries of {tuple(pages.min.shape[1:])}")
-    if key.dtype not in (torch.float32, torch.bfloat16):
-        key = key.float()
-    if key.stride(-1) != 1:
-        key = key.contiguous()
-    slots = slot_mapping[:t].to(torch.int64).contiguous()
-    if slots.shape[0] < t:
-        raise ValueError(f"slot_mapping holds {slots.shape[0]} slots for {t} tokens")
+    key, slots = _rows_and_slots(key, slot_mapping)
     rc = lib.lcx_summaries_update(key.data_ptr(), int(key.dtype == torch.bfloat16), key.stride(0), key.stride(1), t,
                                   h, d, slots.data_ptr(), pages.min.shape[0], pages.block_size, pages.min.data_ptr(),
                                   pages.max.data_ptr(), pages.sum.data_ptr(), pages.count.data_ptr())
