@@ -135,17 +135,18 @@ def noise(stock_easy: dict, stock_pressured: dict) -> float:
 #: Ranks of the tensor-parallel engine: the embedded model's 9 query and 3 KV heads split over 3
 #: (one KV head and its 3 query heads per rank), not over 2.
 TP_RANKS = 3
-#: Methods whose selection is positions only, left out of the test suite's tensor-parallel rows
-#: (``./lcx bench reliability`` still splits every row): nothing they hold or read is per KV head,
-#: so there is no rank offset to get wrong, and the window kernels they run are the ones the
-#: head split's streaming heads run in its row. Each tensor-parallel engine costs about 50 s on 2
-#: cores (three ranks).
-POSITION_ONLY = ("streaming",)
+#: Methods with nothing per KV head, left out of the test suite's tensor-parallel rows (``./lcx
+#: bench reliability`` still splits every row, and checks dense against stock split): ``dense``
+#: selects nothing and runs the engine's own op on each rank, which the stock row splits too;
+#: ``streaming``'s selection is positions only, and the window kernels it runs are the ones the
+#: head split's streaming heads run in their row. There is no rank offset for either to get wrong.
+#: Each tensor-parallel engine costs about 50 s on 2 cores (three ranks).
+NOTHING_PER_KV_HEAD = ("dense", "streaming")
 
 
 def tensor_parallel_rows() -> list[str]:
     """The methods the test suite splits over ranks: every one with per-KV-head state or data."""
-    return [n for n in selectors.names() if n not in POSITION_ONLY]
+    return [n for n in selectors.names() if n not in NOTHING_PER_KV_HEAD]
 
 
 def run_tensor_parallel(row: str, model: str, log_dir: str | Path, ranks: int = TP_RANKS) -> dict:

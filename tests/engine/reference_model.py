@@ -244,14 +244,37 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if _MASK["hip"] is not None:
         visible = _hip(query, key, visible, group, module.layer_idx)[None]
     if scores is None:
-        bias = torch.zeros(visible.shape, dtype=query.dtype).masked_fill_(~visible, float("-inf"))
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
-        return out.transpose(1, 2).contiguous(), None
+        return _sdpa(query, key, value, visible, scale, module.layer_idx, group), None
     if _MASK["compact"]:
         scores = _compacted_scores(scores, query, key, visible.expand(1, query.shape[1], t, t), scale)
     scores = scores.masked_fill(~visible, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ value
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa(query, key, value, visible, scale: float, layer: int, group: int) -> torch.Tensor:
+    """Masked attention by torch's SDPA, ``[B, T, H, D]``. ``visible`` is ``[T, T]`` (every head) or
+    ``[1, H, T, T]``; a head split's ``[H, T, T]`` runs as its two head groups, the retrieval heads
+    causal, the streaming heads under the window's ``[T, T]`` mask (a 3-D mask sends SDPA down its
+    unfused path: twice the time on a 3k-token prompt). A plain causal mask runs as ``is_causal``."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    t = query.shape[2]
+
+    def attend(q, k, v, mask):
+        if mask.dim() == 2 and bool(torch.equal(mask, torch.ones(t, t, dtype=torch.bool).tril())):
+            return sdpa(q, k, v, is_causal=True, scale=scale)
+        return sdpa(q, k, v, attn_mask=mask, scale=scale)
+
+    if visible.dim() == 3:  # a head split: [H, T, T] from the per-layer streaming mask
+        streaming = _MASK["streaming"][layer].repeat_interleave(group)
+        out = torch.empty_like(query)
+        for heads in (streaming, ~streaming):
+            if bool(heads.any()):
+                idx = torch.nonzero(heads).flatten()
+                out[:, idx] = attend(query[:, idx], key[:, idx], value[:, idx], visible[idx[0]])
+    else:
+        out = attend(query, key, value, visible)
+    return out.transpose(1, 2).contiguous()
 
 
 def _compacted_scores(scores, query, key, visible, scaling):

@@ -1,8 +1,8 @@
 """Where lcx runs the engine's own arithmetic, it is token-identical to stock on the same machine:
 dense lcx on the default CPU path (the engine's op, driven by lcx's layer core), and streaming whose
 window covers every prompt (every sequence stays dense). Dense lcx under chunked prefill mixed with
-decode steps, preemption, batching and the prefix cache, and split over ranks, equals stock exactly
-in the reliability matrix (tests/reliability/test_matrix.py)."""
+decode steps, preemption, batching and the prefix cache equals stock exactly in the reliability
+matrix (tests/reliability/test_matrix.py); split over ranks, in ``./lcx bench reliability``."""
 import pytest
 
 from .conftest import MAX_TOKENS, PROMPTS

@@ -39,18 +39,13 @@ def tensor_parallel_noise(engines, tensor_parallel_engine):
 def test_split_over_ranks_each_method_matches_one_process(engines, tensor_parallel_engine, tensor_parallel_noise, row):
     """tensor_parallel_size=3 (one KV head per rank; the model's 9 query heads do not split in 2):
     per-rank KV-head offsets into head patterns, per-rank selections and caches, and the all-reduce
-    give what one process gives, teacher-forced. (Position-only methods are left out:
-    ``matrix.POSITION_ONLY``.)"""
+    give what one process gives, teacher-forced. (Methods with nothing per KV head are left out:
+    ``matrix.NOTHING_PER_KV_HEAD``.)"""
     tp = tensor_parallel_engine(row)
     assert tp["engine"]["tensor_parallel_size"] == matrix.TP_RANKS
     result = matrix.evaluate_tensor_parallel(row, engines(row)[0], tp, tensor_parallel_noise)
     assert not result["problems"], "\n".join(result["problems"])
     assert result["requests"] == len(matrix.LENGTHS)
-
-
-def test_dense_lcx_equals_stock_split_over_ranks(tensor_parallel_engine):
-    stock, dense = tensor_parallel_engine("stock"), tensor_parallel_engine("dense")
-    assert dense["tf_batched"] == stock["tf_batched"]
 
 
 def test_dense_lcx_equals_stock_under_every_condition(engines):
@@ -65,7 +60,7 @@ def test_token_selects_selection_cache_is_used_and_counted_at_ease_and_under_pre
         assert 0 < counters.get("selection_hits", 0) < counters["selection_lookups"], counters
 
 
-def test_only_position_only_methods_are_left_out_of_the_tensor_parallel_rows():
+def test_only_methods_with_nothing_per_kv_head_are_left_out_of_the_tensor_parallel_rows():
     left_out = set(selectors.names()) - set(matrix.tensor_parallel_rows())
-    assert left_out == set(matrix.POSITION_ONLY) <= set(selectors.names())
-    assert {"dense", "head_split", "token_select", "hip"} <= set(matrix.tensor_parallel_rows())
+    assert left_out == set(matrix.NOTHING_PER_KV_HEAD) <= set(selectors.names())
+    assert {"head_split", "token_select", "hip"} <= set(matrix.tensor_parallel_rows())
