@@ -256,24 +256,23 @@ def _sdpa(query, key, value, visible, scale: float, layer: int, group: int) -> t
     """Masked attention by torch's SDPA, ``[B, T, H, D]``. ``visible`` is ``[T, T]`` (every head) or
     ``[1, H, T, T]``; a head split's ``[H, T, T]`` runs as its two head groups, the retrieval heads
     causal, the streaming heads under the window's ``[T, T]`` mask (a 3-D mask sends SDPA down its
-    unfused path: twice the time on a 3k-token prompt). A plain causal mask runs as ``is_causal``."""
+    unfused path: twice the time on a 3k-token prompt). The causal mask itself (no window, no
+    selection: a 2-D ``visible`` without ``window``) runs as ``is_causal``."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    t = query.shape[2]
 
-    def attend(q, k, v, mask):
-        if mask.dim() == 2 and bool(torch.equal(mask, torch.ones(t, t, dtype=torch.bool).tril())):
-            return sdpa(q, k, v, is_causal=True, scale=scale)
-        return sdpa(q, k, v, attn_mask=mask, scale=scale)
+    def attend(heads, mask):  # mask None: causal
+        q, k, v = (x if heads is None else x[:, heads] for x in (query, key, value))
+        return sdpa(q, k, v, is_causal=True, scale=scale) if mask is None else sdpa(q, k, v, attn_mask=mask, scale=scale)
 
     if visible.dim() == 3:  # a head split: [H, T, T] from the per-layer streaming mask
         streaming = _MASK["streaming"][layer].repeat_interleave(group)
         out = torch.empty_like(query)
-        for heads in (streaming, ~streaming):
-            if bool(heads.any()):
-                idx = torch.nonzero(heads).flatten()
-                out[:, idx] = attend(query[:, idx], key[:, idx], value[:, idx], visible[idx[0]])
+        for heads, windowed in ((streaming, True), (~streaming, False)):
+            idx = torch.nonzero(heads).flatten()
+            if idx.numel():
+                out[:, idx] = attend(idx, visible[idx[0]] if windowed else None)
     else:
-        out = attend(query, key, value, visible)
+        out = attend(None, None if visible.dim() == 2 and _MASK["window"] is None else visible)
     return out.transpose(1, 2).contiguous()
 
 
