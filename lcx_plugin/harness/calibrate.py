@@ -98,13 +98,13 @@ def register_attention() -> str:
 
 
 def _load_model(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     register_attention()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="lcx_calibrate")
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    return model.eval()
 
 
 def shape_of(model, name: str) -> ModelShape:
@@ -243,10 +243,16 @@ def calibrate(model_path: str, mode: str = "ablate", n_prompts: int | None = Non
         raise ValueError(f"mode={mode!r} is not one of {sorted(DEFAULTS)}")
     n_prompts = n_prompts or DEFAULTS[mode][0]
     length = length or DEFAULTS[mode][1]
+    if sink + window >= length:
+        raise ValueError(f"sink + window ({sink} + {window}) must be shorter than the prompts ({length} tokens): "
+                         "a window that covers the prompt removes nothing, and every head would score the same")
+    from transformers import AutoTokenizer
+
+    # The prompts first (a tokenizer only): a length their tasks cannot fit stops here, before the model loads.
+    data = prompts(AutoTokenizer.from_pretrained(model_path), n_prompts, length)
     torch.manual_seed(0)
-    model, tok = _load_model(model_path)
+    model = _load_model(model_path)
     shape = shape_of(model, name or Path(model_path.rstrip("/")).name)
-    data = prompts(tok, n_prompts, length)
     t0 = time.perf_counter()
     if mode == "ablate":
         c = model.config
@@ -294,8 +300,12 @@ def run(args: argparse.Namespace) -> int:
         print("lcx calibrate: error: --l1 must be >= 0", file=sys.stderr)
         return 2
     path = args.model or str(prepare())
-    pattern = calibrate(path, args.mode, args.prompts, args.length, args.sink, args.window, args.steps, args.l1,
-                        name=args.name)
+    try:
+        pattern = calibrate(path, args.mode, args.prompts, args.length, args.sink, args.window, args.steps, args.l1,
+                            name=args.name)
+    except ValueError as e:  # a length the prompts cannot fit, a window covering them, a model ablate cannot run
+        print(f"lcx calibrate: error: {e}", file=sys.stderr)
+        return 2
     out = pattern.save(args.out)
     order = pattern.scores.flatten().sort().values
     print(f"wrote {out}: {pattern.num_layers} layers x {pattern.num_kv_heads} KV heads, mode {args.mode}, "
