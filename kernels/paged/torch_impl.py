@@ -57,6 +57,8 @@ def _dense_sequence(q: torch.Tensor, kv: KVFormat, blocks: torch.Tensor, seq_len
     k = k.reshape(hkv, -1, kv.head_dim)[:, :seq_len]
     v = v.reshape(hkv, -1, kv.head_dim)[:, :seq_len]
     qlen = q.shape[1]
+    if 1 < qlen < seq_len and _FLASH_WITH_LSE is not None and q.device.type == "cpu":
+        return _chunk_after_context(q, k, v, seq_len - qlen, scale, group)
     mask = None
     if 1 < qlen < seq_len:  # a chunk after earlier context: causal relative to its own positions
         q_pos = torch.arange(seq_len - qlen, seq_len)
@@ -65,6 +67,28 @@ def _dense_sequence(q: torch.Tensor, kv: KVFormat, blocks: torch.Tensor, seq_len
     o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=qlen == seq_len > 1,
                                        scale=scale, enable_gqa=group > 1)[0]
     return o.transpose(0, 1)
+
+
+#: torch's fused CPU attention, which also returns each row's log-sum-exp (absent, or off the CPU: the masked path).
+_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _chunk_after_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: int, scale: float, group: int):
+    """A prompt chunk after ``cached`` tokens of context, ``q`` ``[Hq, qlen, D]``, ``k``/``v``
+    ``[Hkv, cached + qlen, D]`` -> ``[qlen, Hq, D]``: every row reads all of the context unmasked,
+    and the chunk's own keys causally (a square, top-left causal block); the two softmaxes are
+    merged by their log-sum-exps. The same keys and weights as one call under the ``[qlen, seq_len]``
+    mask, which makes torch's kernel visit the masked blocks too (measured 1.8x slower on a 2.9k
+    chunk after 4k tokens) and build the mask first."""
+    if group > 1:
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    q4 = q[None].contiguous()
+    o_ctx, lse_ctx = _FLASH_WITH_LSE(q4, k[None, :, :cached], v[None, :, :cached], 0.0, False, scale=scale)
+    o_own, lse_own = _FLASH_WITH_LSE(q4, k[None, :, cached:], v[None, :, cached:], 0.0, True, scale=scale)
+    top = torch.maximum(lse_ctx, lse_own)
+    w_ctx, w_own = (lse_ctx - top).exp_()[..., None], (lse_own - top).exp_()[..., None]
+    o = (o_ctx * w_ctx + o_own * w_own) / (w_ctx + w_own)
+    return o[0].transpose(0, 1)
 
 
 def _listed_pages(sel: Selection, b: int, qbs: range, n_pages: int, bs: int) -> torch.Tensor:

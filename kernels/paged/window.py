@@ -91,15 +91,15 @@ def window_attention(query: torch.Tensor, kv: KVFormat, plan: BatchPlan, scale: 
             hi = int(torch.searchsorted(kpos, torch.tensor(p1)))
             idx = torch.cat([torch.arange(n_sink), torch.arange(lo, hi)]).to(query.device)
             tk, tv, tpos = keys.index_select(1, idx), vals.index_select(1, idx), kpos.index_select(0, idx)
-            rows = r1 - r0
-            qg = query[s + r0: s + r1].float().view(rows, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, group * rows, d)
-            scores = (qg @ tk.transpose(1, 2)) * scale  # [Hkv, group*rows, n]
-            p = new_pos[r0:r1].repeat(group)[:, None]
-            j = tpos[None, :]
-            allowed = (j <= p) & ((j < sink) | (j > p - window))
-            probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-            o = (probs @ tv).view(hkv, group, rows, d).permute(2, 0, 1, 3).reshape(rows, hkv * group, d)
-            out[s + r0: s + r1] = o.to(out.dtype)
+            p, j = new_pos[r0:r1, None], tpos[None, :]
+            allowed = (j <= p) & ((j < sink) | (j > p - window))  # every row reads at least itself
+            bias = torch.zeros(allowed.shape, dtype=torch.float32, device=query.device).masked_fill_(~allowed, float("-inf"))
+            # One fused call per tile (an additive mask, shared by the heads): the scores, the
+            # mask and the softmax never exist as separate [heads, rows, keys] passes.
+            rows_q = query[s + r0: s + r1].float().transpose(0, 1)[None]  # [1, Hq, rows, D]
+            o = F.scaled_dot_product_attention(rows_q, tk[None], tv[None], attn_mask=bias[None, None], scale=scale,
+                                               enable_gqa=group > 1)
+            out[s + r0: s + r1] = o[0].transpose(0, 1).to(out.dtype)
     return out
 
 
