@@ -142,6 +142,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--copies", type=int, default=6, help="times each prompt is batched under pressure (CI: 2)")
+    ap.add_argument("--max-tokens", type=int, default=16, help="new tokens per request (CI: matrix.MAX_TOKENS)")
     ap.add_argument("--out", default="bench/results/reliability.json")
     ap.add_argument("--doc", default="docs/reliability.md")
     args = ap.parse_args()
@@ -154,9 +155,9 @@ def main() -> int:
     tp_runs = {}
     with Progress(2 * len(rows) + 1, "bench reliability") as p:
         for row in rows:
-            runs[row] = matrix.run_row(row, model, log_dir, copies=args.copies)
+            runs[row] = matrix.run_row(row, model, log_dir, copies=args.copies, max_tokens=args.max_tokens)
             p.advance(note=row)
-            tp_runs[row] = matrix.run_tensor_parallel(row, model, log_dir)
+            tp_runs[row] = matrix.run_tensor_parallel(row, model, log_dir, max_tokens=args.max_tokens)
             p.advance(note=f"{row}, tensor_parallel_size={matrix.TP_RANKS}")
         fuzz = _fuzz()
         p.advance(note="fuzz")
@@ -169,7 +170,8 @@ def main() -> int:
           "rows": [matrix.evaluate_tensor_parallel(row, runs[row][0], tp_runs[row], tp_noise) for row in rows],
           "dense_equals_stock": tp_runs["dense"]["tf_batched"] == tp_runs["stock"]["tf_batched"]}
     commit = _commit()
-    res = {"machine": machine_record(matrix.matrix_settings()), "commit": commit, "copies": args.copies, "rows": evaluated,
+    res = {"machine": machine_record(matrix.matrix_settings()), "commit": commit, "copies": args.copies,
+           "max_tokens": args.max_tokens, "rows": evaluated,
            "lengths": list(matrix.LENGTHS), "pressured": PRESSURED,
            "dense_equals_stock": same, "tensor_parallel": tp, "fuzz": fuzz, "wall_s": time.time() - t0,
            "totals": {"requests": sum(r["requests"] for r in evaluated + tp["rows"]),

@@ -29,6 +29,10 @@ from .settings import RunSettings, choose
 #: example config, the others select. Each ends 8 tokens before a page boundary, so every request
 #: needs a new page while it decodes, and the small cache must preempt.
 LENGTHS = tuple(pages * PAGE + PAGE - 8 for pages in (0, 3, 5, 8))
+#: New tokens per request in the test suite's matrix: the prompt's page fills after 8 and the
+#: last 2 need a new one, so every request still takes a page while it decodes. (16 before: the
+#: decode steps were half of each engine's time; ``./lcx bench reliability`` still asks for 16.)
+MAX_TOKENS = 10
 #: Each prompt batched twice under pressure: copies find each other's blocks in the cache, and
 #: the four prompts (20 pages once decoding) cannot all be resident in 11. ``./lcx bench
 #: reliability`` batches each 6 times.
@@ -112,13 +116,14 @@ def matrix_settings() -> RunSettings:
     return choose(dtype=MATRIX_DTYPE)
 
 
-def run_row(row: str, model: str, log_dir: str | Path, copies: int = COPIES) -> tuple[dict, dict]:
-    """The row's two engines: ``(at ease, pressured)``."""
+def run_row(row: str, model: str, log_dir: str | Path, copies: int = COPIES,
+            max_tokens: int = MAX_TOKENS) -> tuple[dict, dict]:
+    """The row's two engines: ``(at ease, pressured)``, each request generating ``max_tokens``."""
     backend, lcx = row_config(row)
     out = []
     for pressured in (False, True):
         job = MatrixJob(model=model, prompts=prompt_ids(model), backend=backend, lcx=lcx, pressured=pressured,
-                        copies=copies, engine=pressured_engine(row) if pressured else {})
+                        copies=copies, max_tokens=max_tokens, engine=pressured_engine(row) if pressured else {})
         log = Path(log_dir) / f"{row}-{'pressured' if pressured else 'easy'}.log"
         out.append(run_matrix_engine(job, log_path=str(log), settings=matrix_settings()))
         log.with_suffix(".json").write_text(json.dumps(out[-1]))  # beside its log, for a failing test's reader
@@ -149,10 +154,12 @@ def tensor_parallel_rows() -> list[str]:
     return [n for n in selectors.names() if n not in NOTHING_PER_KV_HEAD]
 
 
-def run_tensor_parallel(row: str, model: str, log_dir: str | Path, ranks: int = TP_RANKS) -> dict:
+def run_tensor_parallel(row: str, model: str, log_dir: str | Path, ranks: int = TP_RANKS,
+                        max_tokens: int = MAX_TOKENS) -> dict:
     """The row's at-ease engine split over ``ranks`` worker processes (``reliability.TENSOR_PARALLEL``)."""
     backend, lcx = row_config(row)
-    job = MatrixJob(model=model, prompts=prompt_ids(model), backend=backend, lcx=lcx, tensor_parallel=ranks)
+    job = MatrixJob(model=model, prompts=prompt_ids(model), backend=backend, lcx=lcx, tensor_parallel=ranks,
+                    max_tokens=max_tokens)
     log = Path(log_dir) / f"{row}-tp{ranks}.log"
     out = run_matrix_engine(job, log_path=str(log), settings=matrix_settings())
     log.with_suffix(".json").write_text(json.dumps(out))

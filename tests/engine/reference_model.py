@@ -369,6 +369,13 @@ def next_token_kl(path: str, token_ids: list[int], kv_quant: tuple | None = None
                   window: int | None = None, streaming: torch.Tensor | None = None) -> list[float]:
     """Per position, KL(dense || restricted) of the next-token distribution, in nats; the
     restriction as in ``token_logprobs`` (quantized pages, and/or sinks + window on some heads)."""
-    p = _next_token_logp(path, token_ids)
+    p = _dense_logp(path, tuple(token_ids))
     q = _next_token_logp(path, token_ids, kv_quant=kv_quant, sink=sink, window=window, streaming=streaming)
     return (p.exp() * (p - q)).sum(-1).tolist()
+
+
+@functools.lru_cache(maxsize=1)
+def _dense_logp(path: str, token_ids: tuple[int, ...]) -> torch.Tensor:
+    """The dense log-distributions of ``token_ids``, kept for the next call on the same tokens (the
+    formats compared one after another on one prompt: 3.6 s each on 1,282 tokens, 2 cores)."""
+    return _next_token_logp(path, list(token_ids))
