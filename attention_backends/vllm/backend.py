@@ -47,10 +47,14 @@ if _drop_ended not in compat.step_listeners:
     compat.step_listeners.append(_drop_ended)
 
 
+def lcx_config_of(vllm_config) -> LcxConfig:
+    """The lcx config of an engine config (``None``: none given); raises LcxConfigError on bad input."""
+    return resolve_config(getattr(vllm_config, "additional_config", None) or {}, model=compat.served_model(vllm_config))
+
+
 def current_lcx_config() -> LcxConfig:
     """The lcx config of the engine being built; raises LcxConfigError on bad input."""
-    vllm_config = get_current_vllm_config_or_none()
-    return resolve_config(getattr(vllm_config, "additional_config", None) or {}, model=compat.served_model(vllm_config))
+    return lcx_config_of(get_current_vllm_config_or_none())
 
 
 class LcxAttentionBackend(AttentionBackend):
@@ -85,19 +89,27 @@ class LcxAttentionBackend(AttentionBackend):
 
     @classmethod
     def validate_configuration(cls, **kwargs) -> list[str]:
-        reasons = super().validate_configuration(**kwargs)
-        try:
-            config = current_lcx_config()
-        except ValueError as e:  # LcxConfigError: surfaced once, at backend selection
-            return reasons + [str(e)]
-        vllm_config = get_current_vllm_config_or_none()
-        if vllm_config is not None and getattr(vllm_config, "model_config", None) is not None:
-            reasons += config.selector.check_model(compat.model_shape(vllm_config))
-            reasons += compat.length_reasons(config.selector, vllm_config)
-        if config.kernel == "triton" and not torch.cuda.is_available() and not machine.triton_interpreted():
-            reasons.append("lcx config: kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1, for tests); "
-                           "on CPU use kernel 'auto'")
-        return reasons
+        return super().validate_configuration(**kwargs) + lcx_reasons(get_current_vllm_config_or_none())
+
+
+def lcx_reasons(vllm_config) -> list[str]:
+    """Why lcx cannot serve ``vllm_config`` (empty: it can): its lcx config, the served model's
+    shape against the method (head patterns), the lengths, the kernel on this machine. Checked
+    where vLLM selects the backend, and earlier, where the config is built (the API server's
+    process, through patches/vllm_cpu_backend_selection.py), so that ``vllm serve`` stops before
+    it starts an engine."""
+    try:
+        config = lcx_config_of(vllm_config)
+    except ValueError as e:  # LcxConfigError
+        return [str(e)]
+    reasons = []
+    if vllm_config is not None and getattr(vllm_config, "model_config", None) is not None:
+        reasons += config.selector.check_model(compat.model_shape(vllm_config))
+        reasons += compat.length_reasons(config.selector, vllm_config)
+    if config.kernel == "triton" and not torch.cuda.is_available() and not machine.triton_interpreted():
+        reasons.append("lcx config: kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1, for tests); "
+                       "on CPU use kernel 'auto'")
+    return reasons
 
 
 @dataclass

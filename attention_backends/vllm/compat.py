@@ -34,6 +34,13 @@ def register_backend(name: str, path: str) -> None:
     _register(name, path)
 
 
+def current_config(vllm_config):
+    """A context in which ``vllm_config`` is vLLM's current config (its ops read it when built)."""
+    from vllm.config import set_current_vllm_config
+
+    return set_current_vllm_config(vllm_config)
+
+
 def cpu_platform_class():
     from vllm.platforms.cpu import CpuPlatform
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from lcx_plugin.harness.model import prepare
-from lcx_plugin.harness.server import free_port, http_json, served
+from lcx_plugin.harness.server import free_ports, http_json, served_together
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,8 @@ SUBSTITUTIONS = """
 - --host VALUE -> 127.0.0.1, --port VALUE -> a free port: tests listen on loopback only.
 - --max-model-len VALUE -> 2048, and --enforce-eager added: a CPU-sized engine that starts
   in under a minute on 2 cores.
+- every target's server starts at once, each worker bound to its own CPUs
+  (VLLM_CPU_OMP_THREADS_BIND, ``server.spread_binds``): a pod has its node's CPUs to itself.
 - GPU-only flags dropped with their value (GPU_ONLY_FLAGS): they mean nothing to the CPU engine.
 - env VLLM_CPU_KVCACHE_SPACE=1 added: the CPU engine's KV-cache budget in GiB.
 - paths under the pod's volume mounts (in env values and args) -> temporary directories;
@@ -124,35 +126,48 @@ def local_command(argv: list[str], vllm: Path, model_dir: str, port: int) -> lis
     return out + ["--enforce-eager"]
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
-def test_manifest_command_serves_a_completion(target, render, paths, tmp_path):
-    vllm = Path(sys.executable).parent / "vllm"
-    assert vllm.exists(), f"no vllm executable next to {sys.executable}: run the tests with ./lcx test"
-    model_dir = str(prepare())  # the embedded model, converted once
-
+def _prepare(target: str, render, paths, root: Path, vllm: Path, model_dir: str, port: int) -> dict:
+    """The target's container command made local (SUBSTITUTIONS), its env, and its served name."""
     objects = render(target)
     (deployment,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == TARGETS[target]]
     pod = deployment["spec"]["template"]["spec"]
     (c,) = [c for c in pod["containers"] if c["name"] == "vllm"]
 
     pod_env = container_env(c, objects)
-    mounts = local_mounts(pod, c, objects, tmp_path / "volumes")
+    mounts = local_mounts(pod, c, objects, root / "volumes")
     # Pod paths are remapped before the local values (model dir, port) go in, so those stay as given.
     argv = [remap(expand(a, pod_env), mounts)
             for a in (c.get("command") or entrypoint(paths)) + c.get("args", [])]
-    port = free_port()
-    command = local_command(argv, vllm, model_dir, port)
-    env = {**os.environ, **{k: remap(v, mounts) for k, v in pod_env.items()}, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    name = argv[argv.index("--served-model-name") + 1] if "--served-model-name" in argv else model_dir
+    return {"command": local_command(argv, vllm, model_dir, port), "log": root / "server.log", "name": name,
+            "env": {k: remap(v, mounts) for k, v in pod_env.items()}}
 
-    log_path = tmp_path / "server.log"
-    with served(command, log_path, startup_timeout=STARTUP_TIMEOUT_S, env=env) as base_url:
-        name = argv[argv.index("--served-model-name") + 1] if "--served-model-name" in argv else model_dir
-        status, answer = http_json(base_url + "/v1/completions", {
-            "model": name, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
-        }, timeout=REQUEST_TIMEOUT_S)
-        assert status == 200, answer
-        assert answer["model"] == name
-        assert len(answer["choices"]) == 1 and isinstance(answer["choices"][0]["text"], str)
-        assert 1 <= answer["usage"]["completion_tokens"] <= 8
-    served_log = log_path.read_text(errors="replace")
+
+@pytest.fixture(scope="module")
+def manifest_servers(render, paths, tmp_path_factory):
+    """Every target's server, started together (their start-ups overlap: 2 cores, each start a
+    chain of three processes importing vLLM): ``{target: (prepared, base url)}``."""
+    vllm = Path(sys.executable).parent / "vllm"
+    assert vllm.exists(), f"no vllm executable next to {sys.executable}: run the tests with ./lcx test"
+    model_dir = str(prepare())  # the embedded model, converted once
+    targets = sorted(TARGETS)
+    prepared = [_prepare(t, render, paths, tmp_path_factory.mktemp(t.replace("/", "-")), vllm, model_dir, port)
+                for t, port in zip(targets, free_ports(len(targets)))]
+    servers = [(p["command"], p["log"], {**p["env"], "VLLM_CPU_KVCACHE_SPACE": "1"}) for p in prepared]
+    with served_together(servers, startup_timeout=STARTUP_TIMEOUT_S, env=dict(os.environ)) as urls:
+        yield dict(zip(targets, zip(prepared, urls)))
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_manifest_command_serves_a_completion(target, manifest_servers):
+    prepared, base_url = manifest_servers[target]
+    name = prepared["name"]
+    status, answer = http_json(base_url + "/v1/completions", {
+        "model": name, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
+    }, timeout=REQUEST_TIMEOUT_S)
+    assert status == 200, answer
+    assert answer["model"] == name
+    assert len(answer["choices"]) == 1 and isinstance(answer["choices"][0]["text"], str)
+    assert 1 <= answer["usage"]["completion_tokens"] <= 8
+    served_log = prepared["log"].read_text(errors="replace")
     assert "Using LCX backend on CPU" in served_log and "lcx attention active" in served_log, served_log[-4000:]

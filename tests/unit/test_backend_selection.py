@@ -58,7 +58,7 @@ def test_triton_kernel_is_refused_at_startup_without_a_gpu(monkeypatch):
     from lcx_plugin.config import LcxConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(backend, "current_lcx_config", lambda: LcxConfig(kernel="triton"))
+    monkeypatch.setattr(backend, "lcx_config_of", lambda vllm_config: LcxConfig(kernel="triton"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert any("kernel='triton' needs a CUDA GPU" in r for r in _reasons())
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the tests run the kernel interpreted inside the engine
@@ -69,5 +69,33 @@ def test_a_bad_config_is_one_reason_at_backend_selection(monkeypatch):
     from lcx_plugin.attention_backends.vllm import backend
     from lcx_plugin.config import LcxConfig
 
-    monkeypatch.setattr(backend, "current_lcx_config", lambda: LcxConfig.from_dict({"method": "streaming", "sink": -2}))
+    monkeypatch.setattr(backend, "lcx_config_of",
+                        lambda vllm_config: LcxConfig.from_dict({"method": "streaming", "sink": -2}))
     assert _reasons() == ["lcx config: sink=-2 must be >= 0"]
+
+
+def _engine_config(**kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from lcx_plugin.attention_backends.vllm.plugin import register
+    from lcx_plugin.harness.model import prepare
+
+    register()
+    return EngineArgs(model=str(prepare()), max_model_len=2048, enforce_eager=True, **kw).create_engine_config()
+
+
+def test_a_bad_config_stops_where_the_engine_config_is_built(tmp_path):
+    """``vllm serve``'s API server builds the config before it starts any engine process: the
+    lcx checks run there (patches/vllm_cpu_backend_selection.py), with the backend-selection message."""
+    with pytest.raises(ValueError, match=r"Selected backend LCX is not valid for this configuration\. Reason: "
+                                         r"\[\"lcx config from --additional-config: unknown key\(s\) \['methdo'\]"):
+        _engine_config(attention_backend="lcx", additional_config={"lcx": {"methdo": "dense"}})
+    tsv = tmp_path / "full_attention_heads.tsv"  # DuoAttention's layout, for a model of 2 layers x 3 KV heads
+    tsv.write_text("0.1\t0.9\t0.2\n0.8\t0.05\t0.7\n")
+    with pytest.raises(ValueError, match=r"does not fit the served model"):
+        _engine_config(attention_backend="lcx", additional_config={"lcx": {"method": "head_split", "pattern": str(tsv)}})
+
+
+def test_a_good_config_and_other_backends_build_as_before():
+    assert _engine_config(attention_backend="lcx", additional_config={"lcx": {"method": "streaming"}}) is not None
+    assert _engine_config(additional_config={"lcx": {"methdo": "dense"}}) is not None  # lcx not selected: not read
