@@ -155,11 +155,12 @@ def check_kubectl_render(cmd: str, tmp_path: Path) -> None:
 
 def check_calibrate(cmd: str, tmp_path: Path) -> None:
     """As written, on one short prompt with a window to match (the full run takes minutes; the
-    ablation's 181 forward passes took 77 s at 512 tokens, 43 s at 256), into a temporary file."""
+    ablation's 181 forward passes took 77 s at 512 tokens, 43 s at 256; 208 is the shortest
+    passkey prompt), into a temporary file."""
     from lcx_plugin import head_patterns
 
     out = tmp_path / "pattern.json"
-    _ok(f"{cmd} --prompts 1 --length 256 --sink 16 --window 64 --steps 2 --out {out}", timeout=900)
+    _ok(f"{cmd} --prompts 1 --length 208 --sink 16 --window 64 --steps 2 --out {out}", timeout=900)
     pattern = head_patterns.load(out)
     assert pattern.model is not None and pattern.scores.shape[0] == pattern.model.num_layers
 
