@@ -6,20 +6,27 @@ requests are condensed away, batches are reordered), so per-request state (selec
 cannot be keyed by row. The wrapper keeps the runner and the step's SchedulerOutput in a
 thread-local for the duration of the step; the metadata builder reads ``input_batch.req_ids``
 and the scheduler's finished/preempted/resumed sets through ``compat.batch_identity``.
-Supported: vLLM >=0.32,<0.33. Applied in every process by the plugin entry point.
+Supported: vLLM >=0.32,<0.33. Applied in every process by the plugin entry point, when the
+runner's module is imported (``_on_import``): vLLM's API server and engine core never import it.
 """
 from __future__ import annotations
 
 from lcx_plugin.attention_backends.vllm import compat
 
+from ._on_import import when_imported
+
 NAME = "vllm_step_identity"
 
 
 def apply() -> None:
-    """Idempotent; refuses outside the supported vLLM versions."""
+    """Idempotent; refuses outside the supported vLLM versions. Wraps the runner now if its module
+    is imported, otherwise as soon as it is."""
     compat.check_version(NAME)
-    runner_cls = compat.model_runner_class()
-    if is_applied():
+    when_imported(compat.MODEL_RUNNER_MODULE, lambda module: _wrap(compat.model_runner_class()))
+
+
+def _wrap(runner_cls) -> None:
+    if getattr(runner_cls.execute_model, "_lcx_wrapped", False):
         return
     original = runner_cls.execute_model
 

@@ -203,7 +203,10 @@ class LcxSglangBackend(compat.attention_backend_base()):
                        positions)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)
         out = torch.empty_like(q3)
-        core.run(q3, kv, self.forward_metadata.step, out)
+        own = (None, None)  # the step's own keys and values: a window-only method's decode reads just those
+        if k is not None and v is not None:
+            own = (k.view(-1, layer.tp_k_head_num, layer.head_dim), v.view(-1, layer.tp_v_head_num, layer.v_head_dim))
+        core.run(q3, kv, self.forward_metadata.step, out, None, None, *own)
         return out.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):

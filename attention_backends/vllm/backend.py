@@ -310,7 +310,8 @@ class LcxAttentionImpl(AttentionImpl[LcxMetadata]):
                 cpu_native.attention_page_lists(layer, q, kv_cache, out, plan, selection, scale=self.scale,
                                                 dtype=query.dtype, isa=self.isa, kv_cache_dtype=self.kv_cache_dtype)
         if self.companion is None:
-            core.run(query[:n], self._kv(kv_cache), attn_metadata.step, output[:n], dense_kernel, page_kernel)
+            own = (key[:n], value[:n]) if key is not None and value is not None else (None, None)
+            core.run(query[:n], self._kv(kv_cache), attn_metadata.step, output[:n], dense_kernel, page_kernel, *own)
             return output
         kv_s, meta_s = self._companion()
         core.run_split(query[:n], key[:n], value[:n], self._kv(kv_cache), kv_s, attn_metadata.step, meta_s.plan,

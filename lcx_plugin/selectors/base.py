@@ -126,6 +126,10 @@ class Selector(ABC):
     #: query blocks tile each chunk's rows), so chunked prefill is not position-for-position whole
     #: prefill; the reliability matrix then judges prompts by their mean gap.
     selection_follows_chunks: ClassVar[bool] = False
+    #: True when every selection is the sinks and the window alone, the same for every head (no
+    #: lists): a decode step then reads just those, with no selection built
+    #: (``LayerCore._window_decode``), unless the method reads at compacted positions.
+    window_only: ClassVar[bool] = False
 
     @classmethod
     def params(cls) -> list[dataclasses.Field]:

@@ -30,6 +30,7 @@ class Streaming(WindowedSelector):
     name: ClassVar[str] = "streaming"
     no_extrapolation: ClassVar[str | None] = None  # sinks + window at every row, prefill included
     short_context_example: ClassVar[dict] = {"sink": 16, "window": 128}
+    window_only: ClassVar[bool] = True
 
     def select(self, ctx: SelectContext) -> Selection:
         return self.shared_window_selection(ctx)

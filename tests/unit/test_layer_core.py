@@ -1,5 +1,6 @@
 """The layer core: one step's batch split into dense and selected sequences, each served by its
 kernel, the results back in the right rows; against the float64 reference."""
+import pytest
 import torch
 
 from lcx_plugin.config import LcxConfig
@@ -130,3 +131,50 @@ def test_a_layer_promotes_its_steps_tokens_on_mixed_pages_before_attending():
     assert (kv.offsets >= 0).sum() > 0 and importance[40].tolist() == [0.0, 0.0]
     expected = paged_attention_reference(query, kv, plan, blank.scale)
     assert (out.double() - expected).abs().max() < 2e-4
+
+
+def _own_rows(problem):
+    """Each decode row's own key and value ``[B, Hkv, D]``, as the step wrote them (read back from
+    the cache at the sequence's last position)."""
+    plan, kv = problem.plan, problem.kv
+    keys, values = [], []
+    for b, n in enumerate(plan.lens):
+        block, offset = int(plan.block_table[b, (n - 1) // kv.block_size]), (n - 1) % kv.block_size
+        kv_pairs = [kv.token(block, h, offset) for h in range(kv.num_kv_heads)]
+        keys.append(torch.stack([k for k, _ in kv_pairs]).float())
+        values.append(torch.stack([v for _, v in kv_pairs]).float())
+    return torch.stack(keys), torch.stack(values)
+
+
+@pytest.mark.parametrize("fmt", ["plain", "vllm-cpu-vec", "int8-g0"])
+def test_a_streaming_decode_step_reads_sinks_and_window_without_a_selection(fmt, monkeypatch):
+    """Decode rows of a window-only method, with the step's own keys given, go through the window
+    kernel (no selection is built) and attend as the reference does over the window selection;
+    the short sequence stays on the dense kernel."""
+    problem = make_problem([70, 9, 45, 33], [1, 1, 1, 1], 6, 2, block_size=8, seed=5, fmt=fmt)
+    config = LcxConfig.from_dict({"method": "streaming", "sink": 3, "window": 10})
+    ctx = SelectContext(layer=0, query=problem.query, kv=problem.kv, plan=problem.plan,
+                        request_ids=("a", "b", "c", "d"), num_heads=6)
+    expected = paged_attention_reference(problem.query, problem.kv, problem.plan, problem.scale,
+                                         config.selector.select(ctx))
+    step = plan_step(config.selector, problem.plan, ("a", "b", "c", "d"))
+    assert step.dense_rows == [False, True, False, False]
+    core = LayerCore(0, 6, 2, 64, problem.scale, config, "torch")
+    monkeypatch.setattr(type(config.selector), "select", lambda self, ctx: pytest.fail("a selection was built"))
+    key, value = _own_rows(problem)
+    out = torch.full_like(problem.query, float("nan"))
+    core.run(problem.query, problem.kv, step, out, key=key, value=value)
+    assert not torch.isnan(out).any()
+    assert (out.double() - expected).abs().max() < 2e-3
+
+
+def test_without_the_steps_own_keys_a_streaming_decode_step_selects_as_before(monkeypatch):
+    problem = make_problem([70, 45], [1, 1], 4, 2, block_size=8, seed=6)
+    config = LcxConfig.from_dict({"method": "streaming", "sink": 3, "window": 10})
+    step = plan_step(config.selector, problem.plan, ("a", "b"))
+    core = LayerCore(0, 4, 2, 64, problem.scale, config, "torch")
+    built = []
+    original = type(config.selector).select
+    monkeypatch.setattr(type(config.selector), "select", lambda self, ctx: built.append(1) or original(self, ctx))
+    core.run(problem.query, problem.kv, step, torch.empty_like(problem.query))
+    assert built == [1]

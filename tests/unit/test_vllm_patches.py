@@ -156,3 +156,17 @@ def test_cpu_selection_patch_wraps_once():
     vllm_cpu_backend_selection.apply()
     inner = CpuPlatform.__dict__["get_attn_backend_cls"].__func__.__wrapped__
     assert not getattr(inner, "_lcx_wrapped", False), "the patch wrapped its own wrapper"
+
+
+def test_the_step_identity_patch_waits_for_the_model_runner_instead_of_importing_it():
+    """vLLM's API server and engine core never import the model runner: the plugin does not either
+    (0.5 s of each one's start), and the runner is wrapped the moment a worker imports it."""
+    code = ("import sys; import vllm.v1.engine.core\n"
+            "from vllm.plugins import load_general_plugins; load_general_plugins()\n"
+            f"print({compat.MODEL_RUNNER_MODULE!r} in sys.modules)\n"
+            "from vllm.v1.worker.cpu_model_runner import CPUModelRunner\n"
+            "print(getattr(CPUModelRunner.execute_model, '_lcx_wrapped', False))\n"
+            "print(sum(type(f).__name__ == '_Watch' for f in sys.meta_path))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "True", "0"], proc.stdout + proc.stderr[-2000:]
