@@ -188,9 +188,7 @@ class LayerCore:
         self._promote(query, step.batch)
         if step.dense is not None:
             self._dense(query, kv, step, out, dense_kernel)
-        if step.sparse is not None and self._window_decode(query, kv, step, out, key, value):
-            pass
-        elif step.sparse is not None:
+        if step.sparse is not None and not self._window_decode(query, kv, step, out, key, value):
             self._sparse(query, kv, step, out, page_kernel)
         if self.metrics is not None:
             self.metrics.counters(self.requests.counters)
@@ -245,9 +243,7 @@ class LayerCore:
         out.index_copy_(1, sp.r_q, out_r)
         out.index_copy_(1, sp.s_q, out_s)
         if self.metrics is not None:
-            kept = self.selector.sink + self.selector.window
-            self.metrics.attention(step.batch, len(sp.s_kv),
-                                   attended=len(sp.s_kv) * sum(min(n, kept) for n in step.batch.lens))
+            self.metrics.attention(step.batch, len(sp.s_kv), attended=self._window_attended(step.batch, len(sp.s_kv)))
         return out
 
     def _window_decode(self, query, kv, step: StepPlan, out, key, value) -> bool:
@@ -269,10 +265,13 @@ class LayerCore:
         if rows is not None:
             out.index_copy_(0, rows, o)
         if self.metrics is not None:
-            kept = self.selector.sink + self.selector.window
-            self.metrics.attention(plan, self.num_kv_heads, attended=self.num_kv_heads * sum(min(c, kept)
-                                                                                           for c in plan.lens))
+            self.metrics.attention(plan, self.num_kv_heads, attended=self._window_attended(plan, self.num_kv_heads))
         return True
+
+    def _window_attended(self, plan: BatchPlan, heads: int) -> int:
+        """Context tokens ``heads`` KV heads attend under sinks + window, for each sequence's newest query."""
+        kept = self.selector.sink + self.selector.window
+        return heads * sum(min(n, kept) for n in plan.lens)
 
     def _sparse(self, query, kv, step: StepPlan, out, page_kernel) -> None:
         rows = step.sparse_token_rows

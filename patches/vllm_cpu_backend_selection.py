@@ -8,7 +8,7 @@ same ``validate_configuration`` check the CUDA platform makes, and defers to the
 for everything else. The second runs where the engine config is built (``vllm serve``'s API
 server process): after the original, with ``--attention-backend lcx`` selected, the same lcx
 checks run there (``backend.lcx_reasons``), so a bad lcx config stops ``vllm serve`` before it
-spawns an engine core and a worker (about 6 s instead of 25 on 2 cores), with the same message.
+spawns an engine core and a worker (9 s instead of 29-34 s on 2 cores), with the same message.
 Supported: vLLM >=0.32,<0.33. Spawned engine processes do not inherit monkeypatches, so
 the plugin entry point applies this in every process.
 """
