@@ -33,13 +33,13 @@ from .settings import RunSettings, choose
 PAGE = 128
 EASY = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "max_num_batched_tokens": 8192,
         "max_model_len": 2048}
-# 12 pages of 128 tokens (11 usable): the four prompts (1 + 4 + 6 + 9 pages once decoding) cannot
+# 10 pages of 128 tokens (9 usable): the four prompts (1 + 3 + 5 + 7 pages once decoding) cannot
 # all be resident, so the scheduler preempts; every prompt alone still fits. Chunks of 384 tokens.
 PRESSURED = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "max_num_batched_tokens": 384,
-             "max_num_seqs": 16, "max_model_len": 1280, "num_gpu_blocks_override": 12}
+             "max_num_seqs": 16, "max_model_len": 1024, "num_gpu_blocks_override": 10}
 #: The tensor-parallel engine: at ease, split over worker processes. The embedded model's 9 query
 #: and 3 KV heads split over 3 ranks (one KV head each), not over 2. Its cache holds 64 pages (8,192
-#: tokens), more than the four prompts batched (24 pages once decoding) need: the ranks create only
+#: tokens), more than the four prompts batched (16 pages once decoding) need: the ranks create only
 #: those. Creating the whole budget (below) took 14.6 s of the engine's start on 2 cores, 64 pages
 #: 0.14 s, with the same tokens and log-probabilities.
 TENSOR_PARALLEL = {**EASY, "distributed_executor_backend": "mp", "num_gpu_blocks_override": 64}
@@ -134,6 +134,22 @@ def _child(job: dict, settings: dict, out_path: str) -> None:
     result["preempted"] = preempted
     result["lcx_counters"] = _lcx_counters()
     Path(out_path).write_text(json.dumps(result))
+    if tp > 1:
+        _stop_workers()
+
+
+def _stop_workers() -> None:
+    """Kill the tensor-parallel engine's worker processes once the result is written. At exit
+    vLLM's executor asks them to leave, then sends SIGTERM and waits 4 s before SIGKILL; on 2
+    cores the three ranks never left in time, so every tensor-parallel engine lost those 4 s."""
+    import multiprocessing
+
+    # vLLM's executor then logs the workers' deaths as an error ("died unexpectedly"): expected.
+    print("lcx reliability: result written; killing the tensor-parallel workers", file=sys.stderr, flush=True)
+    for proc in multiprocessing.active_children():
+        proc.kill()
+    for proc in multiprocessing.active_children():
+        proc.join(timeout=10)
 
 
 def run_matrix_engine(job: MatrixJob, log_path: str | None = None, settings: RunSettings | None = None,

@@ -44,8 +44,8 @@ def test_head_split_matches_the_split_reference_in_prefill_and_decode(arm, model
     yard = whole(stock_yardstick)
     assert within(whole(prefill), yard), (prefill, yard)
     assert within(whole(decode), yard), (decode, yard)
-    long_ids = result["prompt_token_ids"][-2]  # the 3,000-token prompt (both arms end with the long ones)
-    assert len(long_ids) > 2500
+    long_ids = result["prompt_token_ids"][-2]  # the 2,000-token prompt (both arms end with the long ones)
+    assert len(long_ids) > 1800
     for other in (token_logprobs(model_path, long_ids), token_logprobs(model_path, long_ids, 16, 256)):
         # dense, and every head streaming: both far from what the split engine computed
         assert gap(result["prompt_logprobs"][-2][1:], other)["mean"] > 3 * prefill[-2]["mean"] + 0.01
