@@ -28,8 +28,10 @@ from .settings import RunSettings, choose
 #: Four mixed lengths, from under one page to seven pages (120, 376, 632 and 888 tokens): the
 #: shortest stays dense under every example config, the others select (HiP's from 632). Each ends
 #: 8 tokens before a page boundary, so every request needs a new page while it decodes, and the
-#: small cache must preempt. (Up to nine pages before, 2,528 prompt tokens against 2,016: each
-#: engine's time is mostly its prefills, and the suite runs 15 of them.)
+#: small cache must preempt. (Up to nine pages before, 2,528 prompt tokens against 2,016. That
+#: did not make the rows faster: an engine's time is mostly its start and its some 200 float32
+#: decode steps; a stock row in one process, 2 cores: at ease 17 s, of which start 5.4 s and the
+#: twelve requests run alone 11 s; under pressure 19 s, of which start 3.5 s.)
 LENGTHS = tuple(pages * PAGE + PAGE - 8 for pages in (0, 2, 4, 6))
 #: New tokens per request in the test suite's matrix: the prompt's page fills after 8 and the
 #: last 2 need a new one, so every request still takes a page while it decodes. (16 before: the
