@@ -217,5 +217,6 @@ def test_readme_command_runs(where, cmd, tmp_path, request):
     check = _check_for(cmd)
     if check is None:
         pytest.fail(f"no check for {cmd!r}")
-    wanted = check.__code__.co_varnames[1: check.__code__.co_argcount]  # after cmd: tmp_path and/or request
-    check(cmd, **{name: {"tmp_path": tmp_path, "request": request}[name] for name in wanted})
+    fixtures = {"tmp_path": tmp_path, "request": request}  # passed to a check that names them
+    names = check.__code__.co_varnames[: check.__code__.co_argcount]
+    check(cmd, **{name: value for name, value in fixtures.items() if name in names})
