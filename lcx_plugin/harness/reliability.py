@@ -5,8 +5,8 @@
 Two engines per method, each in its own child process:
 
 * **at ease** (``EASY``): whole prefill, a roomy cache, prefix caching on. Each prompt runs alone
-  with prompt log-probabilities (the teacher-forced baseline), then alone again (full prefix-cache
-  hits), then as a variant that shares only its first blocks with it (partial hits).
+  with prompt log-probabilities (the teacher-forced baseline); then the prompts batched again (full
+  prefix-cache hits), then batched variants that share only their first blocks with them (partial hits).
 * **tensor-parallel** (``TENSOR_PARALLEL``, when ``tensor_parallel`` > 1): the at-ease engine
   split over that many CPU worker processes, the prompts batched once with prompt log-probabilities.
 * **pressured** (``PRESSURED``): prefill chunks of 384 tokens mixed with decode steps, a cache so
@@ -113,6 +113,9 @@ def _child(job: dict, settings: dict, out_path: str) -> None:
     def alone(ps, with_prompt):
         return _outputs([llm.generate([p], params(with_prompt), use_tqdm=False)[0] for p in ps], with_prompt)
 
+    def batched(ps):
+        return _outputs(llm.generate(ps, params(False), use_tqdm=False), False)
+
     result: dict = {"engine": engine, "kv_capacity": kv_capacity(llm.llm_engine.vllm_config)}
     if tp > 1:
         result["tf_batched"] = _outputs(llm.generate(prompts, params(True), use_tqdm=False), True)
@@ -125,9 +128,11 @@ def _child(job: dict, settings: dict, out_path: str) -> None:
         result["tf_batched"] = _outputs(llm.generate(prompts, params(True), use_tqdm=False), True)
     else:
         result["tf_alone"] = alone(prompts, True)
-        result["cached_alone"] = alone(prompts, False)
+        # Batched, not alone: each request's hits are its own pages (the variants share no whole
+        # page with each other), and a batch of four decodes in a quarter of the steps.
+        result["cached"] = batched(prompts)
         variants = _partial(job["prompts"], job["shared_pages"])
-        result["partial"] = alone([{"prompt_token_ids": v} for v in variants], False)
+        result["partial"] = batched([{"prompt_token_ids": v} for v in variants])
         result["partial_prompts"] = variants
         result["shared_pages"] = job["shared_pages"]
     result["preemptions"] = len(preempted)

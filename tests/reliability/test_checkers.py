@@ -63,7 +63,7 @@ def test_differences_names_each_phase_that_differs():
 
     from lcx_plugin.harness import matrix
 
-    easy = {"tf_alone": {"token_ids": [[1, 2]]}, "cached_alone": {"cached": [128]}, "partial": {"cached": [256]}}
+    easy = {"tf_alone": {"token_ids": [[1, 2]]}, "cached": {"cached": [128]}, "partial": {"cached": [256]}}
     pressured = {"batched": {"token_ids": [[1, 2]]}, "tf_batched": {"token_ids": [[1, 2]]}, "preemptions": 3}
     same = copy.deepcopy((easy, pressured))
     assert matrix.differences((easy, pressured), same) == []
