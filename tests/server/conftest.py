@@ -5,7 +5,7 @@ compute on 2 cores: the four together took 100 s, against about 110 s for two to
 the other two one at a time. They serve in the dtype the machine's settings choose (``lcx
 machine``), as the engine tests run: on an AVX2-only CPU that is float32, where the model's own
 bfloat16 is emulated (there, 10 streams of 100-1,000 tokens took 98 s in bfloat16 against 17 s in
-float32 on a fresh server).)"""
+float32 on a fresh server.)"""
 from __future__ import annotations
 
 import pytest
