@@ -20,8 +20,10 @@ the tests, the calibration and the other benchmarks), strict scoring (a listed d
 other answer-shaped number makes the answer wrong). Targets (issue): lcx at 16k within 10 points
 of its own 4k accuracy, at 32k within 20.
 
-A cell (arm x length, both tasks in one engine) is written to the result file as soon as it
-finishes, and a later run with the same machine line and config skips the cells already there:
+A cell (arm x length, both tasks) runs its prompts ``PART`` (8) at a time, one engine each; the
+outputs so far are kept in the result file (``"partial"``) after every part, and a cell is
+written as soon as its last part finishes. A later run with the same machine line and config
+skips the cells already there and continues a partial one:
 a stock prefill at 32k costs minutes per prompt on a small CPU, so the whole grid may take several
 runs. ``"complete"`` says whether every cell is in.
 """
@@ -43,6 +45,9 @@ SPEED_STEPS = 64  # generated tokens per timed run
 LCX_CONFIG = {"method": "token_select", "prefill": "select", "extrapolate": True, "sink": 64, "window": 1024,
               "budget": 2048}
 ARMS = ("stock", "lcx")
+#: Prompts per engine run inside a cell: a stopped run keeps every finished part (a 16k prompt costs
+#: the lcx arm minutes on 2 cores, so a whole cell is hours). Parts cost one engine start each.
+PART = 8
 
 
 def engine_overrides() -> dict:
@@ -61,25 +66,37 @@ def arm_kwargs(arm: str, lcx_config: dict) -> dict:
     return {} if arm == "stock" else {"backend": "lcx", "lcx": lcx_config}
 
 
-def _cell(arm: str, length: int, lcx_config: dict, samples, model: str, settings, log_dir: Path) -> dict:
-    """Both tasks at one length in one engine: accuracy per task, by depth, and the outputs."""
+def _cell(arm: str, length: int, lcx_config: dict, samples, model: str, settings, log_dir: Path,
+          partial: dict | None = None, save=None) -> dict:
+    """Both tasks at one length: accuracy per task, by depth, and the outputs. The prompts run
+    ``PART`` at a time, each part in a fresh engine, and ``save(partial)`` is called after each part
+    with the outputs so far (``partial``: ``{"texts", "prompt_tokens", "wall_s"}``), so a stopped
+    run loses at most one part; a ``partial`` from an earlier run is continued."""
     from lcx_plugin.harness.ab.tasks import score
     from lcx_plugin.harness.batch import ArmSpec, run_arm
 
-    spec = ArmSpec(model=model, prompts=[s.prompt for s in samples], max_tokens=max(s.max_tokens for s in samples),
-                   engine=engine_overrides(), **arm_kwargs(arm, lcx_config))
-    r = run_arm(spec, log_path=str(log_dir / f"extrapolation_{arm}_{length}.log"), settings=settings,
-                timeout=12 * 3600)
-    cell: dict = {"acc": {}, "n": {}, "by_depth": {}, "prompt_tokens": {}, "wall_s": r["batch_s"]}
+    done = dict(partial or {"texts": [], "prompt_tokens": [], "wall_s": []})
+    while len(done["texts"]) < len(samples):
+        part = samples[len(done["texts"]): len(done["texts"]) + PART]
+        spec = ArmSpec(model=model, prompts=[s.prompt for s in part], max_tokens=max(s.max_tokens for s in part),
+                       engine=engine_overrides(), **arm_kwargs(arm, lcx_config))
+        r = run_arm(spec, log_path=str(log_dir / f"extrapolation_{arm}_{length}.log"), settings=settings,
+                    timeout=12 * 3600)
+        done = {"texts": done["texts"] + r["texts"], "prompt_tokens": done["prompt_tokens"] + r["prompt_tokens"],
+                "wall_s": done["wall_s"] + [r["batch_s"]]}
+        if save is not None and len(done["texts"]) < len(samples):
+            save(done)
+    cell: dict = {"acc": {}, "n": {}, "by_depth": {}, "prompt_tokens": {}, "wall_s": sum(done["wall_s"]),
+                  "prompts_per_engine": PART}
     for task in TASKS:
-        rows = [(s, text, n) for s, text, n in zip(samples, r["texts"], r["prompt_tokens"]) if s.task == task]
+        rows = [(s, text, n) for s, text, n in zip(samples, done["texts"], done["prompt_tokens"]) if s.task == task]
         ok = [score(s, text).exact for s, text, _ in rows]
         cell["acc"][task] = sum(ok) / len(ok)
         cell["n"][task] = len(ok)
         cell["by_depth"][task] = {str(d): sum(o for (s, _, _), o in zip(rows, ok) if s.depth == d) / SEEDS_PER_DEPTH
                                   for d in DEPTHS}
         cell["prompt_tokens"][task] = [min(n for _, _, n in rows), max(n for _, _, n in rows)]
-    cell["outputs"] = r["texts"]
+    cell["outputs"] = done["texts"]
     return cell
 
 
@@ -230,9 +247,20 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(model)
     todo, speed = to_run(result, lengths, arms, "skip" if args.no_speed else "only" if args.speed_only else "with")
     print(f"{out}: to run {todo + [(a, 'speed') for a in speed] or 'nothing'}", flush=True)
+    for arm, n in todo:
+        if _kept(result, arm, n):
+            print(f"{arm} {n}: continuing after the {len(_kept(result, arm, n)['texts'])} prompts kept from an "
+                  f"earlier run", flush=True)
     with Progress(len(todo) + len(speed), "bench extrapolation") as progress:
         for arm, n in todo:
-            result[arm][str(n)] = _cell(arm, n, lcx_config, samples_for(n, tokenizer), model, settings, log_dir)
+            def save(done, arm=arm, n=n):
+                _keep(result, arm, n, done)
+                _write(result, out)
+                print(f"{arm} {n}: {len(done['texts'])} prompts done, kept in {out}", flush=True)
+
+            result[arm][str(n)] = _cell(arm, n, lcx_config, samples_for(n, tokenizer), model, settings, log_dir,
+                                        _kept(result, arm, n), save)
+            _keep(result, arm, n, None)
             _write(result, out)
             progress.advance(note=f"{arm} {n}: {result[arm][str(n)]['acc']}")
         for arm in speed:
@@ -244,6 +272,25 @@ def main() -> int:
     print(json.dumps(result["summary"], indent=1))
     print(f"written: {out}" + ("" if result["complete"] else " (not every cell yet: run again to continue)"))
     return 0
+
+
+def _kept(result: dict, arm: str, length: int) -> dict | None:
+    """The outputs an earlier run kept of an unfinished cell (``_cell``'s ``partial``), if any."""
+    return result.get("partial", {}).get(arm, {}).get(str(length))
+
+
+def _keep(result: dict, arm: str, length: int, done: dict | None) -> None:
+    """Keep an unfinished cell's outputs so far under ``result["partial"]``; None drops them (the
+    cell is in), and an empty ``"partial"`` leaves the file."""
+    partial = result.setdefault("partial", {})
+    if done is None:
+        partial.get(arm, {}).pop(str(length), None)
+    else:
+        partial.setdefault(arm, {})[str(length)] = done
+    for a in [a for a, cells in partial.items() if not cells]:
+        partial.pop(a)
+    if not partial:
+        result.pop("partial")
 
 
 def _write(result: dict, out: Path) -> None:

@@ -79,3 +79,50 @@ def test_cells_to_run_skip_what_is_in_and_take_the_speed_cells_as_asked(bench, t
     assert bench.to_run(result, [4096, 8192], arms) == ([("lcx", 4096), ("stock", 8192), ("lcx", 8192)], [])
     assert bench.to_run(result, every, arms, "skip")[1] == []
     assert bench.to_run(result, [4096], arms, "only") == ([], ["stock"])
+
+
+def test_a_cell_runs_in_parts_and_a_stopped_one_continues_where_it_stopped(bench, tmp_path, monkeypatch):
+    """Parts of ``PART`` prompts, each kept in the result file when it finishes; a run stopped in a
+    part continues after the last kept one and asks the engine for the other prompts only once."""
+    from transformers import AutoTokenizer
+
+    from lcx_plugin.harness import batch
+    from lcx_plugin.harness.model import prepare
+
+    samples = bench.samples_for(4096, AutoTokenizer.from_pretrained(str(prepare())))
+    answer = {s.prompt: s.answers[0] for s in samples}
+    asked: list[int] = []
+    stop_after = [2]
+
+    def fake_run_arm(spec, log_path=None, settings=None, timeout=None):  # stands for the engine run
+        if len(asked) == stop_after[0]:
+            raise RuntimeError("stopped")
+        asked.append(len(spec.prompts))
+        texts = [f" {answer[p]}." if i % 2 == 0 else " a small wooden key" for i, p in enumerate(spec.prompts)]
+        return {"texts": texts, "prompt_tokens": [7] * len(texts), "batch_s": 1.5}
+
+    monkeypatch.setattr(batch, "run_arm", fake_run_arm)
+    out = tmp_path / "r.json"
+    result = bench._load(out, "m", bench.LCX_CONFIG, fresh=False)
+
+    def save(done):
+        bench._keep(result, "lcx", 4096, done)
+        bench._write(result, out)
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        bench._cell("lcx", 4096, bench.LCX_CONFIG, samples, "model", None, tmp_path, None, save)
+    kept = bench._load(out, "m", bench.LCX_CONFIG, fresh=False)
+    assert asked == [bench.PART, bench.PART] and "4096" not in kept["lcx"]
+    assert len(bench._kept(kept, "lcx", 4096)["texts"]) == 2 * bench.PART
+    assert bench.to_run(kept, [4096], ["lcx"], "skip")[0] == [("lcx", 4096)]
+
+    asked.clear()
+    stop_after[0] = None
+    cell = bench._cell("lcx", 4096, bench.LCX_CONFIG, samples, "model", None, tmp_path, bench._kept(kept, "lcx", 4096),
+                       save)
+    assert sum(asked) == len(samples) - 2 * bench.PART
+    # every other prompt of each part answered: half of each task, the kept parts included
+    assert cell["acc"] == {"passkey": 0.5, "multikey": 0.5} and cell["n"] == {"passkey": 24, "multikey": 24}
+    assert cell["wall_s"] == pytest.approx(1.5 * len(samples) / bench.PART) and len(cell["outputs"]) == len(samples)
+    bench._keep(result, "lcx", 4096, None)
+    assert "partial" not in result
