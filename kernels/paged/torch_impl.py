@@ -20,6 +20,12 @@ move, and there ``g_ij = u(p_i - window) - u(p_j)`` with ``u(x)`` the positions 
 neither sinks nor listed (less one where a row without a window does not list itself): the rotation splits into one per row and one per key, two more matmuls
 (``_compact_scores``). Pairs with ``g_ij = 0`` keep the plain product, so a selection that moves
 nothing is exactly the uncompacted attention.
+
+On the CPU a selected row tile runs torch's fused attention kernel under the tile's mask rather than
+building its scores (``_flash_tile``); where pairs move, the moved and the plain pairs are two calls
+merged by their log-sum-exps, the same split as ``_compact_scores``. A compacted token tile keeps
+its masks in parts (``_Band``: held candidates up to each row's window edge, and the window band)
+and builds each over the columns it covers only.
 """
 from __future__ import annotations
 
@@ -150,6 +156,10 @@ class _Tile:
     far_end: int = 0
     plain_start: int = 0
 
+    # A compacted token tile whose every head has a window (``_prepare_token_tile``): its masks are
+    # not built here but from these parts where they are read (``_flash_tile``); ``mask`` is None.
+    band: "_Band | None" = None
+
     def compacted(self, far: torch.Tensor, row_shift: torch.Tensor, key_shift: torch.Tensor) -> None:
         self.far, self.row_shift, self.key_shift = far, row_shift, key_shift
         moving = far.any(1).any(0).nonzero()
@@ -157,6 +167,52 @@ class _Tile:
         self.moves = len(moving) > 0
         self.far_end = int(moving.max()) + 1 if self.moves else 0
         self.plain_start = int(staying.min()) if len(staying) else far.shape[-1]
+
+
+@dataclass
+class _Band:
+    """A compacted token tile in parts (every head with a window): row ``i`` reads the held
+    candidates (sinks, listed) up to its window's edge moved, ``held[j] & pos[j] <= edge[i]``, and
+    its window band plain, ``edge[i] < pos[j] <= q_pos[i]``. The moved pairs are the first
+    ``far_end`` columns at most and the plain ones start at column ``near_start`` (candidates are
+    ascending), so the two masks are built over those columns only, and nothing of size
+    ``[Hkv, rows, L]`` is built when the tile is prepared."""
+
+    pos: torch.Tensor  # [Hkv, L] int64, ascending; padding past every row
+    held: torch.Tensor  # [Hkv, L] bool
+    q_pos: torch.Tensor  # [rows] int64
+    edge: torch.Tensor  # [Hkv, rows] int64: q_pos - window
+    held_to_edge: torch.Tensor  # [Hkv, rows] int64: held candidates at or before each row's edge
+    near_start: int
+
+    def far_mask(self, end: int) -> torch.Tensor:
+        return self.held[:, None, :end] & (self.pos[:, None, :end] <= self.edge[:, :, None])
+
+    def near_mask(self) -> torch.Tensor:
+        pos = self.pos[:, None, self.near_start:]
+        return (pos > self.edge[:, :, None]) & (pos <= self.q_pos[None, :, None])
+
+    def mask(self) -> torch.Tensor:
+        """``[Hkv, rows, L]``: what ``_row_mask`` gives for the tile."""
+        pos = self.pos[:, None, :]
+        return ((self.held[:, None, :] | (pos > self.edge[:, :, None])) & (pos <= self.q_pos[None, :, None]))
+
+
+def _banded_token_tile(tile: _Tile, band: _Band, row_shift: torch.Tensor, key_shift: torch.Tensor) -> _Tile:
+    """``tile`` (a compacted token tile, every head with a window) completed from ``band``: the
+    rotations, and whether and where pairs move, from ``[Hkv, L]`` work alone. The row with the
+    furthest edge decides: a held key at or before some row's edge is at or before the last row's,
+    and ``u`` only grows along the rows, so a pair moves iff one moves for the last row."""
+    last_edge = band.edge[:, -1:]
+    far_cols = band.held & (band.pos <= last_edge)  # [Hkv, L]: moved for some row
+    tile.row_shift, tile.key_shift, tile.band = row_shift, key_shift, band
+    tile.moves = bool((far_cols & (key_shift != row_shift[:, -1:])).any())
+    n = band.pos.shape[1]
+    at = torch.arange(1, n + 1)
+    tile.far_end = int((far_cols * at).max())
+    tile.plain_start = band.near_start
+    tile.every_row_sees_one = True  # each row reads its own position (a window of at least 1)
+    return tile
 
 
 def _prepare_tile(sel: Selection, b: int, blocks: torch.Tensor, seq_len: int, first_pos: int, rows: range,
@@ -246,8 +302,18 @@ def _prepare_token_tile(sel: Selection, b: int, blocks: torch.Tensor, first_pos:
     pos = torch.where(live, pos, span + torch.arange(width))  # padding: past every row, still ascending
     listed = listed_at.gather(1, pos.clamp(max=span)) & live
     q_pos = torch.arange(lo_pos, hi_pos + 1)
-    mask = _row_mask(pos, q_pos, sink, window, listed[:, None, :])
     cells = torch.where(live, pos, 0)
+    if compact and bool((window > 0).all()):
+        held = ((pos < sink[:, None]) | listed) & live
+        edge = q_pos[None, :] - window[:, None]
+        upto = torch.cat([torch.zeros(hkv, 1, dtype=torch.int64), held_at.cumsum(1)], 1)  # [Hkv, span + 1]
+        held_to_edge = upto.gather(1, (edge + 1).clamp(min=0, max=span))
+        # The first column a row reads plain: past the first row's edge (the window band).
+        near_start = int((pos <= edge[:, :1]).sum(1).min())
+        band = _Band(pos, held, q_pos, edge, held_to_edge, near_start)
+        tile = _Tile(rows.start, len(rows), blocks[cells // bs], None, None, offsets=cells % bs)
+        return _banded_token_tile(tile, band, edge + 1 - held_to_edge, pos + 1 - held.cumsum(1))
+    mask = _row_mask(pos, q_pos, sink, window, listed[:, None, :])
     tile = _Tile(rows.start, len(rows), blocks[cells // bs], mask, None, bool(mask.any(-1).all()), offsets=cells % bs)
     if compact:
         held = ((pos < sink[:, None]) | listed) & live
@@ -535,28 +601,81 @@ def _selected_tile(q: torch.Tensor, kv: KVFormat, tile: _Tile, scale: float, gro
                    rope: Rope | None = None) -> torch.Tensor:
     """One row tile that ``_fused_run`` does not take: ``q`` ``[Hq, rows, D]`` float32 -> ``[rows, Hq, D]``."""
     hkv, d, rows = kv.num_kv_heads, kv.head_dim, tile.rows
-    if tile.mask is None:
+    if tile.mask is None and tile.band is None:
         return torch.zeros(rows, q.shape[0], d, dtype=torch.float32)
     n_sel = tile.blocks.shape[1]
     heads = torch.arange(hkv)[:, None].expand(hkv, n_sel)
+    dev = kv.device
     if tile.offsets is not None:  # a token tile: exactly its candidates, [Hkv, L, D]
-        dev = kv.device
         kf, vf = kv.gather_tokens(tile.blocks.to(dev), heads.to(dev), tile.offsets.to(dev), torch.float32)
-        qg = q.reshape(hkv, group, rows, d)
-        if rope is not None and tile.moves:
-            scores = _compact_scores(qg, kf, tile, rope, group)
-        else:
-            scores = torch.matmul(qg, kf[:, None].transpose(-1, -2))
-        return _attend(scores.mul_(scale), tile, vf)
-    k, v = kv.gather(tile.blocks.to(kv.device), heads.to(kv.device), torch.float32)  # [Hkv, n_sel, bs, D]
-    if rope is not None and tile.moves:  # otherwise nothing moves
+    else:
+        k, v = kv.gather(tile.blocks.to(dev), heads.to(dev), torch.float32)  # [Hkv, n_sel, bs, D]
         kf, vf = _flat(k, tile), _flat(v, tile)
-        scores = _compact_scores(q.reshape(hkv, group, rows, d), kf, tile, rope, group).mul_(scale)
-        return _attend(scores, tile, vf)
-    # Scores per KV head for its group of query heads, page by page: [Hkv, G*rows, n_sel*bs].
-    scores = torch.matmul(q.reshape(hkv, 1, group * rows, d), k.transpose(-1, -2))  # [Hkv, n_sel, G*rows, bs]
-    scores = scores.permute(0, 2, 1, 3).reshape(hkv, group, rows, -1)
-    return _attend(scores.mul_(scale), tile, _flat(v, tile))
+    qg = q.reshape(hkv, group, rows, d)
+    moves = rope is not None and tile.moves  # otherwise nothing moves
+    if _FLASH_WITH_LSE is not None and dev.type == "cpu":
+        return _flash_tile(qg, kf, vf, tile, scale, rope if moves else None)
+    if tile.band is not None:  # the scores path reads the whole masks
+        tile.mask = tile.band.mask()
+        far = tile.band.far_mask(tile.band.pos.shape[1])
+        tile.far = far & (tile.row_shift[:, :, None] != tile.key_shift[:, None, :])
+    if moves:
+        scores = _compact_scores(qg, kf, tile, rope, group)
+    elif tile.offsets is not None:
+        scores = torch.matmul(qg, kf[:, None].transpose(-1, -2))
+    else:  # per KV head for its group of query heads, page by page: [Hkv, n_sel, G*rows, bs]
+        scores = torch.matmul(q.reshape(hkv, 1, group * rows, d), k.transpose(-1, -2))
+        scores = scores.permute(0, 2, 1, 3).reshape(hkv, group, rows, -1)
+    return _attend(scores.mul_(scale), tile, vf)
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+           seen: torch.Tensor | None = None):
+    """torch's fused CPU attention of ``q`` ``[Hkv, G, rows, D]`` over ``k``/``v`` ``[Hkv, L, D]``
+    under ``mask`` ``[Hkv, rows, L]`` (one row per KV head, broadcast over its group; the keys are
+    read once per group, not copied): ``(out [Hkv, G, rows, D], lse [Hkv, G, rows])``. A row with no
+    candidate is zero with a log-sum-exp of ``-inf`` (the kernel itself reports 0 there); ``seen``
+    ``[Hkv, rows]``, where the caller knows it, says which rows have one; None: every row."""
+    hkv, group, rows, d = q.shape
+    n = k.shape[1]
+    bias = torch.where(mask[:, None], 0.0, float("-inf")).to(q.dtype)
+    o, lse = _FLASH_WITH_LSE(q.contiguous(), k[:, None].expand(hkv, group, n, d), v[:, None].expand(hkv, group, n, d),
+                             0.0, False, attn_mask=bias, scale=scale)
+    return o, lse if seen is None else lse.masked_fill_(~seen[:, None], float("-inf"))
+
+
+def _flash_tile(q: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, tile: _Tile, scale: float,
+                rope: Rope | None) -> torch.Tensor:
+    """``_selected_tile`` on torch's fused CPU attention: ``q`` ``[Hkv, G, rows, D]``, the tile's
+    gathered keys and values ``[Hkv, L, D]`` -> ``[rows, Hq, D]``. With ``rope`` (pairs move) the
+    softmax over a row's candidates is split in two calls merged by their log-sum-exps, as
+    ``_compact_scores`` splits the product: the pairs that move (``tile.far``, among the columns
+    up to the last that moves), read with the row's and the key's own rotations, and the others
+    (from the first column a row reads unmoved), read plain. The same weights and keys as the
+    scores path, without building the scores: about 5x faster on a 64-row tile over 3,200
+    candidates."""
+    hkv, group, rows, d = q.shape
+    band = tile.band
+    if rope is None:
+        mask = band.mask() if band is not None else tile.mask
+        o, _ = _flash(q, kf, vf, mask, scale, None if tile.every_row_sees_one else mask.any(-1))
+    else:
+        f_end, n_start = tile.far_end, tile.plain_start
+        q_far = rope.rotate(q, -tile.row_shift.to(q.device)[:, None, :].expand(-1, group, -1))
+        k_far = rope.rotate(kf[:, :f_end], -tile.key_shift.to(q.device)[:, :f_end])
+        if band is not None:  # every row reads its own position plain
+            far, near, far_seen, near_seen = band.far_mask(f_end), band.near_mask(), band.held_to_edge > 0, None
+        else:
+            far = tile.far[..., :f_end]
+            near = (tile.mask & ~tile.far)[..., n_start:]
+            far_seen, near_seen = far.any(-1), near.any(-1)
+        o_far, lse_far = _flash(q_far, k_far, vf[:, :f_end], far, scale, far_seen)
+        o_near, lse_near = _flash(q, kf[:, n_start:], vf[:, n_start:], near, scale, near_seen)
+        top = torch.maximum(lse_far, lse_near)
+        top = torch.where(torch.isinf(top), 0.0, top)  # a row with no candidate at all: both weights 0
+        w_far, w_near = (lse_far - top).exp_()[..., None], (lse_near - top).exp_()[..., None]
+        o = (o_far * w_far + o_near * w_near) / (w_far + w_near).clamp_(min=torch.finfo(o_far.dtype).tiny)
+    return o.reshape(hkv * group, rows, d).transpose(0, 1)
 
 
 def _flat(x: torch.Tensor, tile: _Tile) -> torch.Tensor:

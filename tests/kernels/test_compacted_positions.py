@@ -111,7 +111,7 @@ def test_prompt_rows_under_token_lists_gather_pages_or_single_tokens_alike(case,
     monkeypatch.setattr(torch_impl, "TOKEN_TILE_SHARE", share)
     tiles = []
     _check_against_reference(case, "neox_default", "torch", tiles)
-    built = {"token" if t.offsets is not None else "page" for t in tiles if t.mask is not None}
+    built = {"token" if t.offsets is not None else "page" for t in tiles if t.mask is not None or t.band is not None}
     assert built == {kind}, f"built {built} tiles"
 
 
