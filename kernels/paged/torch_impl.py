@@ -652,8 +652,8 @@ def _flash_tile(q: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, tile: _Tile
     ``_compact_scores`` splits the product: the pairs that move (``tile.far``, among the columns
     up to the last that moves), read with the row's and the key's own rotations, and the others
     (from the first column a row reads unmoved), read plain. The same weights and keys as the
-    scores path, without building the scores: about 5x faster on a 64-row tile over 3,200
-    candidates."""
+    scores path, without building the scores (one 16k prompt of the extrapolation benchmark:
+    149 s before, 117 s after, with ``_Band``)."""
     hkv, group, rows, d = q.shape
     band = tile.band
     if rope is None:
