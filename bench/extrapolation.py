@@ -248,9 +248,9 @@ def main() -> int:
     todo, speed = to_run(result, lengths, arms, "skip" if args.no_speed else "only" if args.speed_only else "with")
     print(f"{out}: to run {todo + [(a, 'speed') for a in speed] or 'nothing'}", flush=True)
     for arm, n in todo:
-        if _kept(result, arm, n):
-            print(f"{arm} {n}: continuing after the {len(_kept(result, arm, n)['texts'])} prompts kept from an "
-                  f"earlier run", flush=True)
+        kept = _kept(result, arm, n)
+        if kept:
+            print(f"{arm} {n}: continuing after the {len(kept['texts'])} prompts kept from an earlier run", flush=True)
     with Progress(len(todo) + len(speed), "bench extrapolation") as progress:
         for arm, n in todo:
             def save(done, arm=arm, n=n):

@@ -303,24 +303,22 @@ def _prepare_token_tile(sel: Selection, b: int, blocks: torch.Tensor, first_pos:
     listed = listed_at.gather(1, pos.clamp(max=span)) & live
     q_pos = torch.arange(lo_pos, hi_pos + 1)
     cells = torch.where(live, pos, 0)
-    if compact and bool((window > 0).all()):
-        held = ((pos < sink[:, None]) | listed) & live
-        edge = q_pos[None, :] - window[:, None]
-        upto = torch.cat([torch.zeros(hkv, 1, dtype=torch.int64), held_at.cumsum(1)], 1)  # [Hkv, span + 1]
-        held_to_edge = upto.gather(1, (edge + 1).clamp(min=0, max=span))
-        # The first column a row reads plain: past the first row's edge (the window band).
-        near_start = int((pos <= edge[:, :1]).sum(1).min())
-        band = _Band(pos, held, q_pos, edge, held_to_edge, near_start)
-        tile = _Tile(rows.start, len(rows), blocks[cells // bs], None, None, offsets=cells % bs)
-        return _banded_token_tile(tile, band, edge + 1 - held_to_edge, pos + 1 - held.cumsum(1))
-    mask = _row_mask(pos, q_pos, sink, window, listed[:, None, :])
-    tile = _Tile(rows.start, len(rows), blocks[cells // bs], mask, None, bool(mask.any(-1).all()), offsets=cells % bs)
     if compact:
         held = ((pos < sink[:, None]) | listed) & live
         # Held positions up to each row's window edge, counted on the position rows.
         edge = q_pos[None, :] - window[:, None]
         upto = torch.cat([torch.zeros(hkv, 1, dtype=torch.int64), held_at.cumsum(1)], 1)  # [Hkv, span + 1]
-        counted = (upto.gather(1, (edge + 1).clamp(min=0, max=span)), held_at.gather(1, q_pos.expand(hkv, -1)))
+        held_to_edge = upto.gather(1, (edge + 1).clamp(min=0, max=span))
+        if bool((window > 0).all()):
+            # The first column a row reads plain: past the first row's edge (the window band).
+            near_start = int((pos <= edge[:, :1]).sum(1).min())
+            band = _Band(pos, held, q_pos, edge, held_to_edge, near_start)
+            tile = _Tile(rows.start, len(rows), blocks[cells // bs], None, None, offsets=cells % bs)
+            return _banded_token_tile(tile, band, edge + 1 - held_to_edge, pos + 1 - held.cumsum(1))
+    mask = _row_mask(pos, q_pos, sink, window, listed[:, None, :])
+    tile = _Tile(rows.start, len(rows), blocks[cells // bs], mask, None, bool(mask.any(-1).all()), offsets=cells % bs)
+    if compact:
+        counted = (held_to_edge, held_at.gather(1, q_pos.expand(hkv, -1)))
         tile.compacted(*_compaction(held, pos, q_pos, window, sel.dense[b].cpu(), mask, counted))
     return tile
 
