@@ -21,8 +21,10 @@ other answer-shaped number makes the answer wrong). Targets (issue): lcx at 16k 
 of its own 4k accuracy, at 32k within 20.
 
 A cell (arm x length, both tasks) runs its prompts ``PART`` (8) at a time, one engine each; the
-outputs so far are kept in the result file (``"partial"``) after every part, and a cell is
-written as soon as its last part finishes. A later run with the same machine line and config
+outputs so far are kept in the result file (``"partial"``, scored in ``summary["partial"]``) after
+every part, and a cell is written as soon as its last part finishes. The prompts run seed by seed,
+each seed's depths spread over its two parts and both tasks alternating (``run_order``), so a
+stopped cell's parts are an unbiased sample: every two parts hold one prompt per task and depth. A later run with the same machine line and config
 skips the cells already there and continues a partial one:
 a stock prefill at 32k costs minutes per prompt on a small CPU, so the whole grid may take several
 runs. ``"complete"`` says whether every cell is in.
@@ -62,6 +64,17 @@ def samples_for(length: int, tokenizer) -> list:
             for task in TASKS for d in DEPTHS for i in range(SEEDS_PER_DEPTH)]
 
 
+#: Depths in the order a seed runs them: each half of a seed spans the whole prompt.
+SPREAD = (0.05, 0.6, 0.15, 0.75, 0.3, 0.85, 0.45, 0.95)
+
+
+def run_order(samples) -> list[int]:
+    """Indices into ``samples_for``'s list (task, then depth, then seed) in the order a cell runs
+    them: seed by seed, depths in ``SPREAD`` order, the tasks alternating."""
+    where = {(s.task, s.depth, k % SEEDS_PER_DEPTH): k for k, s in enumerate(samples)}
+    return [where[(task, d, i)] for i in range(SEEDS_PER_DEPTH) for d in SPREAD for task in TASKS]
+
+
 def arm_kwargs(arm: str, lcx_config: dict) -> dict:
     return {} if arm == "stock" else {"backend": "lcx", "lcx": lcx_config}
 
@@ -70,22 +83,32 @@ def _cell(arm: str, length: int, lcx_config: dict, samples, model: str, settings
           partial: dict | None = None, save=None) -> dict:
     """Both tasks at one length: accuracy per task, by depth, and the outputs. The prompts run
     ``PART`` at a time, each part in a fresh engine, and ``save(partial)`` is called after each part
-    with the outputs so far (``partial``: ``{"texts", "prompt_tokens", "wall_s"}``), so a stopped
-    run loses at most one part; a ``partial`` from an earlier run is continued."""
+    with the outputs so far in run order (``partial``: ``{"texts", "prompt_tokens", "wall_s",
+    "samples", "exact"}``, ``samples`` the indices ``run_order`` gave), so a stopped run loses at
+    most one part; a ``partial`` from an earlier run is continued. The cell's outputs are in
+    ``samples``' order."""
     from lcx_plugin.harness.ab.tasks import score
     from lcx_plugin.harness.batch import ArmSpec, run_arm
 
-    done = dict(partial or {"texts": [], "prompt_tokens": [], "wall_s": []})
+    order = run_order(samples)
+    done = dict(partial or {"texts": [], "prompt_tokens": [], "wall_s": [], "samples": [], "exact": []})
+    if done["samples"] != order[:len(done["samples"])]:
+        raise SystemExit(f"{arm} {length}: the kept prompts are not this grid's run order; rerun the cell")
     while len(done["texts"]) < len(samples):
-        part = samples[len(done["texts"]): len(done["texts"]) + PART]
+        index = order[len(done["texts"]): len(done["texts"]) + PART]
+        part = [samples[k] for k in index]
         spec = ArmSpec(model=model, prompts=[s.prompt for s in part], max_tokens=max(s.max_tokens for s in part),
                        engine=engine_overrides(), **arm_kwargs(arm, lcx_config))
         r = run_arm(spec, log_path=str(log_dir / f"extrapolation_{arm}_{length}.log"), settings=settings,
                     timeout=12 * 3600)
         done = {"texts": done["texts"] + r["texts"], "prompt_tokens": done["prompt_tokens"] + r["prompt_tokens"],
-                "wall_s": done["wall_s"] + [r["batch_s"]]}
+                "wall_s": done["wall_s"] + [r["batch_s"]], "samples": done["samples"] + index,
+                "exact": done["exact"] + [score(s, text).exact for s, text in zip(part, r["texts"])]}
         if save is not None and len(done["texts"]) < len(samples):
             save(done)
+    back = sorted(range(len(order)), key=lambda j: order[j])  # run position of each sample
+    done = {**done, "texts": [done["texts"][j] for j in back],
+            "prompt_tokens": [done["prompt_tokens"][j] for j in back]}
     cell: dict = {"acc": {}, "n": {}, "by_depth": {}, "prompt_tokens": {}, "wall_s": sum(done["wall_s"]),
                   "prompts_per_engine": PART}
     for task in TASKS:
@@ -147,6 +170,10 @@ def _summary(result: dict) -> dict:
                 continue
             n = sum(cell["n"].values())
             out[arm][length] = {**cell["acc"], "all": sum(cell["acc"][t] * cell["n"][t] for t in cell["n"]) / n}
+    partial = {arm: {length: _partial_acc(kept) for length, kept in cells.items()}
+               for arm, cells in result.get("partial", {}).items()}
+    if partial:
+        out["partial"] = partial
     lcx = out["lcx"]
     base = lcx.get("4096", {}).get("all")
     out["targets"] = {
@@ -156,6 +183,17 @@ def _summary(result: dict) -> dict:
         out["decode_tps_ratio_32k"] = result["lcx"]["speed"]["decode_tps"] / result["stock"]["speed"]["decode_tps"]
         out["ttft_ratio_32k"] = result["lcx"]["speed"]["ttft_s"] / result["stock"]["speed"]["ttft_s"]
     return out
+
+
+def _partial_acc(kept: dict) -> dict:
+    """Accuracy per task of an unfinished cell's kept prompts, and how many of each."""
+    per_task = len(DEPTHS) * SEEDS_PER_DEPTH
+    acc: dict = {"n": {}}
+    for t, task in enumerate(TASKS):
+        ok = [e for k, e in zip(kept["samples"], kept["exact"]) if k // per_task == t]
+        acc["n"][task] = len(ok)
+        acc[task] = sum(ok) / len(ok) if ok else None
+    return acc
 
 
 def plot(result: dict, path: Path) -> None:

@@ -98,7 +98,7 @@ def test_a_cell_runs_in_parts_and_a_stopped_one_continues_where_it_stopped(bench
         if len(asked) == stop_after[0]:
             raise RuntimeError("stopped")
         asked.append(len(spec.prompts))
-        texts = [f" {answer[p]}." if i % 2 == 0 else " a small wooden key" for i, p in enumerate(spec.prompts)]
+        texts = [f" {answer[p]}." if i % 4 < 2 else " a small wooden key" for i, p in enumerate(spec.prompts)]
         return {"texts": texts, "prompt_tokens": [7] * len(texts), "batch_s": 1.5}
 
     monkeypatch.setattr(batch, "run_arm", fake_run_arm)
@@ -114,6 +114,9 @@ def test_a_cell_runs_in_parts_and_a_stopped_one_continues_where_it_stopped(bench
     kept = bench._load(out, "m", bench.LCX_CONFIG, fresh=False)
     assert asked == [bench.PART, bench.PART] and "4096" not in kept["lcx"]
     assert len(bench._kept(kept, "lcx", 4096)["texts"]) == 2 * bench.PART
+    # the two kept parts are one seed of every task and depth, scored half right each
+    assert kept["summary"]["partial"] == {"lcx": {"4096": {"passkey": 0.5, "multikey": 0.5,
+                                                            "n": {"passkey": 8, "multikey": 8}}}}
     assert bench.to_run(kept, [4096], ["lcx"], "skip")[0] == [("lcx", 4096)]
 
     asked.clear()
@@ -121,8 +124,30 @@ def test_a_cell_runs_in_parts_and_a_stopped_one_continues_where_it_stopped(bench
     cell = bench._cell("lcx", 4096, bench.LCX_CONFIG, samples, "model", None, tmp_path, bench._kept(kept, "lcx", 4096),
                        save)
     assert sum(asked) == len(samples) - 2 * bench.PART
-    # every other prompt of each part answered: half of each task, the kept parts included
+    # half of each part answered, both tasks alike: half of each task, the kept parts included
     assert cell["acc"] == {"passkey": 0.5, "multikey": 0.5} and cell["n"] == {"passkey": 24, "multikey": 24}
     assert cell["wall_s"] == pytest.approx(1.5 * len(samples) / bench.PART) and len(cell["outputs"]) == len(samples)
+    # the outputs come back in the grid's order: each sample's own answer where its run position was answered
+    position = {k: j for j, k in enumerate(bench.run_order(samples))}
+    assert [out == f" {s.answers[0]}." for out, s in zip(cell["outputs"], samples)] == \
+        [position[k] % 4 < 2 for k in range(len(samples))]
     bench._keep(result, "lcx", 4096, None)
     assert "partial" not in result
+
+
+def test_the_run_order_spreads_every_part_over_the_prompt(bench):
+    """Every part of a cell spans the depths from near the start to near the end, both tasks, and
+    every two parts hold one prompt of each task and depth: a stopped cell is not biased by depth."""
+    from types import SimpleNamespace
+
+    samples = [SimpleNamespace(task=t, depth=d) for t in bench.TASKS for d in bench.DEPTHS
+               for _ in range(bench.SEEDS_PER_DEPTH)]
+    order = bench.run_order(samples)
+    assert sorted(order) == list(range(len(samples)))
+    for start in range(0, len(order), bench.PART):
+        part = [samples[k] for k in order[start:start + bench.PART]]
+        assert {s.task for s in part} == set(bench.TASKS)
+        assert min(s.depth for s in part) <= 0.3 and max(s.depth for s in part) >= 0.75
+    for start in range(0, len(order), 2 * bench.PART):
+        pair = [samples[k] for k in order[start:start + 2 * bench.PART]]
+        assert sorted((s.task, s.depth) for s in pair) == sorted((t, d) for t in bench.TASKS for d in bench.DEPTHS)
