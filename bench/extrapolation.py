@@ -208,7 +208,12 @@ def plot(result: dict, path: Path) -> None:
         for arm, mark in (("stock", "x"), ("lcx", "o")):
             cells = summary[arm]
             xs = [int(n) for n in cells]
-            ax.plot(xs, [cells[n][task] for n in cells], marker=mark, label=arm)
+            line, = ax.plot(xs, [cells[n][task] for n in cells], marker=mark, label=arm)
+            for n, kept in summary.get("partial", {}).get(arm, {}).items():  # unfinished cells: open markers
+                if kept[task] is not None:
+                    ax.plot([int(n)], [kept[task]], marker=mark, ls="", mfc="none", color=line.get_color())
+                    ax.annotate(f"{arm} so far, n={kept['n'][task]}", (int(n), kept[task]), fontsize=6,
+                                xytext=(4, 4), textcoords="offset points", color=line.get_color())
         ax.axvline(TRAINED, color="grey", ls=":", lw=1)
         ax.text(TRAINED, 1.02, " trained length", fontsize=7, color="grey")
         ax.set_xscale("log", base=2)

@@ -118,6 +118,8 @@ def test_a_cell_runs_in_parts_and_a_stopped_one_continues_where_it_stopped(bench
     assert kept["summary"]["partial"] == {"lcx": {"4096": {"passkey": 0.5, "multikey": 0.5,
                                                             "n": {"passkey": 8, "multikey": 8}}}}
     assert bench.to_run(kept, [4096], ["lcx"], "skip")[0] == [("lcx", 4096)]
+    bench.plot(kept, tmp_path / "kept.png")  # the unfinished cell drawn with open markers
+    assert (tmp_path / "kept.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     asked.clear()
     stop_after[0] = None
