@@ -24,8 +24,9 @@ A cell (arm x length, both tasks) runs its prompts ``PART`` (8) at a time, one e
 outputs so far are kept in the result file (``"partial"``, scored in ``summary["partial"]``) after
 every part, and a cell is written as soon as its last part finishes. The prompts run seed by seed,
 each seed's depths spread over its two parts and both tasks alternating (``run_order``), so a
-stopped cell's parts are an unbiased sample: every two parts hold one prompt per task and depth. A later run with the same machine line and config
-skips the cells already there and continues a partial one:
+stopped cell's parts are an unbiased sample: every two parts hold one prompt per task and depth.
+A later run with the same machine line and config skips the cells already there and continues a
+partial one:
 a stock prefill at 32k costs minutes per prompt on a small CPU, so the whole grid may take several
 runs. ``"complete"`` says whether every cell is in.
 """
@@ -107,13 +108,12 @@ def _cell(arm: str, length: int, lcx_config: dict, samples, model: str, settings
         if save is not None and len(done["texts"]) < len(samples):
             save(done)
     back = sorted(range(len(order)), key=lambda j: order[j])  # run position of each sample
-    done = {**done, "texts": [done["texts"][j] for j in back],
-            "prompt_tokens": [done["prompt_tokens"][j] for j in back]}
+    done = {**done, **{key: [done[key][j] for j in back] for key in ("texts", "prompt_tokens", "exact")}}
     cell: dict = {"acc": {}, "n": {}, "by_depth": {}, "prompt_tokens": {}, "wall_s": sum(done["wall_s"]),
                   "prompts_per_engine": PART}
     for task in TASKS:
-        rows = [(s, text, n) for s, text, n in zip(samples, done["texts"], done["prompt_tokens"]) if s.task == task]
-        ok = [score(s, text).exact for s, text, _ in rows]
+        rows = [(s, e, n) for s, e, n in zip(samples, done["exact"], done["prompt_tokens"]) if s.task == task]
+        ok = [e for _, e, _ in rows]
         cell["acc"][task] = sum(ok) / len(ok)
         cell["n"][task] = len(ok)
         cell["by_depth"][task] = {str(d): sum(o for (s, _, _), o in zip(rows, ok) if s.depth == d) / SEEDS_PER_DEPTH
